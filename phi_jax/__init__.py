@@ -1,0 +1,46 @@
+"""phi_jax: Phi-style language models in JAX/Flax, exact to the published checkpoints.
+
+The public API is small on purpose:
+
+    model, params = phi_jax.from_pretrained(path, dtype=jnp.float32)   # HF dir -> (module, variables)
+    logits, cache = model.apply(params, tokens)
+    phi_jax.save_pretrained(path, model.config, params)                # -> HF dir transformers loads
+    new_ids = phi_jax.generate(model, params, prompts, max_new_tokens=32, temperature=0.0, seed=0)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from phi_jax.config import ModelConfig, preset
+from phi_jax.generate import generate
+from phi_jax.model import Phi, init_cache, init_params
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, **config_overrides):
+    """Load an HF Phi checkpoint directory: returns (Phi module, variables) in `dtype`.
+
+    `config_overrides` set ModelConfig fields that are not in config.json, e.g.
+    `attention_impl="pallas"` or `scan_layers=False`.
+    """
+    from phi_jax import hf
+
+    config, variables = hf.load_hf(path, dtype=dtype, **config_overrides)
+    return Phi(config), variables
+
+
+def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: dict, *,
+                    dtype: Any = None, max_shard_size: int = 5 * 2**30) -> None:
+    """Write `params` as an HF Phi checkpoint (config.json + safetensors) that transformers loads."""
+    from phi_jax import hf
+
+    hf.save_hf(path, config, params, dtype=dtype, max_shard_size=max_shard_size)
+
+
+__all__ = ["ModelConfig", "Phi", "from_pretrained", "generate", "init_cache", "init_params",
+           "preset", "save_pretrained"]

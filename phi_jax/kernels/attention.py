@@ -1,0 +1,164 @@
+"""Attention: the pure-jnp reference and the dispatch to fused kernels.
+
+Letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K query heads
+per kv head, H head dim.
+
+Two entry points, because training and decoding mask differently:
+  * `attention`: self-attention over a (packed) sequence; causal by index, never across
+    `segment_ids` (0 = padding).
+  * `cached_attention`: T new queries per sequence against a preallocated KV cache; the query t
+    of sequence b sits at cache slot `q_start[b] + t` and sees the slots at or before its own.
+Scores and softmax are computed in float32 whatever the input dtype; the result has q's dtype.
+A query that may see no key at all (padding, segment id 0) gets output 0 and no gradient, in
+every implementation.
+
+Implementations (`impl`), see `SUPPORTED` for where each runs:
+  * "xla": the pure-jnp references below, on any backend.
+  * "pallas": fused Pallas kernels. TPU: Mosaic TPU (`flash_attention.py`, `decode_attention.py`).
+    GPU: Mosaic GPU (`flash_attention_gpu.py`). CPU: the TPU kernels in interpret mode
+    (`interpret=None` means interpret iff the default backend is cpu).
+  * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` with a segment mask; GPU only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from phi_jax.kernels import backend
+from phi_jax.kernels.cudnn_attention import cudnn_attention, cudnn_cached_attention
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows give no NaN
+
+
+def _split_heads(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    """[B,T,N,H] -> [B,T,K,G,H] so that GQA needs no repeat of k and v."""
+    b, t, n, h = q.shape
+    if n % num_kv_heads:
+        raise ValueError(f"{n} query heads are not a multiple of {num_kv_heads} kv heads")
+    return q.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention under an explicit boolean mask, in float32.
+
+    Args:
+      q: [B,T,N,H]; k, v: [B,S,K,H]; mask: [B,T,S], True where query t may see key s.
+    Returns:
+      [B,T,N,H] in q's dtype; 0 in rows whose mask is all False.
+    """
+    b, t, n, h = q.shape
+    qg = _split_heads(q, k.shape[2]).astype(jnp.float32)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) * (h ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
+    sees_a_key = jnp.any(mask, axis=-1)[:, :, None, None, None]  # [B,T,1,1,1]
+    out = jnp.where(sees_a_key, out, 0.0)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def self_attention_mask(segment_ids: jax.Array | None, batch: int, length: int,
+                        causal: bool) -> jax.Array:
+    """[B,T,T] mask: same non-zero segment and (if causal) key index <= query index."""
+    mask = jnp.ones((batch, length, length), dtype=bool)
+    if causal:
+        idx = jnp.arange(length)
+        mask = mask & (idx[None, :, None] >= idx[None, None, :])
+    if segment_ids is not None:
+        seg = segment_ids
+        mask = mask & (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+    return mask
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                        segment_ids: jax.Array | None = None, causal: bool = True) -> jax.Array:
+    """Pure-jnp self-attention.
+
+    Args:
+      q: [B,T,N,H]; k, v: [B,T,K,H] (K divides N).
+      segment_ids: [B,T] int32 document ids of a packed row, 0 = padding; None = one document.
+      causal: mask keys after the query.
+    Returns:
+      [B,T,N,H]; rows of padding queries (segment id 0) are 0.
+    """
+    b, t = q.shape[:2]
+    if k.shape[1] != t:
+        raise ValueError(f"self-attention needs as many keys as queries, got T={t}, S={k.shape[1]}; "
+                         "use cached_attention to attend to a KV cache")
+    return masked_attention(q, k, v, self_attention_mask(segment_ids, b, t, causal))
+
+
+def reference_cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
+                               q_start: jax.Array) -> jax.Array:
+    """Pure-jnp attention of T new queries against a KV cache that already holds their keys.
+
+    Args:
+      q: [B,T,N,H]; k_cache, v_cache: [B,S,K,H].
+      q_start: [B] int32 cache slot of each sequence's first new query.
+    Returns:
+      [B,T,N,H].
+    """
+    t, s = q.shape[1], k_cache.shape[1]
+    q_slot = q_start[:, None] + jnp.arange(t)[None, :]  # [B,T]
+    mask = jnp.arange(s)[None, None, :] <= q_slot[:, :, None]  # [B,T,S]
+    return masked_attention(q, k_cache, v_cache, mask)
+
+
+def _flash_block_sizes(where: str):
+    from phi_jax.kernels.flash_attention import BlockSizes
+    if where == "tpu":  # big tiles keep the MXU busy; VMEM use stays a few MiB per step
+        return BlockSizes(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=256)
+    return BlockSizes()
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
+              causal: bool = True, impl: str = "xla", interpret: bool | None = None) -> jax.Array:
+    """Self-attention through the implementation named by `impl` (see `reference_attention`).
+
+    Args:
+      q: [B,T,N,H]; k, v: [B,T,K,H]; segment_ids: [B,T] int32 (0 = padding) or None.
+      impl: "xla", "pallas" or "cudnn" (see the module docstring for where each runs).
+      interpret: Pallas only: None = interpret iff the default backend is cpu; True = TPU-style
+        interpret mode anywhere; a `pltpu.InterpretParams` to tune it.
+    Returns:
+      [B,T,N,H] in q's dtype.
+    """
+    where = backend.platform()
+    if impl == "xla":
+        return reference_attention(q, k, v, segment_ids=segment_ids, causal=causal)
+    if impl == "pallas":
+        mode = backend.interpret_mode(interpret)
+        if mode is not False or where == "tpu":
+            from phi_jax.kernels.flash_attention import flash_attention
+            return flash_attention(q, k, v, segment_ids=segment_ids, causal=causal,
+                                   block_sizes=_flash_block_sizes(where), interpret=mode)
+        if where == "gpu":
+            from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
+            return flash_attention_gpu(q, k, v, segment_ids=segment_ids, causal=causal)
+    if impl == "cudnn" and where == "gpu":
+        return cudnn_attention(q, k, v, segment_ids=segment_ids, causal=causal)
+    raise backend.unsupported("attention", impl, where)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_start: jax.Array,
+                     impl: str = "xla", interpret: bool | None = None) -> jax.Array:
+    """Attention against a KV cache through `impl` (see `reference_cached_attention`).
+
+    Args:
+      q: [B,T,N,H]; k_cache, v_cache: [B,S,K,H]; q_start: [B] int32.
+      impl, interpret: as for `attention`. The Pallas kernel is inference-only (no VJP).
+    Returns:
+      [B,T,N,H] in q's dtype.
+    """
+    where = backend.platform()
+    if impl == "xla":
+        return reference_cached_attention(q, k_cache, v_cache, q_start=q_start)
+    if impl == "pallas":
+        mode = backend.interpret_mode(interpret)
+        if mode is not False or where == "tpu":
+            from phi_jax.kernels.decode_attention import cached_flash_attention
+            return cached_flash_attention(q, k_cache, v_cache, q_start=q_start, interpret=mode)
+    if impl == "cudnn" and where == "gpu":
+        return cudnn_cached_attention(q, k_cache, v_cache, q_start=q_start)
+    raise backend.unsupported("cached_attention", impl, where)

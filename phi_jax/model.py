@@ -1,0 +1,278 @@
+"""The Phi transformer in Flax linen: pure `init` / `apply`, explicit KV cache.
+
+Letters: B batch, T new tokens, S cache slots, D model dim, N query heads, K kv heads, H head dim,
+F mlp dim, V vocab, L layers.
+
+A Phi block is *parallel*: one LayerNorm feeds attention and the MLP side by side, and both are
+added to the residual. Rotary covers only the first `rotary_dim` dims of every head.
+
+    logits, cache = Phi(config).apply(variables, tokens, positions, segment_ids, cache)
+
+The cache is an explicit pytree argument and result ({"k", "v": [L,B,S,K,H], "lengths": [B]}), so
+decode steps jit with donation and no mutable collections. Tokens given with a cache are written at
+slots `lengths[b] + t`; right padding (segment id 0) is allowed and does not advance `lengths`.
+Parameter names follow HF's module names so the checkpoint mapping in `phi_jax.hf` reads as a table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phi_jax import axes
+from phi_jax.config import ModelConfig
+from phi_jax.kernels.attention import attention, cached_attention
+from phi_jax.kernels.rotary import rotary
+
+Cache = dict[str, jax.Array]
+
+_INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
+
+
+class _Dense(nn.Module):
+    """y = einsum(spec, x, kernel) + bias, with the kernel stored at its full (unflattened) shape.
+
+    flax's DenseGeneral initialises a flattened kernel and reshapes it, which breaks logical
+    partitioning metadata under a mesh; this keeps one shape and one set of axis names.
+    """
+
+    features: tuple[int, ...]
+    in_features: tuple[int, ...]
+    in_names: tuple[str, ...]
+    out_names: tuple[str, ...]
+    spec: str
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.in_names + self.out_names),
+                            self.in_features + self.features, c.jnp_param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_names),
+                          self.features, c.jnp_param_dtype)
+        y = jnp.einsum(self.spec, x.astype(c.jnp_dtype), kernel.astype(c.jnp_dtype))
+        return y + bias.astype(c.jnp_dtype)
+
+
+def _dense(features, in_features, in_names, out_names, spec, config: ModelConfig, name: str):
+    features = features if isinstance(features, tuple) else (features,)
+    in_features = in_features if isinstance(in_features, tuple) else (in_features,)
+    return _Dense(features, in_features, tuple(in_names), tuple(out_names), spec, config, name=name)
+
+
+def _layer_norm(config: ModelConfig, name: str, axis_name: str = axes.NORM):
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps, dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype,
+        name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)))
+
+
+class PhiAttention(nn.Module):
+    """Multi-head (or grouped-query) attention with partial rotary and optional q/k LayerNorm."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, layer_cache=None, q_start=None):
+        """x [B,T,D]; positions, segment_ids [B,T]; layer_cache {"k","v": [B,S,K,H]} or None.
+
+        Returns (out [B,T,D], new layer_cache or None).
+        """
+        c = self.config
+        n, k, h = c.n_heads, c.num_kv_heads, c.dim_per_head
+        d = c.d_model
+        q = _dense((n, h), d, (axes.EMBED,), (axes.HEADS, axes.HEAD_DIM), "BTD,DNH->BTNH", c,
+                   "q_proj")(x)
+        key = _dense((k, h), d, (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), "BTD,DKH->BTKH", c,
+                     "k_proj")(x)
+        value = _dense((k, h), d, (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), "BTD,DKH->BTKH", c,
+                       "v_proj")(x)
+        if c.qk_layernorm:
+            q = _layer_norm(c, "q_layernorm")(q)
+            key = _layer_norm(c, "k_layernorm")(key)
+        q = rotary(q, positions, rotary_dim=c.rotary_dim, theta=c.rope_theta, impl=c.rotary_impl)
+        key = rotary(key, positions, rotary_dim=c.rotary_dim, theta=c.rope_theta, impl=c.rotary_impl)
+        q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
+
+        if layer_cache is None:
+            out = attention(q, key, value, segment_ids=segment_ids, causal=True, impl=c.attention_impl)
+            new_cache = None
+        else:
+            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, 0))
+            k_cache = write(layer_cache["k"], key.astype(layer_cache["k"].dtype), q_start)
+            v_cache = write(layer_cache["v"], value.astype(layer_cache["v"].dtype), q_start)
+            out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                   q_start=q_start, impl=c.attention_impl)
+            new_cache = {"k": k_cache, "v": v_cache}
+        out = _dense(d, (n, h), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), "BTNH,NHD->BTD", c,
+                     "dense")(out)
+        return out, new_cache
+
+
+class PhiMLP(nn.Module):
+    """fc1 -> gelu_new (the tanh approximation) -> fc2."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        hidden = _dense(c.mlp_dim, c.d_model, (axes.EMBED,), (axes.MLP,), "BTD,DF->BTF", c, "fc1")(x)
+        hidden = nn.with_logical_constraint(hidden, (axes.BATCH, axes.LENGTH, axes.MLP))
+        hidden = jax.nn.gelu(hidden, approximate=True)
+        return _dense(c.d_model, c.mlp_dim, (axes.MLP,), (axes.EMBED,), "BTF,FD->BTD", c, "fc2")(hidden)
+
+
+class PhiBlock(nn.Module):
+    """Parallel block: x + attn(ln(x)) + mlp(ln(x))."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, layer_cache=None, q_start=None):
+        c = self.config
+        normed = _layer_norm(c, "input_layernorm")(x)
+        attn_out, new_cache = PhiAttention(c, name="self_attn")(
+            normed, positions, segment_ids, layer_cache, q_start)
+        mlp_out = PhiMLP(c, name="mlp")(normed)
+        drop = nn.Dropout(rate=c.resid_pdrop, deterministic=self.deterministic)
+        x = x + drop(attn_out) + drop(mlp_out)
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+        return x, new_cache
+
+
+class _ScannedBlock(nn.Module):
+    """PhiBlock in the (carry, xs) -> (carry, ys) form that nn.scan wants."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, segment_ids, q_start):
+        return PhiBlock(self.config, self.deterministic, name="block")(
+            x, positions, segment_ids, layer_cache, q_start)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _maybe_remat(module_cls, config: ModelConfig):
+    if config.remat_policy == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers,
+                    static_argnums=())
+
+
+class Phi(nn.Module):
+    """Phi causal language model. See the module docstring for the calling convention."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
+                 deterministic: bool = True):
+        """Args:
+          tokens: [B,T] int token ids.
+          positions: [B,T] int rotary positions; default: 0..T-1, or continuing from the cache.
+          segment_ids: [B,T] int document ids (packed rows; 0 = padding); default: all ones.
+          cache: KV cache from `init_cache` (or a previous call), or None.
+          deterministic: False enables dropout (needs a "dropout" rng).
+        Returns:
+          (logits [B,T,V] float32, updated cache or None).
+        """
+        c = self.config
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        q_start = None
+        if cache is not None:
+            _check_cache(cache, c, b)
+            q_start = cache["lengths"]
+            if positions is None:
+                positions = q_start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        elif positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+        embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
+                         embedding_init=nn.with_logical_partitioning(_INIT, (axes.VOCAB, axes.EMBED)),
+                         name="embed_tokens")
+        x = embed(tokens)  # [B,T,D]
+        x = nn.Dropout(rate=c.embd_pdrop, deterministic=deterministic)(x)
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+
+        layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        if c.scan_layers:
+            scanned = nn.scan(
+                _maybe_remat(_ScannedBlock, c),
+                variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+            x, new_layer_caches = scanned(c, deterministic, name="layers")(
+                x, layer_caches, positions, segment_ids, q_start)
+        else:
+            block_cls = _maybe_remat(PhiBlock, c)
+            outs = []
+            for i in range(c.n_layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], layer_caches)
+                x, new_lc = block_cls(c, deterministic, name=f"layers_{i}")(
+                    x, positions, segment_ids, layer_cache, q_start)
+                outs.append(new_lc)
+            new_layer_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        x = _layer_norm(c, "final_layernorm")(x)
+        lm_head = _dense(c.vocab_size, c.d_model, (axes.EMBED,), (axes.VOCAB,), "BTD,DV->BTV", c,
+                         "lm_head")
+        logits = lm_head(x).astype(jnp.float32)
+        logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
+
+        if cache is None:
+            return logits, None
+        new_cache = dict(new_layer_caches)
+        new_cache["lengths"] = cache["lengths"] + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+        return logits, new_cache
+
+
+def _check_cache(cache: Cache, config: ModelConfig, batch: int) -> None:
+    expected = (config.n_layers, batch, None, config.num_kv_heads, config.dim_per_head)
+    for name in ("k", "v"):
+        shape = cache[name].shape
+        if len(shape) != 5 or any(e is not None and e != s for e, s in zip(expected, shape)):
+            raise ValueError(f"cache[{name!r}] has shape {shape}, expected [layers={config.n_layers}, "
+                             f"batch={batch}, slots, kv_heads={config.num_kv_heads}, "
+                             f"head_dim={config.dim_per_head}]; build it with init_cache(config, {batch}, ...)")
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache with `max_len` slots per sequence (dtype defaults to the compute dtype)."""
+    dtype = config.jnp_dtype if dtype is None else dtype
+    shape = (config.n_layers, batch, max_len, config.num_kv_heads, config.dim_per_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+    """Random parameters (boxed logical-axis metadata removed): {"params": ...}."""
+    variables = Phi(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.unbox(variables)
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """Shapes and dtypes of the parameters, allocating nothing (jax.eval_shape)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+    boxed = jax.eval_shape(lambda: Phi(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.get_partition_spec(boxed)
