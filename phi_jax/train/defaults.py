@@ -1,0 +1,62 @@
+"""Every key a training config may set, with its default.
+
+`configs/*.py` start from `base_config(preset)` and override; the returned ConfigDict is locked, so
+an override of a key that does not exist (a typo) is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from phi_jax.config import preset
+
+
+def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
+    from phi_jax.data.pipeline import default_data_config
+
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(preset(model_preset).to_dict())
+
+    c.data = default_data_config()
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # a tokenizer dir/file; "" = byte-level BPE trained on the default corpus
+    c.tokenizer.vocab_size = 8192  # for the trained BPE
+
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.batch_size = 16  # global, across hosts and accumulation
+    t.seq_len = 256
+    t.seed = 0
+    t.accum_steps = 1
+    t.checkpoint_every = 200
+    t.max_to_keep = 3
+    t.async_checkpoint = True
+    t.log_every = 10
+    t.max_nonfinite_streak = 5  # stop after this many skipped (NaN/inf) steps in a row
+    t.stop_at_step = 0  # >0: checkpoint and stop once this step is done (time-sliced jobs)
+    t.inject_nan_at = ()  # fault injection (tests): steps whose loss is made NaN
+    t.kill_after_save_start = 0  # fault injection (tests): SIGKILL itself right after starting this save
+    t.init_from_hf = ""  # start from an HF checkpoint dir (fine-tuning)
+    t.peak_flops_per_device = 0.0  # 0 = from the device table (MFU omitted if unknown)
+    t.progress_bar = True
+
+    o = c.optimizer = ml_collections.ConfigDict()
+    o.lr = 1e-3
+    o.warmup_steps = 100
+    o.schedule = "cosine"  # cosine | linear | constant
+    o.min_lr_ratio = 0.1
+    o.weight_decay = 0.1
+    o.b1 = 0.9
+    o.b2 = 0.98
+    o.eps = 1e-7
+    o.grad_clip = 1.0
+
+    m = c.mesh = ml_collections.ConfigDict()
+    m.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    m.rules = ml_collections.ConfigDict()  # logical axis -> mesh axis overrides, e.g. {"embed": None}
+    return c
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config.lock()
+    return config

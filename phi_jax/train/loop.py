@@ -1,0 +1,274 @@
+"""The training loop: config -> sharded state -> steps -> checkpoints, resumable bit for bit.
+
+    summary = train(config, workdir)
+
+Order of work, as in big_vision: tokenizer and data -> mesh and rules -> abstract state
+(`jax.eval_shape`) -> shardings -> state created already sharded (`jit(init, out_shardings)`) or
+restored from the latest good checkpoint -> the jitted, donated step -> loop. Restarting with the
+same workdir continues from the last complete checkpoint with the same parameters, optimizer
+state, RNG and data position, so the run is identical to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from phi_jax import sharding
+from phi_jax.config import ModelConfig
+from phi_jax.model import Phi
+from phi_jax.train import checkpoint
+from phi_jax.train.metrics import MetricsWriter, peak_flops_per_device
+from phi_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from phi_jax.train.step import init_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
+    return ModelConfig.from_dict(config.model.to_dict())
+
+
+def _tokenizer(config, workdir: Path):
+    from phi_jax.data import corpus
+    from phi_jax.tokenizer import Tokenizer
+
+    tok_dir = workdir / "tokenizer"
+    if any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        return Tokenizer.from_pretrained(tok_dir)
+    if config.tokenizer.path:
+        tokenizer = Tokenizer.from_pretrained(config.tokenizer.path)
+        if jax.process_index() == 0:
+            tokenizer.save(tok_dir)
+        return tokenizer
+    return corpus.get_or_train_tokenizer(workdir, vocab_size=config.tokenizer.vocab_size)
+
+
+def _check_same_model(saved: dict | None, current: ModelConfig, path: Path) -> None:
+    if not saved or "model_config" not in saved:
+        return
+    old = ModelConfig.from_dict(saved["model_config"])
+    shape_fields = [f.name for f in dataclasses.fields(ModelConfig)
+                    if f.name not in ("attention_impl", "rotary_impl", "remat_policy", "dtype",
+                                      "resid_pdrop", "embd_pdrop")]
+    diff = {f: (getattr(old, f), getattr(current, f)) for f in shape_fields
+            if getattr(old, f) != getattr(current, f)}
+    if diff:
+        changes = ", ".join(f"model.{f}: checkpoint {a!r} vs config {b!r}" for f, (a, b) in diff.items())
+        raise ValueError(f"the checkpoint in {path} was trained with a different model ({changes}); "
+                         "use the original config, or start a new --workdir")
+
+
+def _split_state(state: dict) -> tuple[Any, dict]:
+    rest = {k: v for k, v in state.items() if k != "params"}
+    return state["params"], rest
+
+
+class _StopRequest:
+    """SIGTERM (preemption) asks the loop to checkpoint and exit at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: checkpointing and stopping at the next step boundary")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir`. Returns a summary with this invocation's losses."""
+    from phi_jax.data import pipeline
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+    primary = jax.process_index() == 0
+    model_config = model_config_from(config)
+    model = Phi(model_config)
+
+    # ------------------------------------------------------------------- tokenizer and data
+    tokenizer = _tokenizer(config, workdir)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                         f"{model_config.vocab_size}; set --config.model.vocab_size="
+                         f"{tokenizer.vocab_size} (or larger)")
+    if tc.seq_len > model_config.max_len:
+        raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_len={model_config.max_len}; "
+                         "raise model.max_len or shorten the sequences")
+
+    # ------------------------------------------------------------------------ mesh, shapes
+    mesh = sharding.make_mesh(dict(config.mesh.shape))
+    rules = sharding.rules_from_config(dict(config.mesh.rules))
+    sharding.check_divisibility(model_config, mesh, rules)
+    shards, hosts, accum = sharding.batch_divisor(mesh, rules), jax.process_count(), tc.accum_steps
+    if tc.batch_size % math.lcm(shards * accum, hosts):
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the batch shards "
+                         f"({shards}) x train.accum_steps ({accum}) and by the hosts ({hosts}); "
+                         f"use a multiple of {math.lcm(shards * accum, hosts)}")
+    schedule = learning_rate_schedule(config.optimizer, tc.steps)
+    optimizer = make_optimizer(config.optimizer, tc.steps)
+
+    def init_fn(rng):
+        boxed = model.init(rng, jnp.zeros((1, 1), jnp.int32))
+        return init_state(boxed["params"], optimizer, tc.seed)
+
+    init_rng = jax.random.PRNGKey(tc.seed + 1)
+    abstract = jax.eval_shape(init_fn, init_rng)
+    state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    abstract = nn.unbox(abstract)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+
+    # ------------------------------------------------------------------- data and resume
+    data = pipeline.build_dataset(config.data, tokenizer, seq_len=tc.seq_len,
+                                  batch_size=tc.batch_size // hosts, seed=tc.seed,
+                                  process_index=jax.process_index(), process_count=hosts)
+    data_iter = iter(data)
+    manager = checkpoint.make_manager(workdir, max_to_keep=tc.max_to_keep,
+                                      async_save=tc.async_checkpoint)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+    params_target, rest_target = _split_state(target)
+    if manager.latest_step() is not None:
+        _check_same_model(checkpoint.read_meta(manager, manager.latest_step()), model_config,
+                          manager.directory)
+    step0, restored = checkpoint.restore_latest(manager, params_target=params_target,
+                                                train_state_target=rest_target,
+                                                data_iterator=data_iter)
+    if restored is not None:
+        _check_same_model(restored.get("meta"), model_config, manager.directory)
+        if "train_state" not in restored:  # a converted checkpoint: fine-tune from its params
+            state = jax.jit(lambda p: init_state(p, optimizer, tc.seed),
+                            out_shardings=state_shardings)(restored["params"])
+            step0 = 0
+        else:
+            state = {"params": restored["params"], **restored["train_state"]}
+        log.info("resumed from step %d in %s", step0, manager.directory)
+    else:
+        if tc.init_from_hf:
+            from phi_jax import hf
+
+            _, variables = hf.load_hf(tc.init_from_hf, dtype=model_config.param_dtype)
+            params = jax.device_put(variables["params"], state_shardings["params"])
+            state = jax.jit(lambda p: init_state(p, optimizer, tc.seed),
+                            out_shardings=state_shardings)(params)
+        else:
+            state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(init_rng)
+        step0 = 0
+    start = int(jax.device_get(state["step"]))
+
+    # ------------------------------------------------------------------------ the step
+    step_fn = make_train_step(model, optimizer, accum_steps=accum, schedule=schedule,
+                              inject_nan_at=tuple(int(s) for s in tc.inject_nan_at))
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    meta = {"model_config": model_config.to_dict(), "data": pipeline.describe(config.data),
+            "versions": {"jax": jax.__version__, "flax": _version("flax"), "optax": _version("optax")},
+            "mesh": dict(mesh.shape), "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind}
+    config_json = config.to_dict()
+
+    def save(step: int, force: bool = False) -> None:
+        params, rest = _split_state(state)
+        checkpoint.save(manager, step, params=params, train_state=rest, data_iterator=data_iter,
+                        config=config_json, meta=meta, force=force)
+
+    tokens_per_step = tc.batch_size * tc.seq_len
+    flops_per_step = model_config.flops_per_token(tc.seq_len) * tokens_per_step
+    peak = peak_flops_per_device(override=tc.peak_flops_per_device)
+    writer = MetricsWriter(workdir, total_steps=tc.steps, start_step=start,
+                           enabled=primary, progress=tc.progress_bar)
+    losses: list[float] = []
+    last_saved = step0 if restored is not None else None
+    try:
+        with _StopRequest() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for step in range(start, tc.steps):
+                batch = pipeline.to_global_batch(next(data_iter), batch_sharding)
+                t0 = time.perf_counter()
+                state, metrics = train_step(state, batch)
+                metrics = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                losses.append(float(metrics["loss"]))
+                if not metrics["finite"]:
+                    log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
+                                step, metrics["nonfinite_streak"])
+                    if metrics["nonfinite_streak"] >= tc.max_nonfinite_streak:
+                        where = (f"step {last_saved} in {manager.directory}" if last_saved is not None
+                                 else "none (no checkpoint was written yet)")
+                        raise NonFiniteError(
+                            f"{metrics['nonfinite_streak']} steps in a row had a non-finite loss or "
+                            f"gradient, the last at step {step}; the parameters were not updated by "
+                            f"them. Last good checkpoint: {where}. Lower optimizer.lr, check the "
+                            "data, then rerun with the same --workdir to resume from it.")
+                if step % tc.log_every == 0 or step == tc.steps - 1:
+                    achieved = flops_per_step / dt / jax.device_count()
+                    scalars = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                               "lr": metrics["lr"], "tokens_per_s": tokens_per_step / dt,
+                               "tflops_per_device": achieved / 1e12, "step_time_s": dt,
+                               "nonfinite_total": int(jax.device_get(state["nonfinite_total"]))}
+                    if peak:
+                        scalars["mfu"] = achieved / peak
+                    writer.write(step, scalars)
+                writer.advance()
+                done = step + 1
+                stopping = stop.requested or done == tc.stop_at_step
+                due = done % tc.checkpoint_every == 0 or done == tc.steps or stopping
+                if due and metrics["nonfinite_streak"] > 0 and done != tc.steps:
+                    log.warning("step %d: not checkpointing during a run of skipped steps", done)
+                elif due:
+                    save(done, force=True)
+                    if done == tc.kill_after_save_start:
+                        os.kill(os.getpid(), signal.SIGKILL)  # the save is still in flight
+                    last_saved = done
+                if stopping:
+                    break
+    finally:
+        manager.wait_until_finished()
+        writer.close()
+    summary = {"start_step": start, "end_step": int(jax.device_get(state["step"])), "losses": losses,
+               "nonfinite_total": int(jax.device_get(state["nonfinite_total"])),
+               "data_stats": pipeline.data_stats(data_iter).as_dict(),
+               "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+    if primary:
+        log.info("trained steps %d..%d; loss %s -> %s", start, summary["end_step"],
+                 f"{losses[0]:.4f}" if losses else "-", f"{losses[-1]:.4f}" if losses else "-")
+    return summary
+
+
+def final_state_params(workdir: str | Path):
+    """The params of the latest checkpoint (tests compare runs with this)."""
+    return checkpoint.load_params_for_inference(workdir)[1]
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except (ImportError, AttributeError):
+        return "unknown"

@@ -1,0 +1,101 @@
+"""The jit-compiled train step: masked next-token loss, gradient accumulation, guarded update.
+
+Letters: A accumulation steps, B micro-batch, L sequence length, V vocab.
+
+The state is a plain dict pytree {"step", "params", "opt_state", "rng", "nonfinite_streak",
+"nonfinite_total"} so Orbax saves it as it is. A step whose loss or gradients are not finite is
+skipped: params and optimizer state stay as they were and the counters go up; the loop stops the
+run after too many in a row, so a NaN never reaches parameters or a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from phi_jax.model import Phi
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def loss_sums(params, batch: Batch, model: Phi, rng: jax.Array | None, deterministic: bool):
+    """(sum of masked token cross-entropies, number of target tokens) for one (micro-)batch."""
+    rngs = None if deterministic else {"dropout": rng}
+    logits, _ = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                            segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B,L]
+    weights = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def _split_micro(batch: Batch, accum_steps: int) -> Batch:
+    """[A*B, L] -> [A, B, L], with micro-batch a taking rows a, a+A, ... (keeps data sharding)."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+                        .swapaxes(0, 1), batch)
+
+
+def _where_tree(pred, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def make_train_step(model: Phi, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
+                    schedule: Callable | None = None, inject_nan_at: tuple[int, ...] = ()):
+    """The un-jitted step function (state, batch) -> (state, metrics); the caller jits it.
+
+    `inject_nan_at` is fault injection for testing the non-finite guard: the loss of those steps
+    is multiplied by NaN.
+    """
+    deterministic = model.config.resid_pdrop == 0.0 and model.config.embd_pdrop == 0.0
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def step_fn(state: State, batch: Batch):
+        params = state["params"]
+        rng, step_rng = jax.random.split(state["rng"])
+        micro = _split_micro(batch, accum_steps)
+
+        def accumulate(carry, inputs):
+            index, mb = inputs
+            (loss_sum, count), grads = grad_fn(params, mb, model, jax.random.fold_in(step_rng, index),
+                                               deterministic)
+            g_acc, l_acc, c_acc = carry
+            return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, c_acc + count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss_sum, count), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (jnp.arange(accum_steps), micro))
+        denom = jnp.maximum(count, 1.0)
+        loss = loss_sum / denom
+        if inject_nan_at:
+            poison = jnp.where(jnp.isin(state["step"], jnp.asarray(inject_nan_at)), jnp.nan, 1.0)
+            loss = loss * poison
+            grads = jax.tree.map(lambda g: g * poison, grads)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": _where_tree(finite, new_params, params),
+            "opt_state": _where_tree(finite, opt_state, state["opt_state"]),
+            "rng": rng,
+            "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
+            "nonfinite_total": state["nonfinite_total"] + jnp.where(finite, 0, 1),
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite,
+                   "nonfinite_streak": new_state["nonfinite_streak"]}
+        if schedule is not None:
+            metrics["lr"] = schedule(state["step"])
+        return new_state, metrics
+
+    return step_fn
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> State:
+    return {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params),
+            "rng": jax.random.PRNGKey(seed), "nonfinite_streak": jnp.int32(0),
+            "nonfinite_total": jnp.int32(0)}

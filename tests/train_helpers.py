@@ -1,0 +1,32 @@
+"""Shared pieces of the training tests: the runlocal config with a cached tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(arg: str = "runlocal", name: str = "tiny"):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def runlocal_config(tokenizer_dir: Path, **train_overrides):
+    config = load_config()
+    config.tokenizer.path = str(tokenizer_dir)
+    config.train.async_checkpoint = True
+    for key, value in train_overrides.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def params_equal(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
