@@ -6,41 +6,58 @@ The public API is small on purpose:
     logits, cache = model.apply(params, tokens)
     phi_jax.save_pretrained(path, model.config, params)                # -> HF dir transformers loads
     new_ids = phi_jax.generate(model, params, prompts, max_new_tokens=32, temperature=0.0, seed=0)
+
+Names are imported lazily: `import phi_jax` stays cheap, which matters for Grain worker
+processes that import the package only to unpickle a tokenizing function.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
-import jax.numpy as jnp
-
-from phi_jax.config import ModelConfig, preset
-from phi_jax.generate import generate
-from phi_jax.model import Phi, init_cache, init_params
-
 __version__ = "0.1.0"
 
+_LAZY = {
+    "ModelConfig": "phi_jax.config",
+    "preset": "phi_jax.config",
+    "Phi": "phi_jax.model",
+    "init_cache": "phi_jax.model",
+    "init_params": "phi_jax.model",
+    "generate": "phi_jax.generate",
+    "Tokenizer": "phi_jax.tokenizer",
+}
 
-def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, **config_overrides):
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'phi_jax' has no attribute {name!r}")
+
+
+def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **config_overrides):
     """Load an HF Phi checkpoint directory: returns (Phi module, variables) in `dtype`.
 
     `config_overrides` set ModelConfig fields that are not in config.json, e.g.
     `attention_impl="pallas"` or `scan_layers=False`.
     """
     from phi_jax import hf
+    from phi_jax.model import Phi
 
     config, variables = hf.load_hf(path, dtype=dtype, **config_overrides)
     return Phi(config), variables
 
 
-def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: dict, *,
-                    dtype: Any = None, max_shard_size: int = 5 * 2**30) -> None:
+def save_pretrained(path: str | os.PathLike, config, params: dict, *, dtype: Any = None,
+                    max_shard_size: int = 5 * 2**30) -> None:
     """Write `params` as an HF Phi checkpoint (config.json + safetensors) that transformers loads."""
     from phi_jax import hf
 
     hf.save_hf(path, config, params, dtype=dtype, max_shard_size=max_shard_size)
 
 
-__all__ = ["ModelConfig", "Phi", "from_pretrained", "generate", "init_cache", "init_params",
-           "preset", "save_pretrained"]
+__all__ = ["ModelConfig", "Phi", "Tokenizer", "from_pretrained", "generate", "init_cache",
+           "init_params", "preset", "save_pretrained"]
