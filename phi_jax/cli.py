@@ -152,9 +152,22 @@ def _cmd_train(args, extra: list[str]) -> int:
     return run.main(["phi-jax train", *extra])
 
 
+def _quiet_library_logs() -> None:
+    """Orbax and JAX log every checkpoint phase at INFO through absl; keep the terminal readable."""
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
+    for name in ("absl", "jax._src.xla_bridge", "jax._src.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_library_logs()
     if argv and argv[0] == "train":  # absl/ml_collections flags: --config.key=value overrides
         return _cmd_train(None, argv[1:])
     parser = argparse.ArgumentParser(prog="phi-jax", description=__doc__.split("\n")[0])

@@ -44,9 +44,13 @@ def _grain_handler():
 def make_manager(workdir: str | os.PathLike, *, max_to_keep: int | None = 3,
                  async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           cleanup_tmp_directories=not read_only,
-                                           enable_async_checkpointing=async_save, read_only=read_only)
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                               save_interval_steps=0, enable_async_checkpointing=False)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=async_save)
     handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                 "data": _grain_handler()()}

@@ -1,0 +1,187 @@
+"""`phi-jax eval humaneval|perplexity|choice` — wired into phi_jax/cli.py through `register`.
+
+    phi-jax eval humaneval  --hf=DIR --output=OUT [--num-samples=20 --temperature=0.8 --k=1,10]
+    phi-jax eval perplexity --checkpoint=WORKDIR --source=jsonl --paths=data.jsonl --output=OUT
+    phi-jax eval choice     --hf=DIR --data=arc_easy.jsonl --output=OUT
+
+Every run writes OUT/<task>_results.json (metrics, settings, timing); HumanEval also writes
+OUT/humaneval_samples.jsonl (one line per sample with its verdict and reason) and
+OUT/humaneval_pass_at_k.png (pass@k against k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    """Add the `eval` subcommand (with humaneval / perplexity / choice) to `subparsers`."""
+    p = subparsers.add_parser("eval", help="evaluate a model: humaneval, perplexity, choice")
+    sub = p.add_subparsers(dest="eval_task", required=True, metavar="TASK")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        src = q.add_mutually_exclusive_group(required=True)
+        src.add_argument("--checkpoint", "--workdir", dest="checkpoint",
+                         help="a phi_jax training workdir (latest checkpoint)")
+        src.add_argument("--hf", help="an HF Phi checkpoint directory")
+        q.add_argument("--tokenizer", help="tokenizer dir/file (default: the --hf dir, or "
+                                           "CHECKPOINT/tokenizer)")
+        q.add_argument("--output", required=True, help="directory for results JSON (and PNG)")
+        q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        q.add_argument("--batch-size", type=int, default=8)
+        q.set_defaults(func=run)
+
+    h = sub.add_parser("humaneval", help="HumanEval pass@k with sandboxed execution")
+    common(h)
+    h.add_argument("--num-samples", type=int, default=1, help="samples per problem (n)")
+    h.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    h.add_argument("--top-p", type=float, default=0.95)
+    h.add_argument("--max-new-tokens", type=int, default=384)
+    h.add_argument("--k", default="1,10,100", help="comma-separated k values (k <= n are kept)")
+    h.add_argument("--timeout", type=float, default=10.0, help="seconds per sample")
+    h.add_argument("--workers", type=int, default=0, help="parallel executions (0 = 2 x cores)")
+    h.add_argument("--limit", type=int, default=0, help="only the first N problems (0 = all)")
+    h.add_argument("--backend", default="auto", choices=["auto", "bwrap", "fallback"])
+    h.add_argument("--seed", type=int, default=0)
+
+    q = sub.add_parser("perplexity", help="token-level loss / perplexity over a data source")
+    common(q)
+    q.add_argument("--source", default="default",
+                   choices=["default", "text", "jsonl", "arrayrecord", "tfds"],
+                   help="a phi_jax.data.pipeline source (default: the stdlib corpus)")
+    q.add_argument("--paths", default="", help="comma-separated files or globs")
+    q.add_argument("--field", default="text", help="text field of JSON records")
+    q.add_argument("--tfds-name", default="")
+    q.add_argument("--seq-len", type=int, default=0, help="packed row length (0 = max_len)")
+    q.add_argument("--max-documents", type=int, default=0)
+    q.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = all)")
+
+    c = sub.add_parser("choice", help="multiple choice by log-likelihood from JSONL")
+    common(c)
+    c.add_argument("--data", required=True, help='JSONL of {"context", "choices", "label"}')
+    c.add_argument("--limit", type=int, default=0)
+
+
+def _tokenizer(args):
+    from phi_jax.evals import loading
+
+    path = args.tokenizer or args.hf or os.path.join(args.checkpoint, "tokenizer")
+    if not os.path.exists(path):
+        raise SystemExit(f"no tokenizer at {path}; pass --tokenizer=DIR (tokenizer.json or .model)")
+    return loading.load_tokenizer(path)
+
+
+def run(args) -> int:
+    """Handler of `phi-jax eval ...`: load, evaluate, write results; returns the exit status."""
+    from phi_jax.evals import loading
+
+    out = pathlib.Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(args)
+    model, variables = loading.load_model(hf=args.hf, checkpoint=args.checkpoint,
+                                          dtype=None if args.dtype == "float32" else args.dtype)
+    start = time.time()
+    task = args.eval_task
+    if task == "humaneval":
+        metrics = _humaneval(args, model, variables, tokenizer, out)
+    elif task == "perplexity":
+        metrics = _perplexity(args, model, variables, tokenizer)
+    elif task == "choice":
+        metrics = _choice(args, model, variables, tokenizer, out)
+    else:  # argparse already restricts the choices
+        raise SystemExit(f"unknown eval task {task!r}")
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    result = {"task": task, "model": {"hf": args.hf, "checkpoint": args.checkpoint},
+              "metrics": metrics, "settings": settings, "seconds": round(time.time() - start, 2)}
+    path = out / f"{task}_results.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"task": task, **{k: v for k, v in metrics.items()
+                                       if isinstance(v, (int, float, str))}}))
+    log.info("wrote %s", path)
+    return 0
+
+
+def _humaneval(args, model, variables, tokenizer, out: pathlib.Path) -> dict[str, Any]:
+    from phi_jax.evals import humaneval, sandbox
+
+    problems = humaneval.load_problems()
+    if args.limit:
+        problems = dict(list(problems.items())[:args.limit])
+    if args.num_samples > 1 and args.temperature == 0.0:
+        log.warning("--num-samples > 1 with greedy decoding gives identical samples; "
+                    "set --temperature (e.g. 0.8) for pass@k with k > 1")
+    ks = [int(k) for k in args.k.split(",") if k.strip()]
+    samples = humaneval.generate_samples(model, variables, tokenizer, problems,
+                                         num_samples=args.num_samples,
+                                         temperature=args.temperature, top_p=args.top_p,
+                                         max_new_tokens=args.max_new_tokens,
+                                         batch_size=args.batch_size, seed=args.seed)
+    backend = sandbox.default_backend() if args.backend == "auto" else args.backend
+    res = humaneval.evaluate(problems, samples, ks=ks, timeout_s=args.timeout,
+                             workers=args.workers or None, backend=backend,
+                             output_jsonl=str(out / "humaneval_samples.jsonl"))
+    per_task: dict[str, list[bool]] = {}
+    for r in res["results"]:
+        per_task.setdefault(r["task_id"], []).append(r["passed"])
+    counts = [(len(v), sum(v)) for v in per_task.values()]
+    curve = humaneval.mean_pass_at_k(counts, range(1, args.num_samples + 1))
+    plot_pass_at_k(curve, out / "humaneval_pass_at_k.png",
+                   title=f"HumanEval, n={args.num_samples}, T={args.temperature:g}")
+    return {**{k: v for k, v in res.items() if k != "results"}, "pass_at_k_curve": curve,
+            "sandbox_backend": backend}
+
+
+def plot_pass_at_k(curve: dict[str, float], path: pathlib.Path, title: str = "") -> None:
+    """PNG of pass@k against k (log-scaled k when it spans more than a decade)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(int(k.split("@")[1]) for k in curve)
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot(ks, [curve[f"pass@{k}"] for k in ks], marker="o")
+    if ks and ks[-1] > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _perplexity(args, model, variables, tokenizer) -> dict[str, Any]:
+    from phi_jax.evals import perplexity
+
+    seq_len = args.seq_len or int(model.config.max_len)
+    data_cfg = {"source": args.source, "paths": args.paths, "jsonl_field": args.field,
+                "tfds_name": args.tfds_name, "max_documents": args.max_documents}
+    batches = perplexity.dataset_batches(data_cfg, tokenizer, seq_len=seq_len,
+                                         batch_size=args.batch_size)
+    res = perplexity.evaluate_batches(model, variables, batches,
+                                      max_batches=args.max_batches or None)
+    return {**res.as_dict(), "seq_len": seq_len}
+
+
+def _choice(args, model, variables, tokenizer, out: pathlib.Path) -> dict[str, Any]:
+    from phi_jax.evals import choice
+
+    examples = choice.read_jsonl(args.data)
+    if args.limit:
+        examples = examples[:args.limit]
+    res = choice.evaluate(model, variables, tokenizer, examples, batch_size=args.batch_size)
+    with open(out / "choice_examples.jsonl", "w") as f:
+        for rec in res["examples"]:
+            f.write(json.dumps(rec) + "\n")
+    return {k: v for k, v in res.items() if k != "examples"}
