@@ -9,13 +9,13 @@ from phi_jax.train.defaults import base_config, lock
 
 def get_config(arg: str | None = None):
     c = base_config("tiny")
-    c.train.steps = 600
+    c.train.steps = 300
     c.train.batch_size = 8
     c.train.seq_len = 256
-    c.train.checkpoint_every = 200
+    c.train.checkpoint_every = 100
     c.train.log_every = 10
     c.optimizer.lr = 2e-3
-    c.optimizer.warmup_steps = 60
+    c.optimizer.warmup_steps = 30
     if arg == "runlocal":  # seconds-long smoke run (tests): a 2-layer model, 512-token BPE
         c.model.update(d_model=64, n_layers=2, n_heads=4, mlp_dim=128, vocab_size=512, max_len=128)
         c.train.steps = 6
