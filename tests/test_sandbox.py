@@ -3,12 +3,18 @@
 Every hostile program tries one escape; its check asserts the escape failed (judged from the host
 side where possible: the listener saw no connection, the host file is untouched, no process
 survives), that the run reports a reason, and that the caller is unharmed afterwards.
+
+No assertion depends on the machine's speed (CI runs this beside other heavy tests on 2 cores):
+a program that ends by itself gets a wall clock far beyond what it needs, so it always reaches
+its own verdict; only the programs that must be stopped by the clock get a short one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
+import fcntl
 import os
 import secrets
 import shutil
@@ -18,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from typing import Callable
 
 import pytest
@@ -30,8 +37,12 @@ BWRAP_WORKS = HAS_BWRAP and sandbox.default_backend() == "bwrap"
 BACKENDS = [pytest.param("bwrap", marks=pytest.mark.skipif(
     not BWRAP_WORKS, reason="bubblewrap not installed, or installed but unusable here (no user "
                             "namespaces); apt-get install -y bubblewrap")), "fallback"]
-LIMITS = sandbox.Limits(timeout_s=3.0, memory_bytes=512 << 20, processes=16, open_files=64,
+# Programs that end by themselves take well under a second on an idle machine: 120 s only catches
+# a hang. Programs that never end are stopped after 3 s; reaching that is their expected outcome.
+LIMITS = sandbox.Limits(timeout_s=120.0, memory_bytes=512 << 20, processes=16, open_files=64,
                         output_bytes=64 << 10, file_bytes=4 << 20)
+SHORT = 3.0
+GENEROUS = sandbox.Limits(timeout_s=120.0)
 
 
 @dataclasses.dataclass
@@ -39,6 +50,7 @@ class Hostile:
     name: str
     code: str  # formatted with the context dict
     check: Callable  # (result, ctx) -> None, asserts
+    timeout_s: float = LIMITS.timeout_s
 
 
 def _procs_with(token: str) -> list[int]:
@@ -54,16 +66,41 @@ def _procs_with(token: str) -> list[int]:
     return found
 
 
-def _uid_procs(uid: int) -> list[int]:
+def _uid_procs(uid: int) -> list[tuple[int, str]]:
+    """(pid, state) of every process, zombies included, with `uid` as real, effective, saved or
+    filesystem uid; read from /proc/PID/status (not the sandbox's own owner-of-/proc test)."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    out.append(int(entry))
-            except FileNotFoundError:
-                pass
+                with open(f"/proc/{entry}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            if str(uid) in fields["Uid"].split():
+                out.append((int(entry), fields["State"].strip()))
     return out
+
+
+_lease_seen = threading.local()
+
+
+def _watching_clear_uid(clear_uid):
+    """Wrap the caller's last-resort `_clear_uid` (run when a uid is leased, when it is handed
+    back, and when the supervisor is stuck) to list the uid's processes first. The uid is leased
+    to this run at each of those moments, so no other run can own it: whatever is listed belongs
+    to this run and outlived the supervisor's own cleanup, which must have left nothing."""
+    def watched(uid, limit_s=None):
+        _lease_seen.uid = uid
+        _lease_seen.survivors += _uid_procs(uid)
+        return clear_uid(uid, limit_s)
+    return watched
+
+
+def _run_watched(source, limits, backend):
+    _lease_seen.uid, _lease_seen.survivors = None, []
+    r = sandbox.run_python(source, limits=limits, backend=backend)
+    return r, dict(uid=_lease_seen.uid, survivors=_lease_seen.survivors)
 
 
 def _not_passed(r, ctx):
@@ -151,7 +188,7 @@ HOSTILE = [
                 os.fork()
             except OSError:
                 pass
-        """, lambda r, ctx: _not_passed(r, ctx)),
+        """, lambda r, ctx: _not_passed(r, ctx), timeout_s=SHORT),
     Hostile("thread_bomb", """
         import threading, time
         n = 0
@@ -168,7 +205,7 @@ HOSTILE = [
             blocks.append(bytearray(64 << 20))
         """, lambda r, ctx: (_not_passed(r, ctx), assert_("MemoryError" in r.reason, r.reason))),
     Hostile("infinite_loop", "while True:\n    pass\n",
-            lambda r, ctx: assert_(r.status == "timeout", r)),
+            lambda r, ctx: assert_(r.status == "timeout", r), timeout_s=SHORT),
     Hostile("one_gigabyte_print", """
         import sys
         line = "x" * (1 << 20)
@@ -196,7 +233,8 @@ HOSTILE = [
         while True:
             time.sleep(1)
         """, lambda r, ctx: (assert_(r.status == "timeout", r),
-                             assert_(not _procs_with(ctx["token2"]), "daemon survived"))),
+                             assert_(not _procs_with(ctx["token2"]), "daemon survived")),
+        timeout_s=SHORT),
     Hostile("raise_rlimits", """
         import resource
         for lim in (resource.RLIMIT_AS, resource.RLIMIT_NPROC, resource.RLIMIT_CPU,
@@ -260,6 +298,17 @@ HOSTILE = [
                 pass
         raise SystemExit("no device writable")
         """, lambda r, ctx: (_not_passed(r, ctx), _printed_nothing_bad(r, ctx))),
+    Hostile("sysv_shm_outlives_run", """
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.shmget.argtypes = (ctypes.c_int, ctypes.c_size_t, ctypes.c_int)
+        shmid = libc.shmget({shm_key}, 1 << 20, 0o1000 | 0o666)  # IPC_CREAT, world read-write
+        if shmid < 0:
+            raise SystemExit(f"shmget failed: errno {{ctypes.get_errno()}}")
+        print("created", shmid)
+        """, lambda r, ctx: (assert_(r.status == "passed", r),
+                             assert_(ctx["shm_key"] not in _host_shm_keys(),
+                                     "a SysV shared memory segment outlived the run"))),
     Hostile("exit_zero_early_then_daemon", """
         import os
         if os.fork() == 0:
@@ -272,6 +321,22 @@ HOSTILE = [
 
 def assert_(cond, msg=""):
     assert cond, msg
+
+
+def _host_shm_keys() -> set[int]:
+    """Keys of the SysV shared memory segments in the host's (the caller's) IPC namespace."""
+    with open("/proc/sysvipc/shm") as f:
+        next(f)
+        return {int(line.split()[0]) for line in f}
+
+
+def _remove_host_shm(key: int) -> None:
+    """Delete the segment `key` from the host, should a failing run have left it there."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmget.argtypes = (ctypes.c_int, ctypes.c_size_t, ctypes.c_int)
+    shmid = libc.shmget(key, 0, 0)
+    if shmid >= 0:
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -309,19 +374,25 @@ def hostile_results(request, tmp_path_factory):
                root_only=root_only, root_secret=root_secret, sentinel=sentinel,
                token=f"{secrets.randbelow(10**6) + 10**6}.123",
                token2=f"{secrets.randbelow(10**6) + 10**6}.456",
-               token3=f"{secrets.randbelow(10**6) + 10**6}.789")
+               token3=f"{secrets.randbelow(10**6) + 10**6}.789",
+               shm_key=secrets.randbelow(2**30) + 2**30)
+    retired_before = len(sandbox._UidLease._retired)
     try:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futs = {h.name: pool.submit(sandbox.run_python, textwrap.dedent(h.code).format(**ctx),
-                                        limits=LIMITS, backend=backend) for h in HOSTILE}
-            results = {name: f.result() for name, f in futs.items()}
+        with pytest.MonkeyPatch.context() as mp, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            mp.setattr(sandbox, "_clear_uid", _watching_clear_uid(sandbox._clear_uid))
+            futs = {h.name: pool.submit(
+                        _run_watched, textwrap.dedent(h.code).format(**ctx),
+                        dataclasses.replace(LIMITS, timeout_s=h.timeout_s), backend)
+                    for h in HOSTILE}
+            results, leases = {}, {}
+            for name, f in futs.items():
+                results[name], leases[name] = f.result()
         after = dict(
             connections=_accept_all(listener), datagrams=_recv_all(udp),
             leftover_workdirs=os.listdir(work_tmp),
             victim_dir=sorted(os.listdir(victim_dir)), victim_text=open(victim_file).read(),
-            caller_dir=sorted(os.listdir(caller_dir)),
-            uid_procs={n: _uid_procs(int(r.protections.uid.split()[-1]))
-                       for n, r in results.items()})
+            caller_dir=sorted(os.listdir(caller_dir)), leases=leases,
+            uids_retired=len(sandbox._UidLease._retired) - retired_before)
         yield backend, results, ctx, after
     finally:
         tempfile.tempdir = old_tempdir
@@ -332,6 +403,7 @@ def hostile_results(request, tmp_path_factory):
         udp.close()
         shutil.rmtree(victim_dir, ignore_errors=True)
         shutil.rmtree(work_tmp, ignore_errors=True)
+        _remove_host_shm(ctx["shm_key"])
 
 
 def _accept_all(listener):
@@ -367,7 +439,9 @@ def test_hostile_program_is_contained(hostile_results, hostile):
     assert r.protections.backend == backend
     assert r.protections.network == "namespace"
     assert r.protections.pid_namespace == (backend == "bwrap")
-    assert not after["uid_procs"][hostile.name], "a process of the run survived"
+    lease = after["leases"][hostile.name]
+    assert r.protections.uid == f"dedicated uid {lease['uid']}"
+    assert lease["survivors"] == [], "a process of the run survived it"
 
 
 @pytest.mark.slow
@@ -377,6 +451,7 @@ def test_host_side_state_after_hostile_suite(hostile_results):
     assert after["victim_dir"] == ["keep.txt"] and after["victim_text"] == "keep"
     assert after["caller_dir"] == ["root_only.txt"]
     assert after["leftover_workdirs"] == []  # every work dir removed
+    assert after["uids_retired"] == 0  # every uid was cleared and handed back
     assert ctx["sentinel"].poll() is None  # an unrelated root process survived kill attempts
     assert os.environ["PHI_JAX_TEST_SECRET"] == ctx["secret"]
 
@@ -389,17 +464,18 @@ def test_statuses_output_and_environment(backend, monkeypatch):
         "import os, sys\nprint(sys.stdin.read().upper(), sorted(os.environ))\n"
         "print(open('data.txt').read(), os.getcwd())\nprint('err', file=sys.stderr)\n",
         stdin=b"hello", files={"data.txt": "payload"}, backend=backend,
-        limits=sandbox.Limits(timeout_s=10))
+        limits=GENEROUS)
     assert ok.status == "passed" and ok.returncode == 0, ok
     assert "HELLO" in ok.stdout and "payload" in ok.stdout and sandbox.SANDBOX_DIR in ok.stdout
     assert "should-not-leak" not in ok.stdout and "PHI_JAX_TEST_SECRET" not in ok.stdout
     assert ok.stderr.strip() == "err"
-    bad = sandbox.run_python("def f():\n    raise KeyError('nope')\nf()\n", backend=backend)
+    bad = sandbox.run_python("def f():\n    raise KeyError('nope')\nf()\n", backend=backend,
+                             limits=GENEROUS)
     assert bad.status == "failed" and bad.reason == "KeyError: 'nope'"
-    code = sandbox.run_python("import sys; sys.exit(7)", backend=backend)
+    code = sandbox.run_python("import sys; sys.exit(7)", backend=backend, limits=GENEROUS)
     assert code.status == "failed" and code.returncode == 7 and code.reason == "exit status 7"
     killed = sandbox.run_python("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
-                                backend=backend)
+                                backend=backend, limits=GENEROUS)
     assert killed.status == "failed" and "segmentation" in killed.reason
 
 
@@ -411,15 +487,67 @@ def test_audit_hook_network_block_when_no_namespace():
         r = sandbox.run_python(
             f"import socket\nsocket.create_connection(('127.0.0.1', "
             f"{listener.getsockname()[1]}), timeout=1)\nprint('ESCAPED')\n",
-            backend="fallback", network="audit", limits=sandbox.Limits(timeout_s=5))
+            backend="fallback", network="audit", limits=GENEROUS)
         assert r.protections.network == "audit-hook"
         assert r.status == "failed" and "blocked" in r.reason and "ESCAPED" not in r.stdout
         assert _accept_all(listener) == 0
         spawn = sandbox.run_python("import subprocess\nsubprocess.run(['true'])\n",
-                                   backend="fallback", network="audit")
+                                   backend="fallback", network="audit", limits=GENEROUS)
         assert spawn.status == "failed" and "subprocess.Popen is blocked" in spawn.reason
     finally:
         listener.close()
+
+
+_LOAD_SANDBOX_ALONE = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("sandbox_copy", sys.argv[1])
+sb = sys.modules["sandbox_copy"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sb)
+lease = sb._UidLease()
+print(lease.uid)
+lease.release()
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="uid leases exist only for root callers")
+def test_uid_lease_is_exclusive_across_processes(tmp_path):
+    """A uid held here is never handed to another process, whatever that process's TMPDIR."""
+    held = sandbox._UidLease()
+    try:
+        other = subprocess.run([sys.executable, "-I", "-c", _LOAD_SANDBOX_ALONE, sandbox.__file__],
+                               capture_output=True, text=True, env={"TMPDIR": str(tmp_path)})
+        assert other.returncode == 0, other.stderr
+        assert int(other.stdout) != held.uid
+    finally:
+        held.release()
+
+
+@pytest.mark.skipif(not ROOT, reason="uid leases exist only for root callers")
+def test_uid_lease_is_kept_while_a_process_of_the_uid_exists(monkeypatch):
+    """A zombie of the run's uid (SIGKILL cannot remove it) keeps the uid locked: the lease is
+    retired with a warning instead of being handed to the next run; once reaped, the uid clears."""
+    lease = sandbox._UidLease()
+    slot_file = os.path.join(sandbox._LOCK_DIR, str(lease.uid - sandbox._uid_base()))
+    zombie = subprocess.Popen(["/usr/bin/true"], user=lease.uid, group=lease.uid, cwd="/")
+    try:
+        while not any(pid == zombie.pid and state.startswith("Z")
+                      for pid, state in _uid_procs(lease.uid)):
+            os.sched_yield()  # until `true` has exited and, unreaped, is a zombie
+        monkeypatch.setattr(sandbox, "_CLEAR_LIMIT_S", 0.2)
+        with pytest.warns(RuntimeWarning, match=f"sandbox uid {lease.uid} still has processes"):
+            lease.release()
+        probe = os.open(slot_file, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # still locked: no other run can take the uid
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+    finally:
+        zombie.wait()
+        if lease.fd in sandbox._UidLease._retired:
+            sandbox._UidLease._retired.remove(lease.fd)
+            os.close(lease.fd)
+    assert sandbox._clear_uid(lease.uid, limit_s=10.0)  # reaped: nothing of the uid is left
 
 
 def test_default_backend_prefers_bwrap():
@@ -433,6 +561,6 @@ def test_default_backend_prefers_bwrap():
 def test_caller_process_group_untouched():
     """The run is its own session: the caller's process group and session stay as they were."""
     before = (os.getpgrp(), os.getsid(0), signal.getsignal(signal.SIGINT))
-    sandbox.run_python("import os; os.killpg(0, 9)", limits=sandbox.Limits(timeout_s=5))
+    sandbox.run_python("import os; os.killpg(0, 9)", limits=GENEROUS)
     assert (os.getpgrp(), os.getsid(0), signal.getsignal(signal.SIGINT)) == before
     assert sys.stdout is not None

@@ -3,13 +3,13 @@
 Run by `phi_jax.evals.sandbox` as `python -I -S _supervisor.py CONFIG_JSON` in its own session, with
 the program's stdin/stdout/stderr as its fds 0/1/2 and a status pipe on `config["status_fd"]`.
 It is a separate process (not a `preexec_fn`) because the caller is multi-threaded (JAX, a thread
-pool of sandbox runs) and forking a multi-threaded process to run Python code is unsafe; this process
-is single-threaded, so it may fork, drop privileges and call `unshare`/`mount` freely.
+pool of sandbox runs) and forking a multi-threaded process to run Python code is unsafe; this
+process is single-threaded, so it may fork, drop privileges and call `unshare`/`mount` freely.
 
 What it does, in order:
   1. becomes a child subreaper, so any descendant that double-forks or `setsid`s to escape is
      re-parented to it (not to init) and can still be found and killed;
-  2. forks the program, which (in the child) optionally enters new network / mount namespaces
+  2. forks the program, which (in the child) optionally enters new network / IPC / mount namespaces
      (fallback backend), hides world-writable directories behind private tmpfs mounts, sets
      PDEATHSIG, rlimits (soft == hard, so they cannot be raised), drops all groups and switches to
      the dedicated uid, sets no_new_privs, closes every other fd and execs;
@@ -17,7 +17,7 @@ What it does, in order:
      SIGTERM (output limit exceeded);
   4. kills everything left: the program (with bwrap, killing bwrap tears down the whole PID
      namespace), every process of the dedicated uid (`kill(-1, SIGKILL)` from a helper running as
-     that uid, repeated until /proc shows none), and every remaining descendant;
+     that uid, repeated until /proc shows none, zombies included), and every remaining descendant;
   5. writes one JSON status document to the status fd and exits.
 """
 
@@ -31,6 +31,7 @@ import sys
 import time
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
@@ -71,9 +72,12 @@ def _enter_namespaces(cfg):
     want_net = cfg["network"] != "audit"
     net = _CLONE_NEWNET if want_net else 0
     user = 0 if os.geteuid() == 0 else _CLONE_NEWUSER  # unprivileged: via a user namespace
-    got = {"network": "audit-hook", "mount": False}
+    got = {"network": "audit-hook", "mount": False, "ipc": False}
     uid, gid = os.getuid(), os.getgid()
-    for flags in (user | net | _CLONE_NEWNS, user | net, user | _CLONE_NEWNS):
+    # IPC first: SysV shared memory, semaphores and message queues (and POSIX queues) made in the
+    # host's IPC namespace would outlive the run, outside every rlimit, readable by later runs.
+    combos = [user | _CLONE_NEWIPC | rest for rest in (net | _CLONE_NEWNS, net, _CLONE_NEWNS)]
+    for flags in combos + [flags & ~_CLONE_NEWIPC for flags in combos]:
         if flags & ~user and _libc.unshare(ctypes.c_int(flags)) == 0:
             if user:  # map our own ids into the new user namespace (else files show as overflow)
                 for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
@@ -83,6 +87,7 @@ def _enter_namespaces(cfg):
             if flags & _CLONE_NEWNET:
                 got["network"] = "namespace"
             got["mount"] = bool(flags & _CLONE_NEWNS)
+            got["ipc"] = bool(flags & _CLONE_NEWIPC)
             break
     if got["mount"]:
         # Private copies of the world-writable directories: writes there vanish with the namespace,
@@ -99,7 +104,7 @@ def _enter_namespaces(cfg):
     return got
 
 
-def _exec_program(cfg, err_w):
+def _exec_program(cfg, err_w, supervisor_pid):
     """In the forked child: confine this process, then exec the program. Never returns."""
     try:
         os.setsid()
@@ -122,9 +127,11 @@ def _exec_program(cfg, err_w):
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-        # After the uid change: changing credentials clears the parent-death signal.
+        # After the uid change: changing credentials clears the parent-death signal. Compared
+        # with the supervisor's pid, not 1: an orphan goes to the nearest subreaper (systemd
+        # --user, docker --init, ...), and the program must never run unsupervised.
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:
+        if os.getppid() != supervisor_pid:
             raise OSError("supervisor died during setup")
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
         os.closerange(3, err_w)
@@ -155,13 +162,21 @@ def _uid_pids(uid):
     return pids
 
 
-def _kill_uid(uid):
-    """SIGKILL every process of `uid`; `kill(-1)` as that uid hits all of them in one kernel walk."""
-    killed = 0
-    for _ in range(100):
+def _kill_uid(uid, limit_s=60.0):
+    """SIGKILL every process of `uid` until /proc shows none (zombies reaped): (most seen, cleared).
+
+    `kill(-1)` as that uid hits all of them in one kernel walk; it is repeated because a process
+    forked during the walk can be missed. The deadline is generous: under heavy load the kernel
+    may take seconds to tear down a large address space, and the caller's uid lease must not be
+    given back while anything of the run exists.
+    """
+    killed, deadline = 0, time.monotonic() + limit_s
+    while True:
         pids = _uid_pids(uid)
         if not pids:
-            return killed
+            return killed, True
+        if time.monotonic() > deadline:
+            return killed, False
         killed = max(killed, len(pids))
         helper = os.fork()
         if helper == 0:
@@ -175,7 +190,6 @@ def _kill_uid(uid):
         os.waitpid(helper, 0)
         _reap_nohang()
         time.sleep(0.005)
-    return killed
 
 
 def _children():
@@ -206,7 +220,7 @@ def _reap_nohang():
 
 
 def _kill_descendants(limit_s=10.0):
-    """As a subreaper, every orphaned descendant becomes our child: kill and reap until none left."""
+    """As a subreaper, every orphaned descendant becomes our child: kill, reap until none left."""
     killed, deadline = 0, time.monotonic() + limit_s
     while time.monotonic() < deadline:
         for pid, state in _children():
@@ -229,7 +243,7 @@ def main():
     cfg = json.loads(sys.argv[1])
     status_fd = cfg["status_fd"]
     report = {"returncode": None, "timed_out": False, "terminated": False, "setup_error": None,
-              "leftover_processes": 0, "wall_s": None, "namespaces": None}
+              "leftover_processes": 0, "uid_cleared": None, "wall_s": None, "namespaces": None}
 
     def on_term(signum, frame):
         raise _Terminate()
@@ -237,12 +251,12 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     err_r, err_w = os.pipe()
-    start = time.monotonic()
+    start, supervisor_pid = time.monotonic(), os.getpid()
     pid = os.fork()
     if pid == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.close(err_r)
-        _exec_program(cfg, err_w)
+        _exec_program(cfg, err_w, supervisor_pid)
     os.close(err_w)
     # The program owns the pipes now; holding them here would delay the caller's EOF.
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -281,7 +295,8 @@ def main():
             pass
     leftovers = 0
     if cfg["uid"] is not None:
-        leftovers += _kill_uid(cfg["uid"])
+        killed, report["uid_cleared"] = _kill_uid(cfg["uid"])
+        leftovers += killed
     leftovers += _kill_descendants()
     if not exited:
         leftovers = max(leftovers - 1, 0)  # the program itself is not a leftover

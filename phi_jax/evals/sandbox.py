@@ -6,10 +6,11 @@ Two backends, chosen by `backend=`:
   The program runs in new user, PID, network, IPC and UTS namespaces with a minimal read-only
   filesystem view (``/usr``, the interpreter's prefix, three files of ``/etc``; no ``/home``,
   ``/root``, ``/work``), a private size-limited ``/tmp``, a fresh ``/proc`` and ``/dev``, and the
-  work dir bound read-write at ``/tmp/sandbox``; everything else is read-only. ``--die-with-parent`` plus the PID namespace mean every process
-  of the run (double-forked, ``setsid``-ed or not) dies with it.
-* ``"fallback"`` — no bubblewrap: new network and mount namespaces via ``unshare(2)`` where the
-  kernel allows (as root, or through an unprivileged user namespace), private tmpfs copies of
+  work dir bound read-write at ``/tmp/sandbox``; everything else is read-only.
+  ``--die-with-parent`` plus the PID namespace mean every process of the run (double-forked,
+  ``setsid``-ed or not) dies with it.
+* ``"fallback"`` — no bubblewrap: new network, IPC and mount namespaces via ``unshare(2)`` where
+  the kernel allows (as root, or through an unprivileged user namespace), private tmpfs copies of
   ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock``; otherwise a Python audit hook that blocks
   sockets and process spawning (best effort, Python level only).
 
@@ -21,6 +22,11 @@ processes, open files, no core dumps) before the uid change, so they cannot be r
 environment, sets no_new_privs, and on exit or timeout kills the whole run three ways (the PID
 namespace, every process of the uid, every descendant re-parented to it as a child subreaper).
 The caller reads stdout/stderr with a byte cap and stops the run when the cap is exceeded.
+
+A uid is leased through a lock file in one host-wide directory, so runs in different processes
+never share one; the lease is given back only after the supervisor has exited and /proc shows no
+process of the uid (the caller kills any it still finds), so a uid is never reused while anything
+of an earlier run lives.
 
 Not isolated (see the README "Evaluation" section): the kernel is shared (no seccomp filter, no
 VM), CPU time is limited per process and by the wall clock but not shared fairly, total memory
@@ -44,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 __all__ = ["Limits", "Protections", "SandboxResult", "run_python", "default_backend"]
 
@@ -51,6 +58,10 @@ _SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_supervi
 SANDBOX_DIR = "/tmp/sandbox"  # where the program sees its work dir (when a mount ns exists)
 _UID_SLOTS = 4096
 _UID_BASE_PREFERRED = 2_000_000_000
+# One fixed place for every process on the host (never tempfile.gettempdir(), which TMPDIR changes):
+# two lock dirs would hand the same uid to two runs.
+_LOCK_DIR = ("/run" if os.access("/run", os.W_OK) else "/tmp") + "/phi_jax_sandbox_uids"
+_CLEAR_LIMIT_S = 60.0  # how long SIGKILLed processes of a uid may take to vanish before retiring it
 _AUDIT_BOOTSTRAP = r"""
 import sys
 _BLOCKED = ("socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
@@ -126,7 +137,7 @@ def _bwrap_works() -> bool:
     """bwrap may be installed yet unusable (no unprivileged user namespaces): probe it once."""
     if shutil.which("bwrap") is None:
         return False
-    res = run_python("print('ok')", backend="bwrap", limits=Limits(timeout_s=20.0))
+    res = run_python("print('ok')", backend="bwrap", limits=Limits(timeout_s=60.0))
     return res.status == "passed" and res.stdout.strip() == "ok"
 
 
@@ -180,48 +191,94 @@ def _uid_base() -> int:
 
 
 class _UidLease:
-    """Exclusive use of one dedicated uid (a flock'd slot file), so concurrent runs never share."""
+    """Exclusive use of one dedicated uid: a flock'd slot file, so no two runs share a uid, whether
+    they are threads of one process or separate processes (pytest-xdist workers, parallel evals).
+
+    The lock is what keeps a uid from being reused, so it is dropped only once /proc shows no
+    process of the uid at all (zombies included). A uid whose processes cannot be cleared within
+    `_CLEAR_LIMIT_S` (stuck in the kernel) is retired: its lock stays held for the life of this
+    process and a warning names it.
+    """
+
+    _retired: list[int] = []  # lock fds of retired slots, kept open on purpose
 
     def __init__(self):
-        lock_dir = os.path.join("/run" if os.access("/run", os.W_OK) else tempfile.gettempdir(),
-                                "phi_jax_sandbox_uids")
-        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-        st = os.lstat(lock_dir)
+        os.makedirs(_LOCK_DIR, mode=0o700, exist_ok=True)
+        st = os.lstat(_LOCK_DIR)
         if st.st_uid != 0 or not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o077:
-            raise RuntimeError(f"{lock_dir} must be a root-owned 0700 directory; remove it")
+            raise RuntimeError(f"{_LOCK_DIR} must be a root-owned 0700 directory; remove it")
         base = _uid_base()
         for slot in range(_UID_SLOTS):  # lowest free slot: lock files stay few (peak parallelism)
-            fd = os.open(os.path.join(lock_dir, str(slot)), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(os.path.join(_LOCK_DIR, str(slot)), os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
+            if not _clear_uid(base + slot):  # a crashed earlier run may have left something
+                self._retire(fd, base + slot)
+                continue
             self.fd, self.uid = fd, base + slot
-            _kill_uid_now(self.uid)  # a crashed earlier run may have left something behind
             return
         raise RuntimeError(f"all {_UID_SLOTS} sandbox uids are in use; run fewer in parallel")
 
     def release(self):
-        _kill_uid_now(self.uid)
-        os.close(self.fd)
+        if _clear_uid(self.uid):
+            os.close(self.fd)
+        else:
+            self._retire(self.fd, self.uid)
+
+    @classmethod
+    def _retire(cls, fd: int, uid: int) -> None:
+        cls._retired.append(fd)
+        warnings.warn(f"sandbox uid {uid} still has processes {_uid_pids(uid)} that SIGKILL did "
+                      f"not remove within {_CLEAR_LIMIT_S:g} s (stuck in the kernel?); the uid "
+                      "stays reserved until this process exits. Check them with `ps -u "
+                      f"{uid}`.", RuntimeWarning, stacklevel=3)
 
 
-def _kill_uid_now(uid: int) -> None:
-    """Backstop used by the caller (root): SIGKILL every process whose real uid is `uid`."""
-    for _ in range(50):
-        found = False
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+def _uid_pids(uid: int) -> list[int]:
+    """Processes (zombies included) whose effective uid is `uid`: the owner of /proc/PID.
+
+    A sandboxed process cannot make its uids differ (no privileges, no_new_privs), so its
+    effective uid is its real uid, the one RLIMIT_NPROC and kill permission go by.
+    """
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
             try:
                 if os.stat(f"/proc/{entry}").st_uid == uid:
-                    found = True
-                    os.kill(int(entry), signal.SIGKILL)
+                    pids.append(int(entry))
+            except FileNotFoundError:
+                pass
+    return pids
+
+
+def _clear_uid(uid: int, limit_s: float | None = None) -> bool:
+    """SIGKILL every process of `uid` (caller is root) until none is left; False if some remain.
+
+    Each process is signalled through a pidfd opened before its uid is re-checked, so a pid that
+    is recycled meanwhile by an unrelated process is never signalled.
+    """
+    deadline = time.monotonic() + (_CLEAR_LIMIT_S if limit_s is None else limit_s)
+    while True:
+        pids = _uid_pids(uid)
+        if not pids:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except (FileNotFoundError, ProcessLookupError):
                 pass
-        if not found:
-            return
+            finally:
+                os.close(pidfd)
         time.sleep(0.01)
 
 
@@ -280,9 +337,10 @@ def run_python(source: str, *, stdin: bytes = b"", files: dict[str, str | bytes]
     if network not in ("auto", "namespace", "audit"):
         raise ValueError(f"network={network!r}; use 'auto', 'namespace' or 'audit'")
     python = python or default_python()
-    lease = _UidLease() if os.geteuid() == 0 else None
-    workdir = tempfile.mkdtemp(prefix="phi_jax_sandbox_")
+    lease = workdir = None
     try:
+        lease = _UidLease() if os.geteuid() == 0 else None
+        workdir = tempfile.mkdtemp(prefix="phi_jax_sandbox_")
         _populate(workdir, source, files or {}, lease.uid if lease else None)
         cfg = {
             "backend": backend, "network": network, "workdir": workdir, "sandbox_dir": SANDBOX_DIR,
@@ -294,10 +352,11 @@ def run_python(source: str, *, stdin: bytes = b"", files: dict[str, str | bytes]
             "argv_audit": [python, "-I", "-c", _AUDIT_BOOTSTRAP, "main.py"],
         }
         return _supervise(cfg, stdin, limits, lease)
-    finally:
+    finally:  # _supervise returns only once the supervisor is gone: nothing re-spawns under uid
         if lease is not None:
             lease.release()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _populate(workdir: str, source: str, files: dict[str, str | bytes], uid: int | None) -> None:
@@ -316,6 +375,12 @@ def _populate(workdir: str, source: str, files: dict[str, str | bytes], uid: int
 
 
 def _supervise(cfg: dict, stdin: bytes, limits: Limits, lease) -> SandboxResult:
+    """Start the supervisor, collect output and its report; return only once it has exited.
+
+    The uid lease is released right after this returns, so the supervisor must be gone by then
+    whatever happens here (an exception, a KeyboardInterrupt): a supervisor still running could
+    start the program under a uid already handed to the next run, or kill that run's processes.
+    """
     status_r, status_w = os.pipe()
     cfg["status_fd"] = status_w
     proc = subprocess.Popen(
@@ -323,6 +388,25 @@ def _supervise(cfg: dict, stdin: bytes, limits: Limits, lease) -> SandboxResult:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         pass_fds=(status_w,), env={"PATH": "/usr/bin:/bin"}, start_new_session=True, cwd="/")
     os.close(status_w)
+    status_file = os.fdopen(status_r, "rb", buffering=0)
+    try:
+        out, err, status_raw, truncated = _collect(proc, status_file, stdin, limits, lease)
+        proc.wait()
+    finally:
+        if proc.returncode is None:  # interrupted: take the supervisor down before the lease goes
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr, status_file):
+            f.close()
+    report = json.loads(status_raw) if status_raw else None
+    return _result(cfg, report, bytes(out), bytes(err), truncated, limits)
+
+
+def _collect(proc, status_file, stdin: bytes, limits: Limits, lease):
+    """Feed stdin, read stdout/stderr (capped) and the status pipe until all three reach EOF."""
     try:
         proc.stdin.write(stdin)
         proc.stdin.close()
@@ -332,42 +416,43 @@ def _supervise(cfg: dict, stdin: bytes, limits: Limits, lease) -> SandboxResult:
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ, out)
     sel.register(proc.stderr, selectors.EVENT_READ, err)
-    status_file = os.fdopen(status_r, "rb", buffering=0)
     sel.register(status_file, selectors.EVENT_READ, status_raw)
     backstop = time.monotonic() + limits.timeout_s + 30.0
-    while sel.get_map():
-        left = backstop - time.monotonic()
-        if left <= 0:  # the supervisor itself is stuck: take everything down from here
-            os.killpg(proc.pid, signal.SIGKILL)
-            if lease is not None:
-                _kill_uid_now(lease.uid)
-            break
-        for key, _ in sel.select(timeout=min(left, 1.0)):
-            chunk = os.read(key.fileobj.fileno(), 1 << 16)
-            if not chunk:
-                sel.unregister(key.fileobj)
-                continue
-            buf = key.data
-            if buf is status_raw:
-                buf += chunk
-            elif len(out) + len(err) + len(chunk) <= limits.output_bytes:
-                buf += chunk
-            else:
-                room = max(limits.output_bytes - len(out) - len(err), 0)
-                buf += chunk[:room]
-                truncated = True
-                if not stopped:  # ask the supervisor to kill the run; keep draining until EOF
-                    stopped = True
-                    try:
-                        proc.send_signal(signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-    sel.close()
-    for f in (proc.stdout, proc.stderr, status_file):
-        f.close()
-    proc.wait()
-    report = json.loads(status_raw) if status_raw else None
-    return _result(cfg, report, bytes(out), bytes(err), truncated, limits)
+    try:
+        while sel.get_map():
+            left = backstop - time.monotonic()
+            if left <= 0:  # the supervisor itself is stuck: take everything down from here
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+                if lease is not None:
+                    _clear_uid(lease.uid)
+                break
+            for key, _ in sel.select(timeout=min(left, 1.0)):
+                chunk = os.read(key.fileobj.fileno(), 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                buf = key.data
+                if buf is status_raw:
+                    buf += chunk
+                elif len(out) + len(err) + len(chunk) <= limits.output_bytes:
+                    buf += chunk
+                else:
+                    room = max(limits.output_bytes - len(out) - len(err), 0)
+                    buf += chunk[:room]
+                    truncated = True
+                    if not stopped:  # ask the supervisor to kill the run; drain until EOF
+                        stopped = True
+                        try:
+                            proc.send_signal(signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
+    finally:
+        sel.close()
+    return out, err, status_raw, truncated
 
 
 def _protections(cfg: dict, report: dict | None) -> Protections:
