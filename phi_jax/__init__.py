@@ -25,7 +25,7 @@ _LAZY = {
     "Phi": "phi_jax.model",
     "init_cache": "phi_jax.model",
     "init_params": "phi_jax.model",
-    "generate": "phi_jax.generate",
+    "generate": "phi_jax.generation",
     "Tokenizer": "phi_jax.tokenizer",
 }
 

@@ -8,7 +8,7 @@ import torch
 
 import phi_jax
 from phi_jax.config import preset
-from phi_jax.generate import compiled_steps, prompt_bucket, sample_logits
+from phi_jax.generation import compiled_steps, prompt_bucket, sample_logits
 from phi_jax.model import Phi, init_cache, init_params
 
 from hf_reference import random_hf_model
@@ -114,3 +114,12 @@ def test_bad_prompts_are_rejected_with_a_reason():
         phi_jax.generate(model, params, [[config.vocab_size + 1]])
     with pytest.raises(ValueError, match="max_len"):
         phi_jax.generate(model, params, [[1] * 100], max_new_tokens=100)
+
+
+def test_public_generate_is_the_function_even_after_submodule_imports():
+    import importlib
+
+    import phi_jax.generation  # noqa: F401  (a submodule import must not shadow the function)
+
+    assert callable(phi_jax.generate)
+    assert phi_jax.generate is importlib.import_module("phi_jax.generation").generate

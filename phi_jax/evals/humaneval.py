@@ -182,7 +182,7 @@ def generate_samples(model, variables, tokenizer, problems: dict[str, dict[str, 
     Completions are cut at STOP_SEQUENCES after decoding.
     """
     if generate_fn is None:
-        from phi_jax.generate import generate as generate_fn
+        from phi_jax.generation import generate as generate_fn
     jobs = [(tid, p["prompt"]) for tid, p in problems.items() for _ in range(num_samples)]
     encoded = [tokenizer.encode(prompt) for _, prompt in jobs]
     order = sorted(range(len(jobs)), key=lambda i: len(encoded[i]))

@@ -98,7 +98,7 @@ class PhiJaxLM(LM):
         return totals
 
     def generate_until(self, requests) -> list[str]:
-        from phi_jax.generate import generate
+        from phi_jax.generation import generate
 
         groups: dict[tuple, list[int]] = {}
         settings = []

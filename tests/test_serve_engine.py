@@ -1,0 +1,140 @@
+"""The continuous-batching engine without HTTP: exact tokens against `phi_jax.generate` run alone,
+slot reuse, cancellation, and its admission checks."""
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from phi_jax.config import preset
+from phi_jax.generation import generate
+from phi_jax.model import Phi, init_params
+from phi_jax.serve.engine import Engine, EngineStoppedError, SamplingParams
+
+VOCAB, EOS = 300, 0
+
+
+@pytest.fixture(scope="module")
+def engine():
+    config = preset("test", vocab_size=VOCAB, eos_token_id=EOS)
+    model, variables = Phi(config), init_params(config, jax.random.key(0))
+    engine = Engine(model, variables, num_slots=4, max_len=64).start()
+    yield engine
+    engine.stop()
+
+
+class _Collector:
+    """A sink that records one request's events and says when it has finished."""
+
+    def __init__(self):
+        self.tokens, self.reason, self.done = [], None, threading.Event()
+
+    def __call__(self, event):
+        if event.token is not None:
+            self.tokens.append(event.token)
+        if event.finish_reason is not None:
+            self.reason = event.finish_reason
+            self.done.set()
+
+
+def _run(engine, requests):
+    """Submit every (prompt, params) at once; wait (bounded) for all; return the collectors."""
+    sinks = [_Collector() for _ in requests]
+    for (prompt, params), sink in zip(requests, sinks):
+        engine.submit(prompt, params, sink)
+    for sink in sinks:
+        assert sink.done.wait(120), "a request did not finish"
+    return sinks
+
+
+def _alone(engine, prompt, max_tokens, **sampling):
+    return generate(engine.model, engine.variables, [prompt], max_new_tokens=max_tokens,
+                    stop_tokens=[EOS], **sampling)[0]
+
+
+def test_32_concurrent_greedy_requests_give_generates_tokens(engine):
+    rng = np.random.default_rng(1)
+    lengths = rng.permutation(np.arange(1, 49))[:32]
+    prompts = [[int(t) for t in rng.integers(1, VOCAB, n)] for n in lengths]
+    budgets = [int(m) for m in rng.integers(2, 14, 32)]
+    steps_before, prefills_before = engine.stats.decode_steps, engine.stats.prefills
+    sinks = _run(engine, [(p, SamplingParams(max_tokens=m, stop_token_ids=(EOS,)))
+                          for p, m in zip(prompts, budgets)])
+    total = 0
+    for prompt, budget, sink in zip(prompts, budgets, sinks):
+        want = _alone(engine, prompt, budget)
+        assert sink.tokens == want
+        assert sink.reason == ("stop" if want[-1] == EOS else "length")
+        total += len(want)
+    assert engine.stats.prefills - prefills_before == 32
+    # 4 slots share each step: far fewer steps than tokens, and every slot is free again
+    assert engine.stats.decode_steps - steps_before <= total / 2
+    assert engine.num_active == 0 and engine.num_waiting == 0
+
+
+def test_sampling_is_per_request_and_matches_generate(engine):
+    """A sampled request gives generate's tokens for the same seed, whoever shares the batch."""
+    rng = np.random.default_rng(2)
+    prompt = [int(t) for t in rng.integers(1, VOCAB, 9)]
+    sampling = dict(temperature=0.8, top_k=30, top_p=0.9)
+    others = [([int(t) for t in rng.integers(1, VOCAB, n)],
+               SamplingParams(max_tokens=12, temperature=1.0, seed=100 + n)) for n in (3, 17, 30)]
+    target = (prompt, SamplingParams(max_tokens=12, seed=5, stop_token_ids=(EOS,), **sampling))
+    crowded = _run(engine, others[:2] + [target] + others[2:])[2]
+    alone = _run(engine, [target])[0]
+    assert crowded.tokens == alone.tokens == _alone(engine, prompt, 12, seed=5, **sampling)
+
+
+def test_cancel_running_and_queued_requests(engine):
+    gate, release = threading.Event(), threading.Event()
+
+    def blocking(event):
+        gate.set()
+        release.wait(60)
+
+    prefills_before = engine.stats.prefills
+    try:
+        blocker = engine.submit([1, 2], SamplingParams(max_tokens=40), blocking)
+        assert gate.wait(60)  # the engine thread is now held inside `blocker`'s first token
+        queued = [_Collector() for _ in range(5)]
+        handles = [engine.submit([3, 4, 5], SamplingParams(max_tokens=40), q) for q in queued]
+        assert engine.num_waiting == 5 and engine.running_requests() == [blocker]
+        blocker.cancel()
+        for h in handles:
+            h.cancel()
+    finally:
+        release.set()
+    for q in queued:
+        assert q.done.wait(60) and q.reason == "cancelled" and q.tokens == []
+    for _ in range(3000):  # bounded wait for the loop to drop the cancelled blocker
+        if not engine.num_active:
+            break
+        threading.Event().wait(0.01)
+    assert engine.num_active == 0 and engine.num_waiting == 0
+    assert engine.stats.prefills - prefills_before == 1  # cancelled while queued: never prefilled
+    again = _run(engine, [([7, 8, 9], SamplingParams(max_tokens=3, stop_token_ids=(EOS,)))])[0]
+    assert again.tokens == _alone(engine, [7, 8, 9], 3)
+
+
+def test_admission_checks(engine):
+    with pytest.raises(ValueError, match="exceeds the context of 64"):
+        engine.submit([1] * 60, SamplingParams(max_tokens=5), lambda e: None)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams(max_tokens=5), lambda e: None)
+    with pytest.raises(ValueError, match=r"\[0, 300\)"):
+        engine.submit([1, VOCAB], SamplingParams(max_tokens=5), lambda e: None)
+    idle = Engine(engine.model, engine.variables, num_slots=4, max_len=64)
+    with pytest.raises(EngineStoppedError):
+        idle.submit([1], SamplingParams(max_tokens=1), lambda e: None)
+    with pytest.raises(ValueError, match="max_len"):
+        Engine(engine.model, engine.variables, max_len=1000)
+
+
+def test_prefill_buckets_are_bounded():
+    config = preset("test", vocab_size=VOCAB)
+    model = Phi(config)
+    variables = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    e = Engine(model, variables, num_slots=2, max_len=100)
+    assert e.prefill_buckets() == [16, 32, 64, 100]
+    assert [e.bucket(n) for n in (1, 16, 17, 64, 65, 99)] == [16, 16, 32, 64, 100, 100]
