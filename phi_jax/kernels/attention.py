@@ -12,15 +12,19 @@ Scores and softmax are computed in float32 whatever the input dtype; the result 
 A query that may see no key at all (padding, segment id 0) gets output 0 and no gradient, in
 every implementation.
 
-Implementations (`impl`), see `SUPPORTED` for where each runs:
+Implementations (`impl`); `backend.SUPPORTED` lists where each runs:
   * "xla": the pure-jnp references below, on any backend.
   * "pallas": fused Pallas kernels. TPU: Mosaic TPU (`flash_attention.py`, `decode_attention.py`).
-    GPU: Mosaic GPU (`flash_attention_gpu.py`). CPU: the TPU kernels in interpret mode
-    (`interpret=None` means interpret iff the default backend is cpu).
+    GPU: Mosaic GPU (`flash_attention_gpu.py`, Hopper, bf16/fp16) for `attention`; there is no GPU
+    decode kernel, so `cached_attention` runs the XLA reference there (and warns once). CPU: the
+    TPU kernels in interpret mode (`interpret=None` means interpret iff the backend is cpu).
   * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` with a segment mask; GPU only.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +88,8 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     """
     b, t = q.shape[:2]
     if k.shape[1] != t:
-        raise ValueError(f"self-attention needs as many keys as queries, got T={t}, S={k.shape[1]}; "
+        raise ValueError(f"self-attention needs as many keys as queries, got T={t}, "
+                         f"S={k.shape[1]}; "
                          "use cached_attention to attend to a KV cache")
     return masked_attention(q, k, v, self_attention_mask(segment_ids, b, t, causal))
 
@@ -103,6 +108,11 @@ def reference_cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
     q_slot = q_start[:, None] + jnp.arange(t)[None, :]  # [B,T]
     mask = jnp.arange(s)[None, None, :] <= q_slot[:, :, None]  # [B,T,S]
     return masked_attention(q, k_cache, v_cache, mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def _flash_block_sizes(where: str):
@@ -159,6 +169,10 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
         if mode is not False or where == "tpu":
             from phi_jax.kernels.decode_attention import cached_flash_attention
             return cached_flash_attention(q, k_cache, v_cache, q_start=q_start, interpret=mode)
+        if where == "gpu":  # no Mosaic GPU decode kernel; decoding is bandwidth-bound anyway
+            _warn_once("cached_attention(impl='pallas') on GPU runs the XLA reference (there is "
+                       "no Mosaic GPU decode kernel); training attention still uses the kernel")
+            return reference_cached_attention(q, k_cache, v_cache, q_start=q_start)
     if impl == "cudnn" and where == "gpu":
         return cudnn_cached_attention(q, k_cache, v_cache, q_start=q_start)
     raise backend.unsupported("cached_attention", impl, where)

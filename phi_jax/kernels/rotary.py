@@ -20,7 +20,8 @@ def inverse_frequencies(rotary_dim: int, theta: float) -> jax.Array:
     return 1.0 / (jnp.float32(theta) ** exponents)
 
 
-def rotary_angles(positions: jax.Array, rotary_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rotary_angles(positions: jax.Array, rotary_dim: int,
+                  theta: float) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [B,T,R/2] in float32 for integer positions [B,T]."""
     inv_freq = inverse_frequencies(rotary_dim, theta)  # [R/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,R/2]
@@ -55,7 +56,9 @@ def rotary(x: jax.Array, positions: jax.Array, *, rotary_dim: int, theta: float 
 
     Args:
       x: [B,T,N,H]; positions: [B,T] int; rotary_dim: R (even, <= H).
-      impl: "xla" (any backend) or "pallas" (TPU and GPU compiled, CPU in interpret mode).
+      impl: "xla" (any backend) or "pallas" (TPU; CPU in interpret mode). On GPUs XLA already
+        fuses this elementwise rotation into its neighbours, so there is no GPU kernel: "pallas"
+        there is an error that says so.
       interpret: Pallas only: None = interpret iff the default backend is cpu; True = TPU-style
         interpret mode anywhere; a `pltpu.InterpretParams` to tune it.
     Returns:
@@ -69,7 +72,4 @@ def rotary(x: jax.Array, positions: jax.Array, *, rotary_dim: int, theta: float 
         if mode is not False or where == "tpu":
             from phi_jax.kernels.rotary_pallas import rotary_pallas
             return rotary_pallas(x, positions, rotary_dim=rotary_dim, theta=theta, interpret=mode)
-        if where == "gpu":
-            from phi_jax.kernels.rotary_gpu import rotary_gpu
-            return rotary_gpu(x, positions, rotary_dim=rotary_dim, theta=theta)
     raise backend.unsupported("rotary", impl, where)
