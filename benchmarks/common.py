@@ -1,0 +1,201 @@
+"""Shared helpers for the benchmarks: machine record, repeat statistics, JSON + PNG output, tables.
+
+Every benchmark records the same `machine` block (CPU, thread settings, library versions, date and
+the load average before and after), reports each figure as min/median/max over repeats, and writes
+`<results_dir>/<name>.json` and `<name>.png`. A `--quick` run writes `<name>_quick.*`, so a smoke
+run never overwrites the full numbers the README quotes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "grain", "tokenizers")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is often just 'x86_64')."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions(names: Iterable[str] = _VERSIONED) -> dict[str, str]:
+    """Versions of the libraries already imported or importable (missing ones are left out)."""
+    out = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:  # noqa: BLE001 - an absent optional library is simply not recorded
+            continue
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on, including how busy the machine was when they started."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "cpus_usable": usable_cores(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": list(os.getloadavg()),
+        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS",
+                                           "MKL_NUM_THREADS") if k in os.environ},
+        "versions": versions(),
+    }
+    try:
+        import jax
+        info["jax_backend"] = jax.default_backend()
+        info["device"] = jax.devices()[0].device_kind
+        info["jax_devices"] = jax.device_count()
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal: torch-only runs still work
+        info["jax_backend"] = f"unavailable: {e}"
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+def stats(samples: Sequence[float]) -> dict[str, Any]:
+    """min / median / max of a list of measurements (the raw list is kept for re-analysis)."""
+    if not samples:
+        raise ValueError("no samples to summarise; run at least one repeat")
+    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples),
+            "n": len(samples), "samples": list(samples)}
+
+
+def rate_stats(seconds: Sequence[float], work: float) -> dict[str, Any]:
+    """Throughput (work / s) over repeats: the fastest repeat gives the max rate."""
+    return stats([work / s for s in seconds])
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds, result) of one call; the caller makes `fn` wait for its own results."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (taskset / cgroup affinity), which is what XLA:CPU sizes its
+    thread pool by; os.cpu_count() ignores the affinity mask."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def reference_threads(quick: bool, probe: Callable[[], Any]) -> tuple[list[int], dict[str, float]]:
+    """torch thread counts to measure the reference with, and the probe timings that chose them.
+
+    Full runs measure both all cores (the "same thread count" as XLA:CPU, which uses every core)
+    and 1 thread, because OpenMP's multi-thread barriers collapse when other processes share the
+    cores; the ratio is then taken against the faster. Quick runs probe each count once with
+    `probe` (already warmed up) and keep only the faster, to halve the reference's time.
+    """
+    import torch
+    cores = usable_cores()
+    counts = [cores, 1] if cores > 1 else [1]
+    if not quick or len(counts) == 1:
+        return counts, {}
+    probe_s = {}
+    for n in counts:
+        torch.set_num_threads(n)
+        probe_s[n] = timed(probe)[0]
+    torch.set_num_threads(cores)
+    return [min(probe_s, key=probe_s.get)], {f"{n} threads": s for n, s in probe_s.items()}
+
+
+def thread_label(n: int) -> str:
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
+def output_stem(name: str, quick: bool) -> str:
+    return f"{name}_quick" if quick else name
+
+
+def write_results(name: str, results: dict[str, Any], plot: Callable[[dict, pathlib.Path], None],
+                  *, quick: bool, results_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Writes <dir>/<stem>.json and <stem>.png; returns the JSON path."""
+    out = pathlib.Path(results_dir) if results_dir is not None else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    results.setdefault("machine", machine_info())
+    results["machine"]["load_average_end"] = list(os.getloadavg())
+    stem = output_stem(name, quick)
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    plot(results, out / f"{stem}.png")
+    return path
+
+
+def _json_default(x):
+    try:
+        import numpy as np
+        if isinstance(x, np.generic):
+            return x.item()
+    except ImportError:
+        pass
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def subtitle(machine: dict[str, Any]) -> str:
+    """One line for a figure: CPU, cores, load at start, date."""
+    load = machine.get("load_average_start", [float("nan")])[0]
+    return (f"{machine.get('cpu', '?')}, {machine.get('cpu_count')} cores (load {load:.1f}), "
+            f"{machine.get('date', '')[:10]}")
+
+
+def format_number(x: float) -> str:
+    """Readable at any magnitude: 1,323,062 / 522.0 / 3.17 / 0.0123."""
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Plain-text table; columns are (key, header, format spec such as ',.0f', 's' or 'num')."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        line = []
+        for key, _, spec in columns:
+            value = row.get(key)
+            if value is None:
+                line.append("-")
+            elif spec == "num":
+                line.append(format_number(value))
+            else:
+                line.append(format(value, spec) if spec else str(value))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_row(benchmark: str, case: str, metric: str, ours: float | None, reference: float | None,
+                reference_name: str, note: str = "") -> dict[str, Any]:
+    """A row of the runner's combined table: medians, and ours / reference (higher is better)."""
+    ratio = ours / reference if ours and reference else None
+    return {"benchmark": benchmark, "case": case, "metric": metric, "phi_jax": ours,
+            "reference": reference, "reference_name": reference_name, "ratio": ratio, "note": note}
+
+
+SUMMARY_COLUMNS = [("benchmark", "benchmark", "s"), ("case", "case", "s"), ("metric", "metric", "s"),
+                   ("phi_jax", "phi_jax", "num"), ("reference", "reference", "num"),
+                   ("reference_name", "reference is", "s"), ("ratio", "ratio", ".2f")]
