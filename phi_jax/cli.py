@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-_OPTIONAL_SUBCOMMANDS = ("phi_jax.evals.cli", "phi_jax.serve_cli")
+_OPTIONAL_SUBCOMMANDS = ("phi_jax.evals.cli", "phi_jax.serve_cli", "phi_jax.plan")
 
 
 def _is_hf_dir(path: Path) -> bool:
