@@ -101,9 +101,7 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = results["rows"]
-    labels = [f"{r['devices']}: {r['setting']['name']}\nremat {r['setting']['remat_policy']}"
-              f"{', ' + str(r['setting']['rows_per_device']) + ' rows' if r['setting']['rows_per_device'] > 1 else ''}"
-              for r in rows]
+    labels = [f"{r['devices']}: {r['setting']['name']}\nremat {r['setting']['remat_policy']}" for r in rows]
     fig, (ax_mem, ax_mfu) = plt.subplots(2, 1, figsize=(max(8, 0.75 * len(rows)), 8), sharex=True)
     x = range(len(rows))
     ax_mem.bar(x, [r["peak_bytes"] / plan.GIB for r in rows], color="#3b7dd8", label="compiled peak")

@@ -80,17 +80,27 @@ def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
 
 
 def rules_from_config(overrides: Mapping[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
-    """DEFAULT_RULES with per-name overrides (values: a mesh axis, a list of them, or None)."""
+    """DEFAULT_RULES with per-name overrides.
+
+    A value is a mesh axis, a list/tuple of them, or None (replicated); or, as the command line
+    gives it, a string: "fsdp", "fsdp,tensor", "none" (replicated), or "default" (keep the table's).
+    """
     rules = dict(DEFAULT_RULES)
     for name, value in (overrides or {}).items():
         if name not in rules:
             raise ValueError(f"unknown logical axis {name!r} in mesh.rules; known: {sorted(rules)}")
+        if isinstance(value, str):
+            if value.strip().lower() == "default":
+                continue
+            parts = tuple(p.strip() for p in value.split(",") if p.strip())
+            value = None if parts in ((), ("none",), ("None",)) else parts
         if isinstance(value, (list, tuple)):
-            value = tuple(value)
+            value = tuple(value) if len(value) != 1 else value[0]
         targets = value if isinstance(value, tuple) else (value,)
         bad = [t for t in targets if t is not None and t not in MESH_AXES]
         if bad:
-            raise ValueError(f"mesh.rules.{name} maps to unknown mesh axes {bad}; use {MESH_AXES}")
+            raise ValueError(f"mesh.rules.{name} maps to unknown mesh axes {bad}; use {MESH_AXES}, "
+                             "a comma-separated list of them, or none")
         rules[name] = value
     return tuple(rules.items())
 

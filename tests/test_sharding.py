@@ -174,7 +174,7 @@ def test_mesh_that_does_not_divide_the_model_names_axis_and_sizes():
     mesh = sharding.make_mesh({"tensor": 8})
     with pytest.raises(ValueError, match=r"'tensor' of size 8 .*'heads' dimension \(4\).*\[1, 2, 4\]"):
         sharding.check_divisibility(preset("test"), mesh, sharding.rules_from_config({}))
-    # remapping heads away from tensor is the other way out the message names
+    # and a mesh that divides every dimension passes
     sharding.check_divisibility(preset("phi-2"), sharding.make_mesh({"fsdp": 8}),
                                 sharding.rules_from_config({}))
 
@@ -192,7 +192,7 @@ def test_mesh_shape_errors_name_the_fix():
     with pytest.raises(ValueError, match="unknown logical axis 'embedding'"):
         sharding.rules_from_config({"embedding": "fsdp"})
     with pytest.raises(ValueError, match=r"unknown mesh axes \['model'\]"):
-        sharding.rules_from_config({"embed": "model"})
+        sharding.rules_from_config({"embed": "fsdp,model"})
 
 
 def test_rules_override_changes_the_parameter_shardings():
@@ -210,3 +210,9 @@ def test_rules_override_changes_the_parameter_shardings():
     key = "params/layers/block/mlp/fc1/kernel"
     assert default[key] == "P(None, 'fsdp', 'tensor')"
     assert zero[key] == "P(None, ('fsdp', 'tensor'), None)"
+    # the same overrides spelled as command-line strings
+    as_strings = sharding.rules_from_config({"embed": "fsdp,tensor", "heads": "none", "kv_heads": "None",
+                                             "mlp": "", "vocab": "none", "batch": "default"})
+    assert as_strings == sharding.rules_from_config({"embed": ("fsdp", "tensor"), "heads": None,
+                                                     "kv_heads": None, "mlp": None, "vocab": None})
+    assert dict(sharding.rules_from_config({"embed": "tensor"}))["embed"] == "tensor"
