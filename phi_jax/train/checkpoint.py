@@ -193,8 +193,13 @@ def load_params_for_inference(workdir: str | os.PathLike, *, step: int | None = 
             from phi_jax.model import abstract_params
 
             target = abstract_params(config.replace(param_dtype=meta["model_config"]["param_dtype"]))
+            # An explicit sharding: without one Orbax reuses the saved one and refuses a
+            # checkpoint written by more processes than read it ("Topology mismatch").
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                  target["params"])
             restored = manager.restore(s, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(target["params"])))
+                params=ocp.args.StandardRestore(target)))
             params = restored["params"]
             if dtype is not None:
                 params = jax.tree.map(lambda x: x.astype(config.jnp_param_dtype), params)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from phi_jax import axes
 from phi_jax.config import preset
 
 
@@ -53,7 +54,10 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
 
     m = c.mesh = ml_collections.ConfigDict()
     m.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    m.rules = ml_collections.ConfigDict()  # logical axis -> mesh axis overrides, e.g. {"embed": None}
+    # Logical axis -> mesh axes, one key per name so the command line can set it:
+    # "default" (phi_jax.sharding.DEFAULT_RULES), "fsdp", "fsdp,tensor", or "none" (replicated);
+    # e.g. --config.mesh.rules.embed=fsdp,tensor --config.mesh.rules.mlp=none
+    m.rules = ml_collections.ConfigDict({name: "default" for name in axes.ALL})
     return c
 
 

@@ -55,7 +55,16 @@ def _tokenizer(config, workdir: Path):
     if config.tokenizer.path:
         tokenizer = Tokenizer.from_pretrained(config.tokenizer.path)
         if jax.process_index() == 0:
-            tokenizer.save(tok_dir)
+            # Atomically (temp dir + rename): the other hosts test tok_dir at the same moment and
+            # must never read a half-written copy.
+            tmp = workdir / f".tokenizer.tmp-{os.getpid()}"
+            tokenizer.save(tmp)
+            try:
+                os.rename(tmp, tok_dir)
+            except OSError:  # a previous run (or a racing process) saved it already
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
         return tokenizer
     return corpus.get_or_train_tokenizer(workdir, vocab_size=config.tokenizer.vocab_size)
 
