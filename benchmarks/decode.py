@@ -54,14 +54,15 @@ def measure_case(name: str, preset_name: str, batch: int, repeats: int, *, quick
     import phi_jax
     from phi_jax.config import preset
     from phi_jax.generation import generate
-    from phi_jax.model import Phi, init_params
+    from phi_jax.model import Phi, inference_layout, init_params
 
     config = preset(preset_name)
-    model = Phi(config)
     variables = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))  # one compile
     with tempfile.TemporaryDirectory() as hf_dir:
         phi_jax.save_pretrained(hf_dir, config, variables)
         hf = transformers.PhiForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    # What the CLI, the server and the evaluators decode with (unstacked layers on CPU).
+    model, variables = inference_layout(Phi(config), variables)
     hf.generation_config.eos_token_id = None  # phi_jax gets stop_tokens=[]: both run all tokens
 
     rng = np.random.default_rng(1)

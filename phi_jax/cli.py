@@ -31,20 +31,22 @@ def _is_workdir(path: Path) -> bool:
 def load_for_inference(*, workdir: str | None = None, hf: str | None = None, dtype: str = "float32"):
     """(model, variables, tokenizer or None) from a training workdir or an HF directory."""
     import phi_jax
-    from phi_jax.model import Phi
+    from phi_jax.model import Phi, decode_prefers_unstacked, inference_layout
     from phi_jax.tokenizer import Tokenizer
 
     if bool(workdir) == bool(hf):
         raise SystemExit("give exactly one of --workdir=DIR (a phi_jax run) or --hf=DIR (an HF checkpoint)")
     if hf:
-        model, variables = phi_jax.from_pretrained(hf, dtype=dtype)
+        model, variables = phi_jax.from_pretrained(hf, dtype=dtype,
+                                                   scan_layers=not decode_prefers_unstacked())
         tok_dir = Path(hf)
     else:
         from phi_jax.train.checkpoint import load_params_for_inference
 
         config, variables, step = load_params_for_inference(workdir, dtype=dtype)
         logging.info("loaded step %d from %s", step, workdir)
-        model, tok_dir = Phi(config), Path(workdir) / "tokenizer"
+        model, variables = inference_layout(Phi(config), variables)
+        tok_dir = Path(workdir) / "tokenizer"
     has_tokenizer = any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
     tokenizer = Tokenizer.from_pretrained(tok_dir) if has_tokenizer else None
     return model, variables, tokenizer

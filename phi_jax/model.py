@@ -8,7 +8,7 @@ added to the residual. Rotary covers only the first `rotary_dim` dims of every h
 
     logits, cache = Phi(config).apply(variables, tokens, positions, segment_ids, cache)
 
-The cache is an explicit pytree argument and result ({"k", "v": [L,B,S,K,H], "lengths": [B]}), so
+The cache is an explicit pytree argument and result ({"k", "v": [L,B,K,S,H], "lengths": [B]}), so
 decode steps jit with donation and no mutable collections. Tokens given with a cache are written at
 slots `lengths[b] + t`; right padding (segment id 0) is allowed and does not advance `lengths`.
 Parameter names follow HF's module names so the checkpoint mapping in `phi_jax.hf` reads as a table.
@@ -77,10 +77,14 @@ class PhiAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, layer_cache=None, q_start=None):
-        """x [B,T,D]; positions, segment_ids [B,T]; layer_cache {"k","v": [B,S,K,H]} or None.
+    def __call__(self, x, positions, segment_ids, kv_cache=None, layer=None, q_start=None):
+        """x [B,T,D]; positions, segment_ids [B,T]; kv_cache {"k","v": [L,B,K,S,H]} or None.
 
-        Returns (out [B,T,D], new layer_cache or None).
+        With a cache, this layer's new keys and values are written into `kv_cache` at
+        [layer, b, q_start[b] + t] and the whole stacked cache is returned, so a scan over layers
+        carries one buffer that XLA updates in place (scanning per-layer slices in and out instead
+        rebuilds the whole cache every decode step).
+        Returns (out [B,T,D], updated kv_cache or None).
         """
         c = self.config
         n, k, h = c.n_heads, c.num_kv_heads, c.dim_per_head
@@ -98,19 +102,30 @@ class PhiAttention(nn.Module):
         key = rotary(key, positions, rotary_dim=c.rotary_dim, theta=c.rope_theta, impl=c.rotary_impl)
         q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
 
-        if layer_cache is None:
+        if kv_cache is None:
             out = attention(q, key, value, segment_ids=segment_ids, causal=True, impl=c.attention_impl)
             new_cache = None
         else:
-            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, 0))
-            k_cache = write(layer_cache["k"], key.astype(layer_cache["k"].dtype), q_start)
-            v_cache = write(layer_cache["v"], value.astype(layer_cache["v"].dtype), q_start)
-            out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                                   q_start=q_start, impl=c.attention_impl)
-            new_cache = {"k": k_cache, "v": v_cache}
+            new_cache = {"k": _write_cache(kv_cache["k"], key, layer, q_start),
+                         "v": _write_cache(kv_cache["v"], value, layer, q_start)}
+            out = cached_attention(q, new_cache["k"][layer].astype(q.dtype),
+                                   new_cache["v"][layer].astype(q.dtype), q_start=q_start,
+                                   impl=c.attention_impl)
         out = _dense(d, (n, h), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), "BTNH,NHD->BTD", c,
                      "dense")(out)
         return out, new_cache
+
+
+def _write_cache(buf: jax.Array, new: jax.Array, layer, q_start: jax.Array) -> jax.Array:
+    """buf [L,B,K,S,H] with new [B,T,K,H] stored at [layer, b, :, q_start[b] + t].
+
+    Slots past the end are dropped, never clamped onto earlier slots (which a dynamic slice would do).
+    """
+    b, t = new.shape[:2]
+    slots = q_start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B,T]
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    # Advanced indices [B,T] around the slice over K come first in the indexed view: [B,T,K,H].
+    return buf.at[layer, rows, :, slots].set(new.astype(buf.dtype), mode="drop")
 
 
 class PhiMLP(nn.Module):
@@ -134,11 +149,11 @@ class PhiBlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, layer_cache=None, q_start=None):
+    def __call__(self, x, positions, segment_ids, kv_cache=None, layer=None, q_start=None):
         c = self.config
         normed = _layer_norm(c, "input_layernorm")(x)
         attn_out, new_cache = PhiAttention(c, name="self_attn")(
-            normed, positions, segment_ids, layer_cache, q_start)
+            normed, positions, segment_ids, kv_cache, layer, q_start)
         mlp_out = PhiMLP(c, name="mlp")(normed)
         drop = nn.Dropout(rate=c.resid_pdrop, deterministic=self.deterministic)
         x = x + drop(attn_out) + drop(mlp_out)
@@ -147,15 +162,20 @@ class PhiBlock(nn.Module):
 
 
 class _ScannedBlock(nn.Module):
-    """PhiBlock in the (carry, xs) -> (carry, ys) form that nn.scan wants."""
+    """PhiBlock in the (carry, xs) -> (carry, ys) form that nn.scan wants.
+
+    carry = (x, stacked kv cache or None); xs = the layer index; no ys.
+    """
 
     config: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, segment_ids, q_start):
-        return PhiBlock(self.config, self.deterministic, name="block")(
-            x, positions, segment_ids, layer_cache, q_start)
+    def __call__(self, carry, layer, positions, segment_ids, q_start):
+        x, kv_cache = carry
+        x, kv_cache = PhiBlock(self.config, self.deterministic, name="block")(
+            x, positions, segment_ids, kv_cache, layer, q_start)
+        return (x, kv_cache), None
 
 
 _REMAT_POLICIES = {
@@ -211,24 +231,21 @@ class Phi(nn.Module):
         x = nn.Dropout(rate=c.embd_pdrop, deterministic=deterministic)(x)
         x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
 
-        layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        kv_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         if c.scan_layers:
             scanned = nn.scan(
                 _maybe_remat(_ScannedBlock, c),
                 variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-            x, new_layer_caches = scanned(c, deterministic, name="layers")(
-                x, layer_caches, positions, segment_ids, q_start)
+            (x, kv_cache), _ = scanned(c, deterministic, name="layers")(
+                (x, kv_cache), jnp.arange(c.n_layers, dtype=jnp.int32), positions, segment_ids,
+                q_start)
         else:
             block_cls = _maybe_remat(PhiBlock, c)
-            outs = []
             for i in range(c.n_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], layer_caches)
-                x, new_lc = block_cls(c, deterministic, name=f"layers_{i}")(
-                    x, positions, segment_ids, layer_cache, q_start)
-                outs.append(new_lc)
-            new_layer_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                x, kv_cache = block_cls(c, deterministic, name=f"layers_{i}")(
+                    x, positions, segment_ids, kv_cache, i, q_start)
 
         x = _layer_norm(c, "final_layernorm")(x)
         lm_head = _dense(c.vocab_size, c.d_model, (axes.EMBED,), (axes.VOCAB,), "BTD,DV->BTV", c,
@@ -238,25 +255,29 @@ class Phi(nn.Module):
 
         if cache is None:
             return logits, None
-        new_cache = dict(new_layer_caches)
+        new_cache = dict(kv_cache)
         new_cache["lengths"] = cache["lengths"] + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
         return logits, new_cache
 
 
 def _check_cache(cache: Cache, config: ModelConfig, batch: int) -> None:
-    expected = (config.n_layers, batch, None, config.num_kv_heads, config.dim_per_head)
+    expected = (config.n_layers, batch, config.num_kv_heads, None, config.dim_per_head)
     for name in ("k", "v"):
         shape = cache[name].shape
         if len(shape) != 5 or any(e is not None and e != s for e, s in zip(expected, shape)):
             raise ValueError(f"cache[{name!r}] has shape {shape}, expected [layers={config.n_layers}, "
-                             f"batch={batch}, slots, kv_heads={config.num_kv_heads}, "
+                             f"batch={batch}, kv_heads={config.num_kv_heads}, slots, "
                              f"head_dim={config.dim_per_head}]; build it with init_cache(config, {batch}, ...)")
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache with `max_len` slots per sequence (dtype defaults to the compute dtype)."""
+    """An empty KV cache with `max_len` slots per sequence (dtype defaults to the compute dtype).
+
+    Layout [L,B,K,S,H]: a kv head's slots are contiguous, which is what a decode step's attention
+    dots (and the Pallas decode kernel's blocks) read without a transpose.
+    """
     dtype = config.jnp_dtype if dtype is None else dtype
-    shape = (config.n_layers, batch, max_len, config.num_kv_heads, config.dim_per_head)
+    shape = (config.n_layers, batch, config.num_kv_heads, max_len, config.dim_per_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "lengths": jnp.zeros((batch,), jnp.int32)}
 
@@ -276,3 +297,53 @@ def param_logical_axes(config: ModelConfig) -> dict:
     """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
     boxed = jax.eval_shape(lambda: Phi(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     return nn.get_partition_spec(boxed)
+
+
+def unstack_layers(model: Phi, variables: dict) -> tuple[Phi, dict]:
+    """(model, variables) with scanned layers ("layers"/"block", leading axis L) split into
+    `layers_0` ... `layers_{L-1}`, and a config with scan_layers=False. Same function, same logits.
+
+    Why: inside a scan XLA:CPU slices each layer's weights out of the stack with a copy on every
+    call. Training amortises that over thousands of tokens; a decode step reads every weight once
+    per token, so the copy doubles its memory traffic (phi-100m, batch 1: 33 -> 19 ms per token on
+    this repo's 2-core machine). GPU and TPU fuse the slice into the matmul, so
+    `inference_layout` only applies this on CPU. Already-unstacked input is returned as is.
+    """
+    config = model.config
+    params = variables["params"]
+    if not config.scan_layers or "layers" not in params:
+        return model, variables
+    stacked = params["layers"]["block"]
+    new_params = {name: value for name, value in params.items() if name != "layers"}
+    for i in range(config.n_layers):
+        new_params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return Phi(config.replace(scan_layers=False)), {**variables, "params": new_params}
+
+
+def stack_layers(model: Phi, variables: dict) -> tuple[Phi, dict]:
+    """The inverse of `unstack_layers` (scan_layers=True, one "layers"/"block" stack)."""
+    config = model.config
+    params = variables["params"]
+    if config.scan_layers:
+        return model, variables
+    per_layer = [params[f"layers_{i}"] for i in range(config.n_layers)]
+    new_params = {name: value for name, value in params.items() if not name.startswith("layers_")}
+    new_params["layers"] = {"block": jax.tree.map(lambda *a: jnp.stack(a), *per_layer)}
+    return Phi(config.replace(scan_layers=True)), {**variables, "params": new_params}
+
+
+def decode_prefers_unstacked() -> bool:
+    """Whether inference on the default backend should use unstacked layers (see `unstack_layers`).
+
+    Loaders pass `scan_layers=not decode_prefers_unstacked()` to `from_pretrained`, which then
+    builds the unstacked form directly instead of copying a stacked one.
+    """
+    return jax.default_backend() == "cpu"
+
+
+def inference_layout(model: Phi, variables: dict) -> tuple[Phi, dict]:
+    """The parameter layout that decodes fastest on the default backend: unstacked layers on CPU
+    (see `unstack_layers`), unchanged elsewhere."""
+    if decode_prefers_unstacked():
+        return unstack_layers(model, variables)
+    return model, variables

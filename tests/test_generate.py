@@ -8,8 +8,10 @@ import torch
 
 import phi_jax
 from phi_jax.config import preset
-from phi_jax.generation import compiled_steps, prompt_bucket, sample_logits
-from phi_jax.model import Phi, init_cache, init_params
+from phi_jax.generation import compiled_decode_loop, compiled_steps, prompt_bucket, sample_logits
+from phi_jax.model import (Phi, inference_layout, init_cache, init_params, stack_layers,
+                           unstack_layers)
+from phi_jax.sampling import argmax, kth_largest, top_p_cutoff
 
 from hf_reference import random_hf_model
 
@@ -93,15 +95,16 @@ def test_sampling_is_seeded_and_filters():
 def test_no_recompilation_within_a_bucket():
     config = preset("test")
     model, params = Phi(config), init_params(config, jax.random.key(4))
-    prefill, decode = compiled_steps(model)
-    prefill.clear_cache() if hasattr(prefill, "clear_cache") else None
+    prefill, _ = compiled_steps(model)
+    decode = compiled_decode_loop(model, 16)  # generate's default chunk_size
     phi_jax.generate(model, params, [[1] * 20, [2] * 3], max_new_tokens=10)
     sizes = (prefill._cache_size(), decode._cache_size())
+    assert min(sizes) >= 1  # (other tests may have compiled other shapes of the same model)
     # other prompt lengths in the same bucket (17..32), other sampling settings: no new programs
     assert prompt_bucket(20) == prompt_bucket(31) == 32
     phi_jax.generate(model, params, [[3] * 31, [4] * 17], max_new_tokens=10, temperature=0.7,
                      top_k=3, top_p=0.9, seed=5)
-    phi_jax.generate(model, params, [[5] * 25, [6] * 30], max_new_tokens=6)
+    phi_jax.generate(model, params, [[5] * 25, [6] * 30], max_new_tokens=6, stop_tokens=[1, 2, 3])
     assert (prefill._cache_size(), decode._cache_size()) == sizes
 
 
@@ -123,3 +126,92 @@ def test_public_generate_is_the_function_even_after_submodule_imports():
 
     assert callable(phi_jax.generate)
     assert phi_jax.generate is importlib.import_module("phi_jax.generation").generate
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 5, "seed": 3}])
+def test_chunk_size_never_changes_tokens_or_stream_order(sampling):
+    """The device-side decode loop gives the tokens (and callback order) of one step per call,
+    also when it stops early on a stop token in the middle of a chunk."""
+    config = preset("test")
+    model, params = Phi(config), init_params(config, jax.random.key(6))
+    prompts = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    free = phi_jax.generate(model, params, prompts, max_new_tokens=14, stop_tokens=[], **sampling)
+    stop = free[1][5]  # ends row 1 mid-chunk; maybe others too
+    runs = {}
+    for chunk in (1, 3, 16):
+        stream = []
+        out = phi_jax.generate(model, params, prompts, max_new_tokens=14, stop_tokens=[stop],
+                               chunk_size=chunk, callback=lambda i, t: stream.append((i, t)),
+                               **sampling)
+        runs[chunk] = (out, stream)
+    assert runs[1] == runs[3] == runs[16]
+    out = runs[1][0]
+    for row, full in zip(out, free):
+        assert row == (full[:full.index(stop) + 1] if stop in full else full)
+    with pytest.raises(ValueError, match="chunk_size"):
+        phi_jax.generate(model, params, prompts, chunk_size=0)
+
+
+def test_unstacked_layers_give_the_same_model():
+    config = preset("test-gqa")
+    model, params = Phi(config), init_params(config, jax.random.key(7))
+    flat_model, flat = unstack_layers(model, params)
+    assert not flat_model.config.scan_layers
+    assert sorted(k for k in flat["params"] if k.startswith("layers")) == [
+        f"layers_{i}" for i in range(config.n_layers)]
+    tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 9))
+    np.testing.assert_allclose(flat_model.apply(flat, tokens)[0], model.apply(params, tokens)[0],
+                               atol=1e-6)
+    # the unstacked params are exactly what a scan_layers=False model initialises to
+    assert jax.tree.structure(flat) == jax.tree.structure(
+        init_params(config.replace(scan_layers=False), jax.random.key(0)))
+    back_model, back = stack_layers(flat_model, flat)
+    assert back_model.config == config
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    assert unstack_layers(flat_model, flat)[1] is flat  # already unstacked: unchanged
+    on_cpu = inference_layout(model, params)[0]
+    assert on_cpu.config.scan_layers is (jax.default_backend() != "cpu")
+    prompts = [[3, 4, 5], [6]]
+    assert (phi_jax.generate(flat_model, flat, prompts, 8)
+            == phi_jax.generate(model, params, prompts, 8))
+
+
+def _sorted_cutoffs(logits: np.ndarray, k: int, p: float):
+    """The textbook definitions, by sorting: k-th largest; smallest x with mass(> x) < p."""
+    desc = -np.sort(-logits, axis=-1)
+    kth = desc[:, k - 1]
+    cut = []
+    for row in desc:
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        keep = np.cumsum(probs) - probs < p
+        cut.append(row[keep].min() if keep.any() else row[0])
+    return kth, np.array(cut)
+
+
+def test_sort_free_cutoffs_equal_the_sorted_definitions():
+    rng = np.random.default_rng(0)
+    logits = (3 * rng.standard_normal((6, 500))).astype(np.float32)
+    logits[0, :50] = -np.inf           # filtered entries
+    logits[1] = np.round(logits[1])    # many ties
+    logits[2, 7] = -0.0
+    logits[3] = 0.25                   # all equal
+    for k in (1, 2, 37, 500):
+        for p in (0.0, 0.05, 0.5, 0.9, 0.999):
+            kth, cut = _sorted_cutoffs(logits, k, p)
+            np.testing.assert_array_equal(kth_largest(jnp.asarray(logits), jnp.int32(k)), kth)
+            np.testing.assert_array_equal(top_p_cutoff(jnp.asarray(logits), jnp.float32(p)), cut)
+    np.testing.assert_array_equal(argmax(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+    assert int(argmax(jnp.array([[np.nan, 1.0]]))[0]) == 0
+
+
+def test_per_row_sampling_parameters():
+    """A greedy row among sampled rows is the argmax; a top_k=1 row is too."""
+    logits = jax.random.normal(jax.random.key(0), (4, 64)) * 3
+    temperature = jnp.array([0.0, 1.0, 1.0, 2.0])
+    top_k = jnp.array([0, 1, 0, 0], jnp.int32)
+    top_p = jnp.array([1.0, 1.0, 1.0, 1e-6])
+    want = np.argmax(np.asarray(logits), axis=-1)
+    for seed in range(5):
+        got = np.asarray(sample_logits(logits, jax.random.key(seed), temperature, top_k, top_p))
+        assert got[0] == want[0] and got[1] == want[1] and got[3] == want[3]

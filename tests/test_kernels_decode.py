@@ -28,8 +28,8 @@ def test_cached_kernel_matches_reference(new_tokens, groups, head_dim, slots, dt
     b, kv_heads = 3, 2
     ks = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(ks[0], (b, new_tokens, kv_heads * groups, head_dim)).astype(dtype)
-    k_cache = jax.random.normal(ks[1], (b, slots, kv_heads, head_dim)).astype(dtype)
-    v_cache = jax.random.normal(ks[2], (b, slots, kv_heads, head_dim)).astype(dtype)
+    k_cache = jax.random.normal(ks[1], (b, kv_heads, slots, head_dim)).astype(dtype)  # [B,K,S,H]
+    v_cache = jax.random.normal(ks[2], (b, kv_heads, slots, head_dim)).astype(dtype)
     q_start = jnp.array([0, 13, slots - new_tokens], jnp.int32)  # first slot, middle, last slot
     got = cached_flash_attention(q, k_cache, v_cache, q_start=q_start, block_t=4, block_s=16,
                                  interpret=True)
@@ -47,10 +47,10 @@ def test_cached_attention_dispatch_and_stale_slots():
     b, s, h = 2, 32, 64
     ks = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(ks[0], (b, 1, 2, h))
-    k_cache = jax.random.normal(ks[1], (b, s, 2, h))
-    v_cache = jax.random.normal(ks[2], (b, s, 2, h))
+    k_cache = jax.random.normal(ks[1], (b, 2, s, h))
+    v_cache = jax.random.normal(ks[2], (b, 2, s, h))
     q_start = jnp.array([5, 20], jnp.int32)
-    stale = (jnp.arange(s)[None, :, None, None] > q_start[:, None, None, None])
+    stale = (jnp.arange(s)[None, None, :, None] > q_start[:, None, None, None])
     v_bad = jnp.where(stale, jnp.nan, v_cache)
     got = cached_attention(q, k_cache, v_bad, q_start=q_start, impl="pallas")
     want = cached_attention(q, k_cache, v_cache, q_start=q_start, impl="xla")

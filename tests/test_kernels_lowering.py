@@ -52,7 +52,7 @@ def test_tpu_flash_attention_lowers(head_dim, groups, causal):
 
 def test_tpu_decode_and_rotary_lower():
     export(lambda q, k, v, s: cached_flash_attention(q, k, v, q_start=s), "tpu",
-           spec(2, 1, 8, 80), spec(2, 512, 2, 80), spec(2, 512, 2, 80), spec(2, dtype=jnp.int32))
+           spec(2, 1, 8, 80), spec(2, 2, 512, 80), spec(2, 2, 512, 80), spec(2, dtype=jnp.int32))
     grad = jax.grad(lambda x, p: rotary_pallas(x, p, rotary_dim=32).astype(jnp.float32).sum())
     export(grad, "tpu", spec(2, 256, 32, 80), spec(2, 256, dtype=jnp.int32))
 

@@ -6,8 +6,10 @@ per kv head, H head dim.
 Two entry points, because training and decoding mask differently:
   * `attention`: self-attention over a (packed) sequence; causal by index, never across
     `segment_ids` (0 = padding).
-  * `cached_attention`: T new queries per sequence against a preallocated KV cache; the query t
-    of sequence b sits at cache slot `q_start[b] + t` and sees the slots at or before its own.
+  * `cached_attention`: T new queries per sequence against a preallocated KV cache, laid out
+    [B,K,S,H] (each kv head's slots contiguous, so a decode step's dots read the cache in place
+    with no transpose); the query t of sequence b sits at cache slot `q_start[b] + t` and sees the
+    slots at or before its own.
 Scores and softmax are computed in float32 whatever the input dtype; the result has q's dtype.
 A query that may see no key at all (padding, segment id 0) gets output 0 and no gradient, in
 every implementation.
@@ -43,20 +45,22 @@ def _split_heads(q: jax.Array, num_kv_heads: int) -> jax.Array:
     return q.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                     kv_layout: str = "BSKH") -> jax.Array:
     """Softmax attention under an explicit boolean mask, in float32.
 
     Args:
-      q: [B,T,N,H]; k, v: [B,S,K,H]; mask: [B,T,S], True where query t may see key s.
+      q: [B,T,N,H]; k, v: [B,S,K,H] (kv_layout "BSKH") or [B,K,S,H] ("BKSH", the cache's);
+      mask: [B,T,S], True where query t may see key s.
     Returns:
       [B,T,N,H] in q's dtype; 0 in rows whose mask is all False.
     """
     b, t, n, h = q.shape
-    qg = _split_heads(q, k.shape[2]).astype(jnp.float32)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) * (h ** -0.5)
+    qg = _split_heads(q, k.shape[kv_layout.index("K")]).astype(jnp.float32)
+    scores = jnp.einsum(f"BTKGH,{kv_layout}->BKGTS", qg, k.astype(jnp.float32)) * (h ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
+    out = jnp.einsum(f"BKGTS,{kv_layout}->BTKGH", probs, v.astype(jnp.float32))
     sees_a_key = jnp.any(mask, axis=-1)[:, :, None, None, None]  # [B,T,1,1,1]
     out = jnp.where(sees_a_key, out, 0.0)
     return out.reshape(b, t, n, h).astype(q.dtype)
@@ -99,15 +103,15 @@ def reference_cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
     """Pure-jnp attention of T new queries against a KV cache that already holds their keys.
 
     Args:
-      q: [B,T,N,H]; k_cache, v_cache: [B,S,K,H].
+      q: [B,T,N,H]; k_cache, v_cache: [B,K,S,H].
       q_start: [B] int32 cache slot of each sequence's first new query.
     Returns:
       [B,T,N,H].
     """
-    t, s = q.shape[1], k_cache.shape[1]
+    t, s = q.shape[1], k_cache.shape[2]
     q_slot = q_start[:, None] + jnp.arange(t)[None, :]  # [B,T]
     mask = jnp.arange(s)[None, None, :] <= q_slot[:, :, None]  # [B,T,S]
-    return masked_attention(q, k_cache, v_cache, mask)
+    return masked_attention(q, k_cache, v_cache, mask, kv_layout="BKSH")
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,7 +160,7 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     """Attention against a KV cache through `impl` (see `reference_cached_attention`).
 
     Args:
-      q: [B,T,N,H]; k_cache, v_cache: [B,S,K,H]; q_start: [B] int32.
+      q: [B,T,N,H]; k_cache, v_cache: [B,K,S,H]; q_start: [B] int32.
       impl, interpret: as for `attention`. The Pallas kernel is inference-only (no VJP).
     Returns:
       [B,T,N,H] in q's dtype.

@@ -47,12 +47,13 @@ def cudnn_cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     """`reference_cached_attention` through cuDNN: query t of row b sees slots <= q_start[b] + t.
 
     Args:
-      q: [B,T,N,H]; k_cache, v_cache: [B,S,K,H]; q_start: [B] int32.
+      q: [B,T,N,H]; k_cache, v_cache: [B,K,S,H] (the model's cache layout); q_start: [B] int32.
     Returns:
       [B,T,N,H].
     """
-    t, s = q.shape[1], k_cache.shape[1]
+    t, s = q.shape[1], k_cache.shape[2]
     q_slot = q_start[:, None] + jnp.arange(t)[None, :]  # [B,T]
     mask = (jnp.arange(s)[None, None, :] <= q_slot[:, :, None])[:, None]  # [B,1,T,S]
-    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask,
-                                        implementation=implementation)
+    # dot_product_attention takes keys as [B,S,K,H].
+    k, v = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)

@@ -3,10 +3,11 @@
 Letters: B batch, T new queries per sequence, S cache slots, N query heads, K kv heads,
 G = N // K, H head dim, i / j query / cache block index.
 
-Decoding is bound by reading the cache, so the kernel reads it in place: the cache keeps the
-model's [B,S,K,H] layout, viewed (for free) as [B,S,K*H], and each grid step loads one block of
-slots for all kv heads, which the G query heads of each kv head then share (the few new queries,
-not the cache, are regrouped to [B,K,T*G,H] so that those G heads are contiguous rows).
+Decoding is bound by reading the cache, so the kernel reads it in place, in the model's
+[B,K,S,H] layout: each grid step loads one block of slots for all kv heads ([K,bs,H]; a block
+whose last dim is the whole head dim is legal for any H, 80 included), which the G query heads of
+each kv head then share (the few new queries, not the cache, are regrouped to [B,K,T*G,H] so that
+those G heads are contiguous rows).
 Query t of sequence b
 sits at slot q_start[b] + t and sees the slots at or before its own; cache blocks past the last
 query's slot are skipped (and not fetched), blocks wholly before the first query's slot take a
@@ -58,8 +59,7 @@ def _decode_kernel(q_start_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_sc
             slot = j * block_s + lax.broadcasted_iota(jnp.int32, (block_s, head_dim), 0)
             fresh = slot <= last_slot
         for h in range(kv_heads):
-            lanes = slice(h * head_dim, (h + 1) * head_dim)
-            k, v = k_ref[:, lanes], v_ref[:, lanes]  # [bs,H]
+            k, v = k_ref[h], v_ref[h]  # [bs,H]
             if masked:
                 v = jnp.where(fresh, v, jnp.zeros_like(v))
             q = q_ref[h]  # [bt*G,H]
@@ -104,7 +104,7 @@ def cached_flash_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     """Fused `reference_cached_attention`.
 
     Args:
-      q: [B,T,N,H] new queries; k_cache, v_cache: [B,S,K,H] with the new keys already written.
+      q: [B,T,N,H] new queries; k_cache, v_cache: [B,K,S,H] with the new keys already written.
       q_start: [B] int32 cache slot of each sequence's first new query.
       block_t, block_s: tile sizes along T and S (S is tiled by a divisor of S when one exists).
       interpret: False (Mosaic), True or a `pltpu.InterpretParams` (CPU).
@@ -112,7 +112,7 @@ def cached_flash_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       [B,T,N,H] in q's dtype.
     """
     b, t, n, h = q.shape
-    _, s, kh, _ = k_cache.shape
+    _, kh, s, _ = k_cache.shape
     if n % kh:
         raise ValueError(f"{n} query heads are not a multiple of {kh} kv heads")
     if v_cache.shape != k_cache.shape or k_cache.shape[0] != b or k_cache.shape[3] != h:
@@ -129,17 +129,14 @@ def cached_flash_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     if bs == 0:  # no aligned divisor: pay one copy of the cache rather than fail
         bs = block_s
         pad = -(-s // bs) * bs - s
-        k_cache = jnp.pad(k_cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        v_cache = jnp.pad(v_cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    sp = k_cache.shape[1]
-    ns = sp // bs
-    k_flat = k_cache.reshape(b, sp, kh * h)  # [B,S,K*H], a free view
-    v_flat = v_cache.reshape(b, sp, kh * h)
+        k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    ns = k_cache.shape[2] // bs
 
     def kv_map(bi, i, j, q_start_ref):
         last_slot = q_start_ref[bi] + jnp.minimum((i + 1) * bt, t) - 1
         # lax.div (truncation) == floor division for slots >= 0; Mosaic lowers it on any chip.
-        return bi, jnp.clip(jnp.minimum(j, lax.div(last_slot, bs)), 0, ns - 1), 0
+        return bi, 0, jnp.clip(jnp.minimum(j, lax.div(last_slot, bs)), 0, ns - 1), 0
 
     q_map = lambda bi, i, j, q_start_ref: (bi, 0, i, 0)
     kernel = functools.partial(_decode_kernel, num_queries=t, block_t=bt, block_s=bs,
@@ -150,8 +147,8 @@ def cached_flash_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
             num_scalar_prefetch=1,
             grid=(b, tp // bt, ns),
             in_specs=[pl.BlockSpec((None, kh, bt * groups, h), q_map),
-                      pl.BlockSpec((None, bs, kh * h), kv_map),
-                      pl.BlockSpec((None, bs, kh * h), kv_map)],
+                      pl.BlockSpec((None, kh, bs, h), kv_map),
+                      pl.BlockSpec((None, kh, bs, h), kv_map)],
             out_specs=pl.BlockSpec((None, kh, bt * groups, h), q_map),
             scratch_shapes=[pltpu.VMEM((kh, bt * groups, LANES), jnp.float32),
                             pltpu.VMEM((kh, bt * groups, LANES), jnp.float32),
@@ -162,6 +159,6 @@ def cached_flash_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="phi_cached_attention",
-    )(q_start.astype(jnp.int32), q_rows, k_flat, v_flat)
+    )(q_start.astype(jnp.int32), q_rows, k_cache, v_cache)
     out = out.reshape(b, kh, tp, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)
     return out[:, :t]

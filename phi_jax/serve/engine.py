@@ -5,7 +5,7 @@ sequence, V vocab, L layers, K kv heads, H head dim, W top log-probs returned pe
 
 Why this shape: a server sees requests arrive and finish at arbitrary times. Running them as fixed
 batches (as `phi_jax.generate` does) makes every request wait for the slowest in its batch. Here each
-request owns one row ("slot") of a [L,B,S,K,H] cache while it runs:
+request owns one row ("slot") of a [L,B,K,S,H] cache while it runs:
 
 * admission: its prompt is prefilled alone into a fresh 1-row cache of a power-of-two bucket length
   P (so at most log2(S) prefill programs are ever compiled), and that row is copied into row b of the
@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phi_jax.generation import prompt_bucket, sample_logits
+from phi_jax.generation import prompt_bucket
+from phi_jax.sampling import sample_logits
 from phi_jax.model import Phi, init_cache
 
 TOP_LOGPROBS = 5  # W: the most alternatives a request may ask for (OpenAI's limit for completions)
@@ -127,7 +128,7 @@ def _prefill(model: Phi, variables, cache, last_tokens, tokens, length, slot, se
     picked = _pick(last, _token_key(seed, 0), temperature, top_k, top_p)
     zero = jnp.zeros((), jnp.int32)
     new_cache = {name: jax.lax.dynamic_update_slice(cache[name], row[name], (zero, slot, zero, zero, zero))
-                 for name in ("k", "v")}  # [L,B,S,K,H] <- [L,1,P,K,H] at (0, slot, 0, 0, 0)
+                 for name in ("k", "v")}  # [L,B,K,S,H] <- [L,1,K,P,H] at (0, slot, 0, 0, 0)
     new_cache["lengths"] = cache["lengths"].at[slot].set(length)
     return new_cache, last_tokens.at[slot].set(picked[0]), picked
 
