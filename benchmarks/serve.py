@@ -56,7 +56,7 @@ def _build(directory: pathlib.Path, vocab: int):
 
     import phi_jax
     from phi_jax.config import preset
-    from phi_jax.model import Phi, init_params
+    from phi_jax.model import Phi, inference_layout, init_params
     from phi_jax.tokenizer import train_bpe
 
     tokenizer = train_bpe(_corpus(), vocab_size=vocab)
@@ -64,7 +64,8 @@ def _build(directory: pathlib.Path, vocab: int):
     variables = init_params(config, jax.random.key(0))
     phi_jax.save_pretrained(directory, config, variables)
     tokenizer.save(directory)
-    return Phi(config), variables, tokenizer
+    model, variables = inference_layout(Phi(config), variables)  # as `phi-jax serve` loads it
+    return model, variables, tokenizer
 
 
 def _requests(tokenizer, count: int, max_tokens: int) -> list[tuple[list[int], int]]:

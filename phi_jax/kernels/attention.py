@@ -56,13 +56,20 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
       [B,T,N,H] in q's dtype; 0 in rows whose mask is all False.
     """
     b, t, n, h = q.shape
-    qg = _split_heads(q, k.shape[kv_layout.index("K")]).astype(jnp.float32)
-    scores = jnp.einsum(f"BTKGH,{kv_layout}->BKGTS", qg, k.astype(jnp.float32)) * (h ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    kv_heads = k.shape[kv_layout.index("K")]
+    groups = n // kv_heads
+    # Queries as [B,K,M,H] with M = (G,T) rows: one plain batched matmul per kv head. (A separate
+    # size-1 G axis, the MHA case, makes XLA:CPU lower the backward dots as broadcast-multiply-
+    # reduce over [.., T, S, H]: 10x slower.)
+    qm = _split_heads(q, kv_heads).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, h)
+    scores = jnp.einsum(f"BKMH,{kv_layout}->BKMS", qm.astype(jnp.float32), k.astype(jnp.float32))
+    scores = scores * (h ** -0.5)
+    mask_m = jnp.tile(mask, (1, groups, 1))[:, None]  # [B,1,M,S], row m is query m % T
+    scores = jnp.where(mask_m, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(f"BKGTS,{kv_layout}->BTKGH", probs, v.astype(jnp.float32))
-    sees_a_key = jnp.any(mask, axis=-1)[:, :, None, None, None]  # [B,T,1,1,1]
-    out = jnp.where(sees_a_key, out, 0.0)
+    out = jnp.einsum(f"BKMS,{kv_layout}->BKMH", probs, v.astype(jnp.float32))
+    out = jnp.where(jnp.any(mask_m, axis=-1, keepdims=True), out, 0.0)
+    out = out.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
