@@ -115,6 +115,7 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
                   top_p: jax.Array) -> jax.Array:
     """Next token per row of logits [B,V] (int32 [B]): greedy when temperature <= 0, else sampled.
 
+    rng is one key, or a [B] array of keys (one per row: a server's requests each have a seed).
     temperature, top_k (<= 0: off) and top_p (>= 1: off) are scalars or [B], and may be traced,
     so changing them never recompiles. When every row is greedy nothing but the argmax runs.
     """
@@ -124,7 +125,11 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
     def sample(_):
         temp = jnp.broadcast_to(temperature, greedy.shape)[:, None]
         scaled = filter_logits(logits / jnp.maximum(temp, 1e-6), top_k, top_p)
-        sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+        if rng.ndim == 0:
+            sampled = jax.random.categorical(rng, scaled, axis=-1)
+        else:
+            sampled = jax.vmap(jax.random.categorical)(rng, scaled)
+        sampled = sampled.astype(jnp.int32)
         return jnp.where(temp[:, 0] <= 0.0, greedy, sampled)
 
     return lax.cond(jnp.all(temperature <= 0.0), lambda _: greedy, sample, None)

@@ -102,15 +102,19 @@ class RequestHandle:
         return self._cancelled.is_set()
 
 
-def _pick(logits: jax.Array, key: jax.Array, temperature, top_k, top_p):
-    """Sample one row: logits [V] -> (token, its log-prob, top-W ids, top-W log-probs).
+def _pick(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
+    """Sample each row: logits [R,V], keys/temperature/top_k/top_p [R] ->
+    (tokens [R], their log-probs [R], top-W ids [R,W], top-W log-probs [R,W]).
 
-    Log-probs are of the model's own distribution (before temperature and filtering), as OpenAI's are.
+    Batched, not vmapped, so that an all-greedy batch skips the sampling filters (a `lax.cond`
+    that vmap would turn into computing both branches). Log-probs are of the model's own
+    distribution (before temperature and filtering), as OpenAI's are.
     """
-    token = sample_logits(logits[None], key, temperature, top_k, top_p)[0]
+    tokens = sample_logits(logits, keys, temperature, top_k, top_p)
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
     top_lp, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-    return token, logprobs[token], top_ids.astype(jnp.int32), top_lp
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=1)[:, 0]
+    return tokens, chosen, top_ids.astype(jnp.int32), top_lp
 
 
 def _token_key(seed: jax.Array, index: jax.Array) -> jax.Array:
@@ -125,7 +129,8 @@ def _prefill(model: Phi, variables, cache, last_tokens, tokens, length, slot, se
     segment_ids = (jnp.arange(bucket) < length).astype(jnp.int32)[None]  # [1,P]
     logits, row = model.apply(variables, tokens, segment_ids=segment_ids, cache=row)
     last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0, keepdims=False)  # [V]
-    picked = _pick(last, _token_key(seed, 0), temperature, top_k, top_p)
+    picked = jax.tree.map(lambda x: x[0], _pick(last[None], _token_key(seed, 0)[None],
+                                                 temperature[None], top_k[None], top_p[None]))
     zero = jnp.zeros((), jnp.int32)
     new_cache = {name: jax.lax.dynamic_update_slice(cache[name], row[name], (zero, slot, zero, zero, zero))
                  for name in ("k", "v")}  # [L,B,K,S,H] <- [L,1,K,P,H] at (0, slot, 0, 0, 0)
@@ -145,7 +150,7 @@ def _decode(model: Phi, rows: int, variables, cache, last_tokens, active, seeds,
     segment_ids = active.astype(jnp.int32)[:, None]  # [R,1]: 0 = do not advance this row
     logits, sub = model.apply(variables, last_tokens[:rows, None], segment_ids=segment_ids, cache=sub)
     keys = jax.vmap(_token_key)(seeds, steps)
-    picked = jax.vmap(_pick)(logits[:, 0], keys, temperature, top_k, top_p)
+    picked = _pick(logits[:, 0], keys, temperature, top_k, top_p)
     tokens = jnp.where(active, picked[0], last_tokens[:rows])
     zero = jnp.zeros((), jnp.int32)
     new_cache = {name: jax.lax.dynamic_update_slice(cache[name], sub[name], (zero,) * 5)
