@@ -96,7 +96,9 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def reference_threads(quick: bool, probe: Callable[[], Any]) -> tuple[list[int], dict[str, float]]:
+def reference_threads(quick: bool, probe: Callable[[], Any],
+                      set_threads: Callable[[int], Any] | None = None
+                      ) -> tuple[list[int], dict[str, float]]:
     """torch thread counts to measure the reference with, and the probe timings that chose them.
 
     Full runs measure both all cores (the "same thread count" as XLA:CPU, which uses every core)
@@ -104,16 +106,18 @@ def reference_threads(quick: bool, probe: Callable[[], Any]) -> tuple[list[int],
     cores; the ratio is then taken against the faster. Quick runs probe each count once with
     `probe` (already warmed up) and keep only the faster, to halve the reference's time.
     """
-    import torch
+    if set_threads is None:  # the reference runs in this process
+        import torch
+        set_threads = torch.set_num_threads
     cores = usable_cores()
     counts = [cores, 1] if cores > 1 else [1]
     if not quick or len(counts) == 1:
         return counts, {}
     probe_s = {}
     for n in counts:
-        torch.set_num_threads(n)
+        set_threads(n)
         probe_s[n] = timed(probe)[0]
-    torch.set_num_threads(cores)
+    set_threads(cores)
     return [min(probe_s, key=probe_s.get)], {f"{n} threads": s for n, s in probe_s.items()}
 
 

@@ -126,7 +126,8 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.axvline(1.0, color="k", lw=0.8)
         for name, target in TARGETS.items():
             ax.axvline(target, color="#888", ls="--", lw=0.8)
-            ax.text(target, -0.7, f"{name} target {target:g}x", fontsize=7, color="#555")
+            ax.text(target, 0.01, f" {name}\n target {target:g}x", fontsize=7, color="#555",
+                    transform=ax.get_xaxis_transform(), va="bottom")
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("phi_jax / reference (higher is better; median over repeats)")

@@ -8,7 +8,9 @@ the same next-token cross-entropy over every position, the same AdamW (lr, betas
 weight decay on matrices only, global-norm clipping at 1.0). The losses of the first step (initial
 weights) and of the second (after one AdamW update) must agree, or the case is flagged.
 
-The reference is measured at its best, so the ratio is not against a straw man: torch eager with
+The reference runs in its own process (torch and XLA in one process slowed each other down by up to
+30 %), driven step by step so that repeats alternate between the two. It is measured at its best, so
+the ratio is not against a straw man: torch eager with
 one thread per usable core (what XLA:CPU uses) and with 1 thread (OpenMP's barriers collapse when
 other processes share the cores), and `torch.compile` when it works here. The ratio divides phi_jax
 by the fastest of them. `--quick` uses smaller batches, skips `torch.compile` (minutes of inductor
@@ -106,6 +108,73 @@ def _torch_side(hf_dir: pathlib.Path, batch_tokens: np.ndarray):
     return model, step
 
 
+class _TorchWorker:
+    """The reference in its own process, driven step by step from the benchmark's process.
+
+    Why a process: in one process with torch, phi_jax's step ran 20-30 % slower (phi-100m: 8.6 s
+    alone, 10.2 s once torch had run a step, 13.5 s right after one), and torch's ~5 % slower;
+    neither side should pay for the other's allocator and thread pools. Repeats still alternate
+    between the two processes, so a burst of load from elsewhere hits both alike, and the idle side
+    waits on a pipe, using no CPU.
+    """
+
+    def __init__(self, hf_dir: pathlib.Path, batch_tokens: np.ndarray):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs XLA threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_torch_worker_main, args=(child, str(hf_dir), batch_tokens),
+                                 daemon=True)
+        self._proc.start()
+        self._call("ready")
+
+    def _call(self, *message):
+        self._conn.send(message)
+        kind, value = self._conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"torch reference worker failed: {value}")
+        return value
+
+    def step(self, variant: str, threads: int) -> tuple[float, float]:
+        """(seconds, loss) of one step of `variant` ("eager" or "compiled") on `threads` threads."""
+        return self._call("step", variant, threads)
+
+    def compile(self, threads: int):
+        """First-step seconds of torch.compile, or the reason it failed (a str)."""
+        return self._call("compile", threads)
+
+    def close(self) -> None:
+        try:
+            self._conn.send(("stop",))
+        finally:
+            self._proc.join(timeout=60)
+            if self._proc.is_alive():
+                self._proc.kill()
+
+
+def _torch_worker_main(conn, hf_dir: str, batch_tokens: np.ndarray) -> None:
+    import torch
+    try:
+        model, step = _torch_side(pathlib.Path(hf_dir), batch_tokens)
+        modules = {"eager": model}
+        conn.send(("ok", None))
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                return
+            if message[0] == "step":
+                _, variant, threads = message
+                torch.set_num_threads(threads)
+                seconds, loss = common.timed(lambda: step(modules[variant]))
+                conn.send(("ok", (seconds, loss)))
+            elif message[0] == "compile":
+                compiled, first = _try_compile(model, step, message[1])
+                if compiled is not None:
+                    modules["compiled"] = compiled
+                conn.send(("ok", first))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
 def _try_compile(model, step, threads: int):
     """(compiled module, first-step seconds) or (None, reason): inductor needs a C++ toolchain."""
     import torch
@@ -123,8 +192,6 @@ def measure_case(name: str, preset_name: str, batch: int, seq_len: int, repeats:
                  compile_torch: bool, peak_flop_per_s: float | None, quick: bool = False
                  ) -> dict[str, Any]:
     """Warm up, check both sides compute the same losses, then time interleaved repeats."""
-    import torch
-
     import phi_jax
     from phi_jax.config import preset
 
@@ -138,28 +205,40 @@ def measure_case(name: str, preset_name: str, batch: int, seq_len: int, repeats:
     with tempfile.TemporaryDirectory() as hf_dir:
         phi_jax.save_pretrained(hf_dir, config, variables)
         del variables
-        torch_model, torch_step = _torch_side(pathlib.Path(hf_dir), batch_tokens)
+        worker = _TorchWorker(pathlib.Path(hf_dir), batch_tokens)
+    try:
+        return _measure(worker, jax_step, name, preset_name, config, batch, seq_len,
+                        tokens_per_step, threads, repeats, compile_torch=compile_torch,
+                        peak_flop_per_s=peak_flop_per_s, quick=quick)
+    finally:
+        worker.close()
 
-    torch.set_num_threads(threads)
+
+def _measure(worker: _TorchWorker, jax_step, name, preset_name, config, batch, seq_len,
+             tokens_per_step, threads, repeats, *, compile_torch, peak_flop_per_s, quick):
     compile_s, jax_loss1 = common.timed(jax_step)  # includes tracing + XLA compilation
     jax_loss2 = jax_step()
-    torch_loss1 = torch_step(torch_model)
-    torch_loss2 = torch_step(torch_model)
+    torch_loss1 = worker.step("eager", threads)[1]
+    torch_loss2 = worker.step("eager", threads)[1]
     check = {"phi_jax": [jax_loss1, jax_loss2], "torch": [torch_loss1, torch_loss2],
              "abs_diff": [abs(jax_loss1 - torch_loss1), abs(jax_loss2 - torch_loss2)],
              "rtol": LOSS_RTOL}
     check["agree"] = all(d <= LOSS_RTOL * abs(t) for d, t in zip(check["abs_diff"], check["torch"]))
 
-    counts, probes = common.reference_threads(quick, lambda: torch_step(torch_model))
-    variants: dict[str, Any] = {f"torch eager, {common.thread_label(n)}": (torch_model, n)
+    probe_threads = {"n": threads}
+    counts, probes = common.reference_threads(
+        quick, lambda: worker.step("eager", probe_threads["n"]),
+        set_threads=lambda n: probe_threads.update(n=n))
+    variants: dict[str, Any] = {f"torch eager, {common.thread_label(n)}": ("eager", n)
                                 for n in counts}
     notes = {"reference_thread_probe_s": probes} if probes else {}
+    notes["process"] = "torch runs in its own process (see _TorchWorker); repeats alternate"
     if compile_torch:
-        compiled, first = _try_compile(torch_model, torch_step, counts[0])
-        if compiled is None:
+        first = worker.compile(counts[0])
+        if isinstance(first, str):
             notes["torch.compile"] = first
         else:
-            variants[f"torch.compile, {common.thread_label(counts[0])}"] = (compiled, counts[0])
+            variants[f"torch.compile, {common.thread_label(counts[0])}"] = ("compiled", counts[0])
             notes["torch.compile"] = f"first step (compilation) {first:.1f} s"
     else:
         notes["torch.compile"] = "not measured in this run (--quick skips it: minutes to compile here)"
@@ -167,10 +246,8 @@ def measure_case(name: str, preset_name: str, batch: int, seq_len: int, repeats:
     seconds: dict[str, list[float]] = {"phi_jax": [], **{v: [] for v in variants}}
     for _ in range(repeats):
         seconds["phi_jax"].append(common.timed(jax_step)[0])
-        for label, (module, n_threads) in variants.items():
-            torch.set_num_threads(n_threads)
-            seconds[label].append(common.timed(lambda: torch_step(module))[0])
-    torch.set_num_threads(threads)
+        for label, (variant, n_threads) in variants.items():
+            seconds[label].append(worker.step(variant, n_threads)[0])
 
     rates = {k: common.rate_stats(v, tokens_per_step) for k, v in seconds.items()}
     best_ref = max((k for k in rates if k != "phi_jax"), key=lambda k: rates[k]["median"])
@@ -198,8 +275,6 @@ def run(quick: bool = False, *, repeats: int | None = None, cases: list[str] | N
     shapes when quick); `compile_torch` defaults to True in a full run and
     False in a quick one (inductor takes minutes per model on 2 busy cores).
     """
-    import torch
-    torch.set_num_threads(common.usable_cores())
     table = {**(QUICK_CASES if quick else CASES), **SMOKE_CASES}
     names = cases or list(QUICK_CASES if quick else CASES)
     unknown = sorted(set(names) - set(table))
