@@ -33,7 +33,7 @@ def _cmd_serve(args) -> int:
     name = args.served_model_name or Path(args.workdir or args.hf).resolve().name
     try:
         engine = Engine(model, variables, num_slots=args.num_slots, max_len=args.max_len,
-                        max_queue=args.max_queue)
+                        max_queue=args.max_queue, decode_chunk=args.decode_chunk)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if args.warmup:
@@ -68,6 +68,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-slots", type=int, default=8, help="requests decoded at once (batch size)")
     p.add_argument("--max-len", type=int, default=None,
                    help="tokens per request, prompt + completion (default: the model's max_len)")
+    p.add_argument("--decode-chunk", type=int, default=8,
+                   help="decode steps per device call while no request waits (1 = one per call)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; more are answered 429")
     p.add_argument("--max-connections", type=int, default=1024,

@@ -138,3 +138,56 @@ def test_prefill_buckets_are_bounded():
     e = Engine(model, variables, num_slots=2, max_len=100)
     assert e.prefill_buckets() == [16, 32, 64, 100]
     assert [e.bucket(n) for n in (1, 16, 17, 64, 65, 99)] == [16, 16, 32, 64, 100, 100]
+
+
+class _EventLog(_Collector):
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def __call__(self, event):
+        self.events.append(event)
+        super().__call__(event)
+
+
+def test_multi_step_decode_gives_the_events_of_one_step_per_call():
+    """decode_chunk=8 (several steps per device call while nobody waits) and decode_chunk=1 stream
+    the same tokens, log-probs and finish reasons, for greedy and sampled requests that stop or run
+    out mid-chunk; requests that arrive later are still admitted."""
+    config = preset("test", vocab_size=VOCAB, eos_token_id=EOS)
+    model, variables = Phi(config), init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(5)
+    requests = [([int(t) for t in rng.integers(1, VOCAB, n)],
+                 SamplingParams(max_tokens=m, stop_token_ids=(EOS, 7), temperature=temp, seed=s,
+                                top_p=0.9 if temp else 1.0))
+                for n, m, temp, s in [(5, 13, 0.0, 0), (9, 3, 0.9, 1), (17, 21, 0.0, 2),
+                                      (2, 9, 1.2, 3), (30, 6, 0.0, 4), (11, 17, 0.7, 5)]]
+    logs = {}
+    for chunk in (1, 8):
+        engine = Engine(model, variables, num_slots=4, max_len=64, decode_chunk=chunk).start()
+        try:
+            sinks = [_EventLog() for _ in requests]
+            for (prompt, params), sink in zip(requests[:4], sinks):
+                engine.submit(prompt, params, sink)
+            assert sinks[0].done.wait(120)
+            for (prompt, params), sink in zip(requests[4:], sinks[4:]):  # arrive while others run
+                engine.submit(prompt, params, sink)
+            for sink in sinks:
+                assert sink.done.wait(120)
+            logs[chunk] = [[(e.token, round(e.logprob, 5), e.top_ids, e.finish_reason)
+                            for e in sink.events] for sink in sinks]
+            if chunk == 8:
+                assert engine.stats.decode_steps < sum(len(x) for x in logs[chunk])
+        finally:
+            engine.stop()
+    assert logs[1] == logs[8]
+    for (prompt, params), events in zip(requests, logs[8]):
+        if params.temperature == 0.0:
+            assert [t for t, *_ in events] == _alone_tokens(model, variables, prompt, params)
+    with pytest.raises(ValueError, match="decode_chunk"):
+        Engine(model, variables, decode_chunk=0)
+
+
+def _alone_tokens(model, variables, prompt, params):
+    return generate(model, variables, [prompt], max_new_tokens=params.max_tokens,
+                    stop_tokens=list(params.stop_token_ids))[0]

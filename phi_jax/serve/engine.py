@@ -159,11 +159,34 @@ def _decode(model: Phi, rows: int, variables, cache, last_tokens, active, seeds,
     return new_cache, last_tokens.at[:rows].set(tokens), picked
 
 
+def _decode_many(model: Phi, rows: int, chunk: int, variables, cache, last_tokens, active, seeds,
+                 steps, num_steps, temperature, top_k, top_p):
+    """min(chunk, num_steps) `_decode` steps in one device call, for when no request is waiting.
+
+    Step i samples with the keys of token index steps + i, exactly as i separate calls would.
+    Rows that finish inside the chunk keep decoding into their own (soon freed) slot; the host
+    drops those tokens. Returns (cache, last_tokens, picked with a leading [chunk] axis).
+    """
+    width = min(TOP_LOGPROBS, model.config.vocab_size)
+    outs = (jnp.zeros((chunk, rows), jnp.int32), jnp.zeros((chunk, rows), jnp.float32),
+            jnp.zeros((chunk, rows, width), jnp.int32), jnp.zeros((chunk, rows, width), jnp.float32))
+
+    def body(i, carry):
+        cache, last_tokens, outs = carry
+        cache, last_tokens, picked = _decode(model, rows, variables, cache, last_tokens, active, seeds,
+                                             steps + i, temperature, top_k, top_p)
+        return cache, last_tokens, jax.tree.map(lambda buf, x: buf.at[i].set(x), outs, picked)
+
+    return jax.lax.fori_loop(0, jnp.minimum(num_steps, chunk), body, (cache, last_tokens, outs))
+
+
 @functools.lru_cache(maxsize=16)
-def _compiled(model: Phi) -> tuple[Callable, Callable]:
+def _compiled(model: Phi) -> tuple[Callable, Callable, Callable]:
     prefill = jax.jit(functools.partial(_prefill, model), donate_argnums=(1, 2))
     decode = jax.jit(functools.partial(_decode, model), static_argnums=(0,), donate_argnums=(2, 3))
-    return prefill, decode
+    decode_many = jax.jit(functools.partial(_decode_many, model), static_argnums=(0, 1),
+                          donate_argnums=(3, 4))
+    return prefill, decode, decode_many
 
 
 @dataclasses.dataclass
@@ -184,20 +207,25 @@ class Engine:
       max_len: S, cache slots per request (prompt + new tokens); default and upper bound: the
         model's max_len.
       max_queue: requests that may wait for a slot; `submit` raises QueueFullError beyond it.
+      decode_chunk: decode steps per device call while no request is waiting (1 = always one).
+        Python's per-step round trip otherwise costs about as much as a small model's step; a
+        request arriving mid-chunk waits at most decode_chunk - 1 steps to be admitted.
     """
 
     def __init__(self, model: Phi, variables, *, num_slots: int = 8, max_len: int | None = None,
-                 max_queue: int = 256):
+                 max_queue: int = 256, decode_chunk: int = 8):
         config = model.config
         max_len = config.max_len if max_len is None else max_len
         if not 2 <= max_len <= config.max_len:
             raise ValueError(f"max_len={max_len} must be in [2, {config.max_len}] (the model's max_len); "
                              "lower --max-len")
-        if num_slots < 1 or max_queue < 0:
-            raise ValueError(f"need num_slots >= 1 and max_queue >= 0, got {num_slots}, {max_queue}")
+        if num_slots < 1 or max_queue < 0 or decode_chunk < 1:
+            raise ValueError(f"need num_slots >= 1, max_queue >= 0 and decode_chunk >= 1, got "
+                             f"{num_slots}, {max_queue}, {decode_chunk}")
         self.model, self.variables = model, variables
         self.num_slots, self.max_len, self.max_queue = num_slots, max_len, max_queue
-        self._prefill_fn, self._decode_fn = _compiled(model)
+        self.decode_chunk = decode_chunk
+        self._prefill_fn, self._decode_fn, self._decode_many_fn = _compiled(model)
         self._cache = init_cache(config, num_slots, max_len)
         self._last_tokens = jnp.zeros((num_slots,), jnp.int32)
         b = num_slots
@@ -297,6 +325,8 @@ class Engine:
             self._run_prefill(0, [0], bucket, SamplingParams(max_tokens=1))
         for rows in self.row_buckets():
             self._run_decode(rows, np.zeros(rows, bool), np.zeros(rows, np.int32))
+            if self.decode_chunk > 1:
+                self._run_decode(rows, np.zeros(rows, bool), np.zeros(rows, np.int32), 1)
         jax.block_until_ready(self._cache)
 
     def running_requests(self) -> list[RequestHandle]:
@@ -364,11 +394,19 @@ class Engine:
         self.stats.prefills += 1
         return picked
 
-    def _run_decode(self, rows: int, active: np.ndarray, steps: np.ndarray):
-        self._cache, self._last_tokens, picked = self._decode_fn(
-            rows, self.variables, self._cache, self._last_tokens, active, self._seeds[:rows], steps,
-            self._temperature[:rows], self._top_k[:rows], self._top_p[:rows])
-        self.stats.decode_steps += 1
+    def _run_decode(self, rows: int, active: np.ndarray, steps: np.ndarray, many: int = 0):
+        """One decode step (picked [R] ...), or with many >= 1 up to that many in one call
+        (picked [decode_chunk, R] ...)."""
+        sampling = (self._temperature[:rows], self._top_k[:rows], self._top_p[:rows])
+        if many:
+            self._cache, self._last_tokens, picked = self._decode_many_fn(
+                rows, self.decode_chunk, self.variables, self._cache, self._last_tokens, active,
+                self._seeds[:rows], steps, np.int32(many), *sampling)
+        else:
+            self._cache, self._last_tokens, picked = self._decode_fn(
+                rows, self.variables, self._cache, self._last_tokens, active, self._seeds[:rows],
+                steps, *sampling)
+        self.stats.decode_steps += max(1, many)
         return picked
 
     def _admit(self, slot: int, handle: RequestHandle) -> None:
@@ -384,9 +422,18 @@ class Engine:
         rows = self.rows_for(max(b for b, s in enumerate(self._slots) if s is not None))
         active = np.array([s is not None for s in self._slots[:rows]])
         steps = np.array([0 if s is None else s.num_generated for s in self._slots[:rows]], np.int32)
-        tokens, logprobs, top_ids, top_lps = jax.device_get(self._run_decode(rows, active, steps))
-        for slot in np.flatnonzero(active):
-            self._emit(int(slot), int(tokens[slot]), float(logprobs[slot]), top_ids[slot], top_lps[slot])
+        many = 0
+        if self.decode_chunk > 1 and not self._pending:  # nobody to admit: several steps per call
+            many = min(self.decode_chunk, max(s.params.max_tokens - s.num_generated
+                                              for s in self._slots[:rows] if s is not None))
+        picked = jax.device_get(self._run_decode(rows, active, steps, many))
+        columns = [picked] if not many else [tuple(x[i] for x in picked) for i in range(many)]
+        handles = list(self._slots[:rows])
+        for tokens, logprobs, top_ids, top_lps in columns:
+            for slot in np.flatnonzero(active):
+                if self._slots[slot] is handles[slot]:  # still running (finished ones are None)
+                    self._emit(int(slot), int(tokens[slot]), float(logprobs[slot]), top_ids[slot],
+                               top_lps[slot])
 
     def _emit(self, slot: int, token: int, logprob: float, top_ids, top_lps) -> None:
         handle = self._slots[slot]
