@@ -121,6 +121,68 @@ def reference_threads(quick: bool, probe: Callable[[], Any],
     return [min(probe_s, key=probe_s.get)], {f"{n} threads": s for n, s in probe_s.items()}
 
 
+class ReferenceWorker:
+    """A reference implementation (torch) in its own process, driven call by call.
+
+    `factory(*args)` runs in a spawned child and returns an object; `call(method, threads, *a)`
+    runs `getattr(obj, method)(*a)` there with torch on `threads` threads and returns
+    (wall seconds, result). Why a process: torch and XLA:CPU in one process slowed each other down
+    by up to 30 % (phi-100m train step: 8.6 s alone, 10-13 s beside torch). Callers still alternate
+    their repeats between the two sides, so load from elsewhere hits both alike; the idle side
+    blocks on a pipe and uses no CPU.
+    """
+
+    def __init__(self, factory: Callable[..., Any], *args: Any):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")  # never fork a process running XLA's threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_reference_worker_main, args=(child, factory, args),
+                                 daemon=True)
+        self._proc.start()
+        self._receive()
+
+    def _receive(self):
+        kind, value = self._conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"reference worker failed: {value}")
+        return value
+
+    def call(self, method: str, threads: int, *args: Any) -> tuple[float, Any]:
+        self._conn.send(("call", method, threads, args))
+        return self._receive()
+
+    def close(self) -> None:
+        try:
+            self._conn.send(("stop",))
+        except OSError:
+            pass
+        self._proc.join(timeout=60)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+    def __enter__(self) -> "ReferenceWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _reference_worker_main(conn, factory, args) -> None:
+    try:
+        import torch
+        obj = factory(*args)
+        conn.send(("ok", None))
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                return
+            _, method, threads, call_args = message
+            torch.set_num_threads(threads)
+            conn.send(("ok", timed(lambda: getattr(obj, method)(*call_args))))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
 def thread_label(n: int) -> str:
     return f"{n} thread{'s' if n > 1 else ''}"
 

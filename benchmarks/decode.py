@@ -9,7 +9,8 @@ compilation is excluded (one warm-up call) and reported. The greedy tokens of bo
 sequence by sequence; with float32 on both sides they should be equal unless two logits tie to
 within rounding, which the JSON would show as a late first mismatch.
 
-As for the train step, the reference is measured at its best: transformers with all cores' worth of
+As for the train step, transformers runs in its own process (`common.ReferenceWorker`; repeats
+alternate between the two) and is measured at its best: transformers with all cores' worth of
 torch threads and with 1 (OpenMP's barriers degrade badly when other processes share the cores),
 the ratio taken against the faster, and all repeats interleaved. `--quick` runs the tiny model only
 and keeps just the thread count a short probe finds faster. Batch-1 decode streams every weight
@@ -45,11 +46,29 @@ def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+class _TransformersDecodeReference:
+    """transformers' greedy generate, as `common.ReferenceWorker` drives it in its own process."""
+
+    def __init__(self, hf_dir: str, prompts: list[list[int]], prompt_len: int):
+        import torch
+        import transformers
+        self.hf = transformers.PhiForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.hf.generation_config.eos_token_id = None  # phi_jax gets stop_tokens=[]: all run all tokens
+        self.input_ids = torch.tensor(prompts, dtype=torch.long)
+        self.prompt_len = prompt_len
+
+    def generate(self, n_new: int) -> list[list[int]]:
+        import torch
+        with torch.inference_mode():
+            out = self.hf.generate(self.input_ids, attention_mask=torch.ones_like(self.input_ids),
+                                   max_new_tokens=n_new, min_new_tokens=0, do_sample=False,
+                                   pad_token_id=0)
+        return out[:, self.prompt_len:].tolist()
+
+
 def measure_case(name: str, preset_name: str, batch: int, repeats: int, *, quick: bool = False,
                  prompt_len: int = PROMPT_LEN, new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
     import jax
-    import torch
-    import transformers
 
     import phi_jax
     from phi_jax.config import preset
@@ -58,41 +77,33 @@ def measure_case(name: str, preset_name: str, batch: int, repeats: int, *, quick
 
     config = preset(preset_name)
     variables = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))  # one compile
-    with tempfile.TemporaryDirectory() as hf_dir:
-        phi_jax.save_pretrained(hf_dir, config, variables)
-        hf = transformers.PhiForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    # What the CLI, the server and the evaluators decode with (unstacked layers on CPU).
-    model, variables = inference_layout(Phi(config), variables)
-    hf.generation_config.eos_token_id = None  # phi_jax gets stop_tokens=[]: both run all tokens
-
     rng = np.random.default_rng(1)
     prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
-    input_ids = torch.tensor(prompts, dtype=torch.long)
-    attention_mask = torch.ones_like(input_ids)
+    with tempfile.TemporaryDirectory() as hf_dir:
+        phi_jax.save_pretrained(hf_dir, config, variables)
+        worker = common.ReferenceWorker(_TransformersDecodeReference, hf_dir, prompts, prompt_len)
+    # What the CLI, the server and the evaluators decode with (unstacked layers on CPU).
+    model, variables = inference_layout(Phi(config), variables)
     threads = common.usable_cores()
 
     def ours():
         return generate(model, variables, prompts, new_tokens, stop_tokens=[])
 
-    def reference(n_new: int = new_tokens):
-        with torch.inference_mode():
-            out = hf.generate(input_ids, attention_mask=attention_mask, max_new_tokens=n_new,
-                              min_new_tokens=0, do_sample=False, pad_token_id=0)
-        return out[:, prompt_len:].tolist()
-
-    compile_s, our_tokens = common.timed(ours)
-    torch.set_num_threads(threads)
-    ref_tokens = reference()  # also the reference's warm-up (allocator, first use of kernels)
-    mismatches = [_first_mismatch(a, b) for a, b in zip(our_tokens, ref_tokens)]
-    counts, probes = common.reference_threads(quick, lambda: reference(max(1, new_tokens // 8)))
-    variants = {f"transformers, {common.thread_label(n)}": n for n in counts}
-    seconds: dict[str, list[float]] = {"phi_jax": [], **{v: [] for v in variants}}
-    for _ in range(repeats):
-        seconds["phi_jax"].append(common.timed(ours)[0])
-        for label, n in variants.items():
-            torch.set_num_threads(n)
-            seconds[label].append(common.timed(reference)[0])
-    torch.set_num_threads(threads)
+    with worker:
+        compile_s, our_tokens = common.timed(ours)
+        # also the reference's warm-up (allocator, first use of kernels)
+        ref_tokens = worker.call("generate", threads, new_tokens)[1]
+        mismatches = [_first_mismatch(a, b) for a, b in zip(our_tokens, ref_tokens)]
+        probe_threads = {"n": threads}
+        counts, probes = common.reference_threads(
+            quick, lambda: worker.call("generate", probe_threads["n"], max(1, new_tokens // 8)),
+            set_threads=lambda n: probe_threads.update(n=n))
+        variants = {f"transformers, {common.thread_label(n)}": n for n in counts}
+        seconds: dict[str, list[float]] = {"phi_jax": [], **{v: [] for v in variants}}
+        for _ in range(repeats):
+            seconds["phi_jax"].append(common.timed(ours)[0])
+            for label, n in variants.items():
+                seconds[label].append(worker.call("generate", n, new_tokens)[0])
 
     work = batch * new_tokens
     rates = {k: common.rate_stats(v, work) for k, v in seconds.items()}
@@ -112,10 +123,7 @@ def run(quick: bool = False, *, repeats: int | None = None, cases: list[str] | N
         results_dir: str | os.PathLike | None = None, prompt_len: int = PROMPT_LEN,
         new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
     """Runs the benchmark; returns (and writes) the results dict. `cases` are names from CASES."""
-    import torch
-
     from benchmarks import roofline
-    torch.set_num_threads(common.usable_cores())
     names = cases or list(QUICK_CASES if quick else CASES)
     table = {**CASES, **SMOKE_CASES}
     unknown = sorted(set(names) - set(table))

@@ -108,71 +108,22 @@ def _torch_side(hf_dir: pathlib.Path, batch_tokens: np.ndarray):
     return model, step
 
 
-class _TorchWorker:
-    """The reference in its own process, driven step by step from the benchmark's process.
+class _TorchTrainReference:
+    """The reference side as `common.ReferenceWorker` drives it, in its own process."""
 
-    Why a process: in one process with torch, phi_jax's step ran 20-30 % slower (phi-100m: 8.6 s
-    alone, 10.2 s once torch had run a step, 13.5 s right after one), and torch's ~5 % slower;
-    neither side should pay for the other's allocator and thread pools. Repeats still alternate
-    between the two processes, so a burst of load from elsewhere hits both alike, and the idle side
-    waits on a pipe, using no CPU.
-    """
+    def __init__(self, hf_dir: str, batch_tokens: np.ndarray):
+        self.model, self._step = _torch_side(pathlib.Path(hf_dir), batch_tokens)
+        self.modules = {"eager": self.model}
 
-    def __init__(self, hf_dir: pathlib.Path, batch_tokens: np.ndarray):
-        import multiprocessing
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs XLA threads
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_torch_worker_main, args=(child, str(hf_dir), batch_tokens),
-                                 daemon=True)
-        self._proc.start()
-        self._call("ready")
-
-    def _call(self, *message):
-        self._conn.send(message)
-        kind, value = self._conn.recv()
-        if kind == "error":
-            raise RuntimeError(f"torch reference worker failed: {value}")
-        return value
-
-    def step(self, variant: str, threads: int) -> tuple[float, float]:
-        """(seconds, loss) of one step of `variant` ("eager" or "compiled") on `threads` threads."""
-        return self._call("step", variant, threads)
+    def step(self, variant: str) -> float:
+        return self._step(self.modules[variant])
 
     def compile(self, threads: int):
         """First-step seconds of torch.compile, or the reason it failed (a str)."""
-        return self._call("compile", threads)
-
-    def close(self) -> None:
-        try:
-            self._conn.send(("stop",))
-        finally:
-            self._proc.join(timeout=60)
-            if self._proc.is_alive():
-                self._proc.kill()
-
-
-def _torch_worker_main(conn, hf_dir: str, batch_tokens: np.ndarray) -> None:
-    import torch
-    try:
-        model, step = _torch_side(pathlib.Path(hf_dir), batch_tokens)
-        modules = {"eager": model}
-        conn.send(("ok", None))
-        while True:
-            message = conn.recv()
-            if message[0] == "stop":
-                return
-            if message[0] == "step":
-                _, variant, threads = message
-                torch.set_num_threads(threads)
-                seconds, loss = common.timed(lambda: step(modules[variant]))
-                conn.send(("ok", (seconds, loss)))
-            elif message[0] == "compile":
-                compiled, first = _try_compile(model, step, message[1])
-                if compiled is not None:
-                    modules["compiled"] = compiled
-                conn.send(("ok", first))
-    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        compiled, first = _try_compile(self.model, self._step, threads)
+        if compiled is not None:
+            self.modules["compiled"] = compiled
+        return first
 
 
 def _try_compile(model, step, threads: int):
@@ -205,7 +156,8 @@ def measure_case(name: str, preset_name: str, batch: int, seq_len: int, repeats:
     with tempfile.TemporaryDirectory() as hf_dir:
         phi_jax.save_pretrained(hf_dir, config, variables)
         del variables
-        worker = _TorchWorker(pathlib.Path(hf_dir), batch_tokens)
+        # Loads the weights before the directory goes away.
+        worker = common.ReferenceWorker(_TorchTrainReference, hf_dir, batch_tokens)
     try:
         return _measure(worker, jax_step, name, preset_name, config, batch, seq_len,
                         tokens_per_step, threads, repeats, compile_torch=compile_torch,
@@ -214,12 +166,12 @@ def measure_case(name: str, preset_name: str, batch: int, seq_len: int, repeats:
         worker.close()
 
 
-def _measure(worker: _TorchWorker, jax_step, name, preset_name, config, batch, seq_len,
+def _measure(worker: common.ReferenceWorker, jax_step, name, preset_name, config, batch, seq_len,
              tokens_per_step, threads, repeats, *, compile_torch, peak_flop_per_s, quick):
     compile_s, jax_loss1 = common.timed(jax_step)  # includes tracing + XLA compilation
     jax_loss2 = jax_step()
-    torch_loss1 = worker.step("eager", threads)[1]
-    torch_loss2 = worker.step("eager", threads)[1]
+    torch_loss1 = worker.call("step", threads, "eager")[1]
+    torch_loss2 = worker.call("step", threads, "eager")[1]
     check = {"phi_jax": [jax_loss1, jax_loss2], "torch": [torch_loss1, torch_loss2],
              "abs_diff": [abs(jax_loss1 - torch_loss1), abs(jax_loss2 - torch_loss2)],
              "rtol": LOSS_RTOL}
@@ -227,14 +179,14 @@ def _measure(worker: _TorchWorker, jax_step, name, preset_name, config, batch, s
 
     probe_threads = {"n": threads}
     counts, probes = common.reference_threads(
-        quick, lambda: worker.step("eager", probe_threads["n"]),
+        quick, lambda: worker.call("step", probe_threads["n"], "eager"),
         set_threads=lambda n: probe_threads.update(n=n))
     variants: dict[str, Any] = {f"torch eager, {common.thread_label(n)}": ("eager", n)
                                 for n in counts}
     notes = {"reference_thread_probe_s": probes} if probes else {}
-    notes["process"] = "torch runs in its own process (see _TorchWorker); repeats alternate"
+    notes["process"] = "torch runs in its own process (common.ReferenceWorker); repeats alternate"
     if compile_torch:
-        first = worker.compile(counts[0])
+        first = worker.call("compile", counts[0], counts[0])[1]
         if isinstance(first, str):
             notes["torch.compile"] = first
         else:
@@ -247,7 +199,7 @@ def _measure(worker: _TorchWorker, jax_step, name, preset_name, config, batch, s
     for _ in range(repeats):
         seconds["phi_jax"].append(common.timed(jax_step)[0])
         for label, (variant, n_threads) in variants.items():
-            seconds[label].append(worker.step(variant, n_threads)[0])
+            seconds[label].append(worker.call("step", n_threads, variant)[0])
 
     rates = {k: common.rate_stats(v, tokens_per_step) for k, v in seconds.items()}
     best_ref = max((k for k in rates if k != "phi_jax"), key=lambda k: rates[k]["median"])
