@@ -71,11 +71,9 @@ def _decode_loop(model: Phi, chunk: int, variables, cache, tokens, done, stop, k
 
 
 @functools.lru_cache(maxsize=32)
-def compiled_steps(model: Phi) -> tuple[Callable, Callable]:
-    """(prefill, decode) jitted once per model; the cache argument is donated."""
-    prefill = jax.jit(functools.partial(_prefill, model), donate_argnums=(1,))
-    decode = jax.jit(functools.partial(_decode, model), donate_argnums=(1,))
-    return prefill, decode
+def compiled_prefill(model: Phi) -> Callable:
+    """`_prefill` jitted once per model; the cache argument is donated."""
+    return jax.jit(functools.partial(_prefill, model), donate_argnums=(1,))
 
 
 @functools.lru_cache(maxsize=32)
@@ -142,7 +140,7 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
         segment_ids[i, :len(prompt)] = 1
     sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     key = jax.random.key(seed)
-    prefill, _ = compiled_steps(model)
+    prefill = compiled_prefill(model)
     decode_loop = compiled_decode_loop(model, chunk_size)
 
     cache = init_cache(config, batch, slots)

@@ -8,7 +8,7 @@ import torch
 
 import phi_jax
 from phi_jax.config import preset
-from phi_jax.generation import compiled_decode_loop, compiled_steps, prompt_bucket, sample_logits
+from phi_jax.generation import compiled_decode_loop, compiled_prefill, prompt_bucket, sample_logits
 from phi_jax.model import (Phi, inference_layout, init_cache, init_params, stack_layers,
                            unstack_layers)
 from phi_jax.sampling import argmax, kth_largest, top_p_cutoff
@@ -95,7 +95,7 @@ def test_sampling_is_seeded_and_filters():
 def test_no_recompilation_within_a_bucket():
     config = preset("test")
     model, params = Phi(config), init_params(config, jax.random.key(4))
-    prefill, _ = compiled_steps(model)
+    prefill = compiled_prefill(model)
     decode = compiled_decode_loop(model, 16)  # generate's default chunk_size
     phi_jax.generate(model, params, [[1] * 20, [2] * 3], max_new_tokens=10)
     sizes = (prefill._cache_size(), decode._cache_size())
