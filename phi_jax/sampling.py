@@ -90,11 +90,14 @@ def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     top_k <= 0 and top_p >= 1 disable the respective filter (each may be a scalar or [B]).
     """
     vocab = scaled.shape[-1]
+    rows = scaled.shape[:-1]
+    off = lambda: jnp.full(rows, -jnp.inf, scaled.dtype)  # a cut-off that keeps everything
+    # Each bisection is 32 passes over [B,V]: skipped when no row asks for its filter.
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = kth_largest(scaled, k)
+    kth = lax.cond(jnp.any(top_k > 0), lambda: kth_largest(scaled, k), off)
     scaled = jnp.where(scaled < kth[..., None], -jnp.inf, scaled)
-    cutoff = top_p_cutoff(scaled, top_p)
-    cutoff = jnp.where(jnp.broadcast_to(top_p, cutoff.shape) >= 1.0, -jnp.inf, cutoff)
+    cutoff = lax.cond(jnp.any(top_p < 1.0), lambda: top_p_cutoff(scaled, top_p), off)
+    cutoff = jnp.where(jnp.broadcast_to(top_p, rows) >= 1.0, -jnp.inf, cutoff)
     return jnp.where(scaled < cutoff[..., None], -jnp.inf, scaled)
 
 
