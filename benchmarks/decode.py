@@ -72,7 +72,7 @@ def measure_case(name: str, preset_name: str, batch: int, repeats: int, *, quick
 
     import phi_jax
     from phi_jax.config import preset
-    from phi_jax.generation import generate
+    from phi_jax.inference.decode import generate
     from phi_jax.model import Phi, inference_layout, init_params
 
     config = preset(preset_name)

@@ -94,7 +94,7 @@ def _stats(latencies: list[float], tokens: int, wall: float, ttft: list[float] |
 
 def _reference(model, variables, requests, eos: int) -> dict:
     """The same requests, one `phi_jax.generate` call each, in this process."""
-    from phi_jax.generation import generate, prompt_bucket
+    from phi_jax.inference.decode import generate, prompt_bucket
 
     seen = set()
     for prompt, m in requests:  # compile every (bucket, length) shape first

@@ -25,7 +25,7 @@ _LAZY = {
     "Phi": "phi_jax.model",
     "init_cache": "phi_jax.model",
     "init_params": "phi_jax.model",
-    "generate": "phi_jax.generation",
+    "generate": "phi_jax.inference.decode",
     "Tokenizer": "phi_jax.tokenizer",
 }
 

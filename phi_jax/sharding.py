@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from phi_jax import axes
 from phi_jax.config import ModelConfig
+from phi_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -51,21 +52,21 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
     """
     unknown_names = sorted(set(sizes) - set(MESH_AXES))
     if unknown_names:
-        raise ValueError(f"unknown mesh axes {unknown_names} in mesh.shape; the axes are {MESH_AXES}")
+        raise ConfigError(f"unknown mesh axes {unknown_names} in mesh.shape; the axes are {MESH_AXES}")
     shape = {name: int(sizes.get(name, 1)) for name in MESH_AXES}
     unknown = [n for n, s in shape.items() if s == -1]
     if len(unknown) > 1:
-        raise ValueError(f"mesh axes {unknown} are all -1; at most one axis may take 'the rest'")
+        raise ConfigError(f"mesh axes {unknown} are all -1; at most one axis may take 'the rest'")
     if any(s == 0 or s < -1 for s in shape.values()):
-        raise ValueError(f"mesh sizes must be positive or -1, got {shape}")
+        raise ConfigError(f"mesh sizes must be positive or -1, got {shape}")
     known = math.prod(s for s in shape.values() if s != -1)
     if unknown:
         if num_devices % known:
-            raise ValueError(f"mesh {shape}: the fixed axes use {known} devices, which does not divide "
+            raise ConfigError(f"mesh {shape}: the fixed axes use {known} devices, which does not divide "
                              f"the {num_devices} devices; make their product a divisor of {num_devices}")
         shape[unknown[0]] = num_devices // known
     if math.prod(shape.values()) != num_devices:
-        raise ValueError(f"mesh {shape} uses {math.prod(shape.values())} devices but {num_devices} "
+        raise ConfigError(f"mesh {shape} uses {math.prod(shape.values())} devices but {num_devices} "
                          "are available; make the sizes multiply to the device count or use -1")
     return shape
 
@@ -88,7 +89,7 @@ def rules_from_config(overrides: Mapping[str, Any] | None = None) -> tuple[tuple
     rules = dict(DEFAULT_RULES)
     for name, value in (overrides or {}).items():
         if name not in rules:
-            raise ValueError(f"unknown logical axis {name!r} in mesh.rules; known: {sorted(rules)}")
+            raise ConfigError(f"unknown logical axis {name!r} in mesh.rules; known: {sorted(rules)}")
         if isinstance(value, str):
             if value.strip().lower() == "default":
                 continue
@@ -99,7 +100,7 @@ def rules_from_config(overrides: Mapping[str, Any] | None = None) -> tuple[tuple
         targets = value if isinstance(value, tuple) else (value,)
         bad = [t for t in targets if t is not None and t not in MESH_AXES]
         if bad:
-            raise ValueError(f"mesh.rules.{name} maps to unknown mesh axes {bad}; use {MESH_AXES}, "
+            raise ConfigError(f"mesh.rules.{name} maps to unknown mesh axes {bad}; use {MESH_AXES}, "
                              "a comma-separated list of them, or none")
         rules[name] = value
     return tuple(rules.items())
@@ -137,7 +138,7 @@ def check_divisibility(config: ModelConfig, mesh: Mesh, rules) -> None:
             others = split // mesh.shape[culprit]
             ok = [s for s in range(1, num_devices + 1)
                   if num_devices % s == 0 and dim % (s * others) == 0]
-            raise ValueError(
+            raise ConfigError(
                 f"mesh axis {culprit!r} of size {mesh.shape[culprit]} does not divide the model's "
                 f"{logical!r} dimension ({dim}) (rule {logical!r} -> {mesh_axes}, {split} parts); "
                 f"set mesh.shape.{culprit} to one of {ok} (sizes that divide the {num_devices} "

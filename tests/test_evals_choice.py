@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from phi_jax.config import preset
-from phi_jax.evals import choice, scoring
+from phi_jax.evals import choice
+from phi_jax.inference import scoring
 from phi_jax.model import Phi, init_params
 
 ALPHABET = "abcd "

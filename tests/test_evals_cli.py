@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
@@ -10,7 +9,9 @@ import pytest
 
 import phi_jax
 from phi_jax.config import preset
-from phi_jax.evals import choice, cli, loading, perplexity
+from phi_jax import cli
+from phi_jax.evals import choice, perplexity
+from phi_jax.inference import loader
 from phi_jax.model import init_params
 from phi_jax.tokenizer import train_bpe
 
@@ -32,9 +33,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="phi-jax")
-    cli.register(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return cli.build_parser().parse_args(argv)
 
 
 @pytest.mark.slow
@@ -67,7 +66,7 @@ def test_eval_perplexity_and_choice_match_the_library(hf_dir, tmp_path):
     assert args.func(args) == 0
     got = json.loads((out / "perplexity_results.json").read_text())["metrics"]
     model, variables = phi_jax.from_pretrained(hf_dir)
-    tok = loading.load_tokenizer(hf_dir)
+    tok = loader.load_tokenizer(hf_dir)
     docs = [tok.encode(t) + [tok.eos_id] for t in TEXTS]  # the pipeline ends documents with EOS
     ref = perplexity.evaluate_token_lists(model, variables, docs, row_len=64)
     assert got["num_tokens"] == ref.num_tokens
@@ -87,21 +86,23 @@ def test_eval_perplexity_and_choice_match_the_library(hf_dir, tmp_path):
     assert len((out / "choice_examples.jsonl").read_text().splitlines()) == 2
 
 
-def test_checkpoint_flag_uses_the_training_loader(monkeypatch, tmp_path):
-    """--checkpoint goes through phi_jax.train.checkpoint.load_params_for_inference."""
-    from phi_jax.train import checkpoint
+def test_a_workdir_model_goes_through_the_checkpoint_loader(monkeypatch, tmp_path):
+    """--model=WORKDIR (alias --checkpoint) goes through phi_jax.checkpoint.load_params_for_inference."""
+    from phi_jax import checkpoint
 
     config = preset("test")
     seen = {}
 
     def fake_loader(workdir, *, step=None, dtype=None):
-        seen["workdir"] = str(workdir)
+        seen["workdir"], seen["step"] = str(workdir), step
         return config, {"params": {}}, 7
 
+    (tmp_path / "checkpoints").mkdir()
     monkeypatch.setattr(checkpoint, "load_params_for_inference", fake_loader)
-    model, variables = loading.load_model(checkpoint=str(tmp_path))
-    assert seen["workdir"] == str(tmp_path) and model.config == config
-    with pytest.raises(ValueError, match="exactly one"):
-        loading.load_model(hf="a", checkpoint="b")
+    loaded = loader.load(tmp_path, step=7, layout="training")
+    assert seen == {"workdir": str(tmp_path), "step": 7} and loaded.model.config == config
+    assert loaded.metadata == {"source": "workdir", "path": str(tmp_path), "step": 7}
+    assert _parse(["eval", "choice", f"--checkpoint={tmp_path}", "--output=x", "--data=y"]).model \
+        == str(tmp_path)
     with pytest.raises(SystemExit):
-        _parse(["eval", "choice", "--output=x", "--data=y"])  # neither --hf nor --checkpoint
+        _parse(["eval", "choice", "--output=x", "--data=y"])  # no --model

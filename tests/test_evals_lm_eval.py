@@ -9,8 +9,9 @@ import jax
 import pytest
 
 from phi_jax.config import preset
-from phi_jax.evals import choice, perplexity, scoring
-from phi_jax.generation import generate
+from phi_jax.evals import choice, perplexity
+from phi_jax.inference import scoring
+from phi_jax.inference.decode import generate
 from phi_jax.model import Phi, init_params
 
 lm_eval = pytest.importorskip("lm_eval")

@@ -8,10 +8,11 @@ import torch
 
 import phi_jax
 from phi_jax.config import preset
-from phi_jax.generation import compiled_decode_loop, compiled_prefill, prompt_bucket, sample_logits
+from phi_jax.inference.decode import compiled_decode_chunk, compiled_prefill, prompt_bucket
+from phi_jax.inference.sampling import sample_logits
 from phi_jax.model import (Phi, inference_layout, init_cache, init_params, stack_layers,
                            unstack_layers)
-from phi_jax.sampling import argmax, kth_largest, top_p_cutoff
+from phi_jax.inference.sampling import argmax, kth_largest, top_p_cutoff
 
 from hf_reference import random_hf_model
 
@@ -96,7 +97,7 @@ def test_no_recompilation_within_a_bucket():
     config = preset("test")
     model, params = Phi(config), init_params(config, jax.random.key(4))
     prefill = compiled_prefill(model)
-    decode = compiled_decode_loop(model, 16)  # generate's default chunk_size
+    decode = compiled_decode_chunk(model)
     phi_jax.generate(model, params, [[1] * 20, [2] * 3], max_new_tokens=10)
     sizes = (prefill._cache_size(), decode._cache_size())
     assert min(sizes) >= 1  # (other tests may have compiled other shapes of the same model)
@@ -122,10 +123,11 @@ def test_bad_prompts_are_rejected_with_a_reason():
 def test_public_generate_is_the_function_even_after_submodule_imports():
     import importlib
 
-    import phi_jax.generation  # noqa: F401  (a submodule import must not shadow the function)
+    import phi_jax.inference.decode  # noqa: F401  (a submodule import must not shadow the function)
 
     assert callable(phi_jax.generate)
-    assert phi_jax.generate is importlib.import_module("phi_jax.generation").generate
+    assert phi_jax.generate is importlib.import_module("phi_jax.inference.decode").generate
+    assert phi_jax.inference.load is importlib.import_module("phi_jax.inference.loader").load
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 5, "seed": 3}])

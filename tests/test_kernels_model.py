@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from phi_jax.config import preset
-from phi_jax.generation import generate
+from phi_jax.inference.decode import generate
 from phi_jax.model import Phi, init_params
 
 

@@ -24,7 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from phi_jax.train import checkpoint, loop
+from phi_jax import checkpoint
+from phi_jax.train import loop
 
 from train_helpers import ROOT, runlocal_config
 
@@ -52,10 +53,14 @@ def _free_port() -> int:
 def _two_host_batches(real_build):
     """build_dataset for one process that yields what two hosts together would feed the mesh."""
 
-    def build(cfg, tokenizer, *, seq_len, batch_size, seed, process_index=0, process_count=1):
+    def build(cfg, tokenizer, *, seq_len, batch_size, seed, process_index=0, process_count=1,
+              split="all"):
         assert (process_index, process_count) == (0, 1)
+        if split == "heldout":  # every host reads the whole held-out split anyway
+            return real_build(cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                              split=split)
         hosts = [real_build(cfg, tokenizer, seq_len=seq_len, batch_size=batch_size // 2, seed=seed,
-                            process_index=i, process_count=2) for i in range(2)]
+                            process_index=i, process_count=2, split=split) for i in range(2)]
         return grain.experimental.ZipIterDataset(hosts).map(
             lambda pair: {k: np.concatenate([pair[0][k], pair[1][k]]) for k in pair[0]})
 
@@ -116,6 +121,7 @@ def test_two_processes_train_like_one_and_checkpoint_together(tokenizer_dir, tmp
         reference = loop.train(config, tmp_path / "single")
 
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lines = [l for l in lines if "loss" in l]  # (held-out eval lines carry heldout_loss instead)
     assert [l["step"] for l in lines] == list(range(STEPS))  # process 0 logs, once per step
     np.testing.assert_allclose([l["loss"] for l in lines], reference["losses"], rtol=LOSS_RTOL)
     multi, single = _final_params(workdir), _final_params(tmp_path / "single")

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phi_jax import plan, sharding
+from phi_jax import sharding
+from phi_jax.train import plan
 from phi_jax.config import ModelConfig
 
 from train_helpers import ROOT
@@ -30,7 +31,9 @@ SEQ = 64
 
 @pytest.fixture(scope="module")
 def small():
-    config = plan.load_config(f"{ROOT / 'configs/phi-2.py'}:runlocal")
+    from phi_jax.train.config_file import load_config
+
+    config = load_config(f"{ROOT / 'configs/phi-2.py'}:runlocal")
     return ModelConfig.from_dict(config.model.to_dict()), config.optimizer.to_dict()
 
 
@@ -167,10 +170,9 @@ def test_collective_traffic_parses_xla_spellings_and_sees_reduce_scatters():
 
 
 def test_plan_registers_as_a_phi_jax_subcommand():
-    import argparse
+    from phi_jax import cli
+    from phi_jax.cli import plan as plan_cli
 
-    parser = argparse.ArgumentParser(prog="phi-jax")
-    plan.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["plan", "--config=configs/phi-1.5.py", "--devices", "8", "64",
-                              "--remat", "full"])
-    assert args.func is plan._run and args.devices == [8, 64] and args.remat == "full"
+    args = cli.build_parser().parse_args(["plan", "--config=configs/phi-1.5.py", "--devices", "8",
+                                          "64", "--remat", "full"])
+    assert args.func is plan_cli.run and args.devices == [8, 64] and args.remat == "full"

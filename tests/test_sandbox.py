@@ -29,7 +29,7 @@ from typing import Callable
 
 import pytest
 
-from phi_jax.evals import sandbox
+from phi_jax.sandbox import execute as sandbox
 
 ROOT = os.geteuid() == 0
 HAS_BWRAP = shutil.which("bwrap") is not None

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from phi_jax.config import preset
-from phi_jax.generation import generate
+from phi_jax.inference.decode import generate
 from phi_jax.model import Phi, init_params
 from phi_jax.serve import Engine, SamplingParams, ServerConfig, ServerThread, create_app
 from phi_jax.serve.chat import render_chat

@@ -1,6 +1,5 @@
 """`phi-jax serve` as users start it: the argparse wiring, and a real server subprocess on loopback."""
 
-import argparse
 import os
 import socket
 import subprocess
@@ -13,24 +12,24 @@ import openai
 import pytest
 
 import phi_jax
-from phi_jax import serve_cli
+from phi_jax import cli
 from phi_jax.cli import main as cli_main
 from phi_jax.config import preset
-from phi_jax.generation import generate
+from phi_jax.inference.decode import generate
 from phi_jax.model import init_params
 from phi_jax.tokenizer import train_bpe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_serve_arguments_and_checkpoint_alias():
-    parser = argparse.ArgumentParser()
-    serve_cli.register(parser.add_subparsers(dest="command"))
+def test_serve_arguments_and_model_aliases():
+    parser = cli.build_parser()
     args = parser.parse_args(["serve", "--checkpoint=runs/x"])
-    assert args.workdir == "runs/x" and args.hf is None
+    assert args.model == "runs/x"
     assert (args.host, args.port, args.num_slots, args.warmup) == ("127.0.0.1", 8000, 8, True)
     args = parser.parse_args(["serve", "--workdir=runs/y", "--port=9001", "--no-warmup", "--max-len=128"])
-    assert (args.workdir, args.port, args.warmup, args.max_len) == ("runs/y", 9001, False, 128)
+    assert (args.model, args.port, args.warmup, args.max_len) == ("runs/y", 9001, False, 128)
+    assert parser.parse_args(["serve", "--hf=d"]).model == parser.parse_args(["serve", "--model=d"]).model
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from phi_jax.config import preset
-from phi_jax.generation import generate
+from phi_jax.inference.decode import generate
 from phi_jax.model import Phi, init_params
 from phi_jax.serve.engine import Engine, EngineStoppedError, SamplingParams
 
@@ -118,7 +118,7 @@ def test_cancel_running_and_queued_requests(engine):
 
 
 def test_admission_checks(engine):
-    with pytest.raises(ValueError, match="exceeds the context of 64"):
+    with pytest.raises(ValueError, match="the context is 64, so at most 4 new tokens fit"):
         engine.submit([1] * 60, SamplingParams(max_tokens=5), lambda e: None)
     with pytest.raises(ValueError, match="empty"):
         engine.submit([], SamplingParams(max_tokens=5), lambda e: None)

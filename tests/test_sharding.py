@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from phi_jax import sharding
-from phi_jax.train import checkpoint, loop
+from phi_jax import checkpoint
+from phi_jax.train import loop
 
 from train_helpers import runlocal_config
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from phi_jax.train import checkpoint
+from phi_jax import checkpoint
 from phi_jax.train.loop import NonFiniteError, train
 
 from train_helpers import ROOT, params_equal, runlocal_config
@@ -38,7 +38,12 @@ def test_loss_falls_and_metrics_are_written(straight_run):
     assert summary["end_step"] == 6 and len(summary["losses"]) == 6
     assert summary["losses"][-1] < summary["losses"][0] - 0.5
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [l for l in lines if "heldout_loss" in l]
+    lines = [l for l in lines if "loss" in l]
     assert [l["step"] for l in lines] == list(range(6))
+    # the held-out loss at each checkpoint and the end, falling as the training loss does
+    assert [e["step"] for e in evals] == [2, 4, 6] == [h["step"] for h in summary["heldout"]]
+    assert evals[-1]["heldout_loss"] < evals[0]["heldout_loss"]
     assert {"loss", "grad_norm", "lr", "tokens_per_s", "tflops_per_device"} <= set(lines[0])
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert checkpoint.make_manager(workdir, read_only=True).all_steps() == [2, 4, 6]
@@ -55,17 +60,18 @@ def test_resume_is_bit_exact(straight_run, tokenizer_dir, tmp_path):
                         checkpoint.load_params_for_inference(workdir)[1])
 
 
-def _train_subprocess(workdir, *overrides):
+def _train_subprocess(workdir, *overrides, faults=None):
     cmd = [sys.executable, "-m", "phi_jax.cli", "train", f"--config={ROOT / 'configs/tiny.py'}:runlocal",
            f"--workdir={workdir}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, **({"PHI_JAX_FAULTS": json.dumps(faults)} if faults else {}))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_sigkill_right_after_a_save_started_still_resumes_exactly(straight_run, tokenizer_dir, tmp_path):
     workdir, summary = straight_run
     tok = f"--config.tokenizer.path={tokenizer_dir}"
-    killed = _train_subprocess(tmp_path, tok, "--config.train.kill_after_save_start=4")
+    killed = _train_subprocess(tmp_path, tok, faults={"kill_after_save_start": 4})
     assert killed.returncode == -9, killed.stderr[-3000:]
     resumed = _train_subprocess(tmp_path, tok)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -73,7 +79,8 @@ def test_sigkill_right_after_a_save_started_still_resumes_exactly(straight_run, 
     assert result["start_step"] in (2, 4) and result["end_step"] == 6
     assert params_equal(checkpoint.load_params_for_inference(tmp_path)[1],
                         checkpoint.load_params_for_inference(workdir)[1])
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(l)]
     # the killed run logged steps 0-3; the resumed one re-logs from its checkpoint on
     assert losses[-(6 - result["start_step"]):] == summary["losses"][result["start_step"]:]
 
@@ -105,16 +112,18 @@ def test_every_checkpoint_broken_is_a_clear_error(straight_run, tokenizer_dir, t
         train(runlocal_config(tokenizer_dir), run)
 
 
-def test_nan_step_is_skipped_and_counted(tokenizer_dir, tmp_path):
-    summary = train(runlocal_config(tokenizer_dir, inject_nan_at=(2,)), tmp_path)
+def test_nan_step_is_skipped_and_counted(tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PHI_JAX_FAULTS", json.dumps({"nan_at": [2]}))
+    summary = train(runlocal_config(tokenizer_dir), tmp_path)
     assert np.isnan(summary["losses"][2]) and np.isfinite(np.delete(summary["losses"], 2)).all()
     assert summary["nonfinite_total"] == 1 and summary["end_step"] == 6
     params = checkpoint.load_params_for_inference(tmp_path)[1]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-def test_nan_streak_stops_the_run_and_never_reaches_a_checkpoint(tokenizer_dir, tmp_path):
-    config = runlocal_config(tokenizer_dir, inject_nan_at=(3, 4, 5), max_nonfinite_streak=3)
+def test_nan_streak_stops_the_run_and_never_reaches_a_checkpoint(tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PHI_JAX_FAULTS", json.dumps({"nan_at": [3, 4, 5]}))
+    config = runlocal_config(tokenizer_dir, max_nonfinite_streak=3)
     with pytest.raises(NonFiniteError, match=r"3 steps in a row.*step 5.*Last good checkpoint: step 2"):
         train(config, tmp_path)
     manager = checkpoint.make_manager(tmp_path, read_only=True)

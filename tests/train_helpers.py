@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -12,10 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(arg: str = "runlocal", name: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    from phi_jax.train.config_file import load_config as load
+
+    return load(f"{ROOT / 'configs' / name}.py:{arg}")
 
 
 def runlocal_config(tokenizer_dir: Path, **train_overrides):

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from phi_jax.errors import InputError
+
 SKIP_REASONS = ("bad_utf8", "bad_json", "missing_field", "empty", "too_long")
 
 
-class BadDataError(ValueError):
+class BadDataError(InputError):
     """A record the pipeline cannot use; the message names the record and how to skip such records."""
 
 
@@ -42,6 +44,8 @@ class DataStats:
       documents: documents that reached packing (a split document counts once).
       tokens: tokens of those documents, EOS included.
       split_documents: documents longer than seq_len that were cut into chunks.
+      long_documents: documents longer than data.max_document_chars, tokenized piece by piece
+        (so one huge record never stalls the pipeline or holds all its tokens in memory).
       bad_utf8, bad_json, missing_field, empty, too_long: skipped records by reason.
       empty_files: input files with no record at all (found when the dataset is built).
     """
@@ -49,6 +53,7 @@ class DataStats:
     documents: int = 0
     tokens: int = 0
     split_documents: int = 0
+    long_documents: int = 0
     bad_utf8: int = 0
     bad_json: int = 0
     missing_field: int = 0
@@ -107,9 +112,14 @@ class DocumentTokenizer:
       fmt: the record format.
       bad_data: "error" or "skip".
       add_bos: prepend BOS to every document (Phi does not).
+      max_chars: a plain-text document longer than this (0 = no limit) is not tokenized here;
+        it goes on as {"long_text": text} and the packer tokenizes it piece by piece, or, when
+        long_documents is "skip" / "error", it is skipped and counted as too_long / an error.
+      long_documents: the pipeline's long-document policy ("split", "skip" or "error").
     """
 
-    def __init__(self, tokenizer, fmt: RecordFormat, bad_data: str = "error", add_bos: bool = False):
+    def __init__(self, tokenizer, fmt: RecordFormat, bad_data: str = "error", add_bos: bool = False,
+                 max_chars: int = 0, long_documents: str = "split"):
         if tokenizer.eos_id is None:
             raise ValueError("the tokenizer has no EOS token, which the pipeline needs between packed "
                              "documents; set eos_token in tokenizer_config.json")
@@ -120,6 +130,8 @@ class DocumentTokenizer:
         self._fmt = fmt
         self._bad_data = bad_data
         self._add_bos = add_bos
+        self._max_chars = max_chars
+        self._long_documents = long_documents
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         origin, data = record["origin"], record["data"]
@@ -201,6 +213,18 @@ class DocumentTokenizer:
                 if not isinstance(value, str):
                     return self._skip("bad_json", origin, f"field {name!r} is {type(value).__name__}, "
                                       "expected a string")
+            too_long = self._max_chars and sum(len(v) for v in fields.values()) > self._max_chars
+            if too_long and not ("text" in fields and self._long_documents == "split"):
+                if self._long_documents == "error":
+                    raise BadDataError(f"{origin}: document of {sum(len(v) for v in fields.values())} "
+                                       f"characters, more than data.max_document_chars="
+                                       f"{self._max_chars}; set data.long_documents='split' to train "
+                                       "on it in pieces or 'skip' to skip and count it")
+                return _Skip(tokens=np.zeros(0, np.int32), token_mask=np.zeros(0, np.int32),
+                             skip="too_long", origin=origin)
+            if too_long:  # the packer tokenizes it piece by piece (see packing.py)
+                return {"tokens": np.asarray(bos, np.int32), "token_mask": np.zeros(len(bos), np.int32),
+                        "skip": "", "origin": origin, "long_text": fields["text"]}
             if "text" in fields:
                 tokens = self._tok.encode(fields["text"]) if fields["text"] else []
                 mask = [1] * len(tokens)

@@ -28,6 +28,7 @@ from ml_collections import config_dict
 
 from phi_jax.data import corpus, packing, sources
 from phi_jax.data.documents import BadDataError, DataStats, DocumentTokenizer, RecordFormat
+from phi_jax.errors import ConfigError
 
 __all__ = ["BadDataError", "DataStats", "build_dataset", "data_stats", "default_data_config",
            "describe", "to_global_batch"]
@@ -94,14 +95,21 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.num_packing_bins = 0         # first-fit bins (0 = batch_size)
     cfg.add_bos = False              # Phi uses no BOS
     cfg.drop_remainder = True        # finite epochs: drop the short last batch, else pad it
+    cfg.heldout_fraction = 0.02      # share of documents held out of training for the eval loss
+    cfg.max_document_chars = 1_000_000  # longer documents are cut into pieces before tokenizing
     return cfg
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict | dict[str, Any]) -> None:
+    """Raise ConfigError naming `data.<key>` for a value the pipeline cannot use."""
+    _resolve(cfg)
 
 
 def _resolve(cfg: ml_collections.ConfigDict | dict[str, Any]) -> ml_collections.ConfigDict:
     full = default_data_config()
     unknown = sorted(set(cfg.keys()) - set(full.keys()))
     if unknown:
-        raise ValueError(f"unknown data config key(s) {unknown}; valid keys: {sorted(full.keys())}")
+        raise ConfigError(f"unknown data config key(s) {unknown}; valid keys: {sorted(full.keys())}")
     for key in cfg.keys():
         value = cfg[key]
         if key == "paths" and isinstance(value, (list, tuple)):
@@ -109,10 +117,21 @@ def _resolve(cfg: ml_collections.ConfigDict | dict[str, Any]) -> ml_collections.
         full[key] = value
     for key, choices in _CHOICES.items():
         if full[key] not in choices:
-            raise ValueError(f"data.{key}={full[key]!r} is not one of {choices}")
+            raise ConfigError(f"--config.data.{key}={full[key]!r} is not one of {choices}")
     if full.num_epochs is not None and full.num_epochs < 1:
-        raise ValueError(f"data.num_epochs={full.num_epochs}; use a positive int, or None to repeat "
-                         "forever")
+        raise ConfigError(f"--config.data.num_epochs={full.num_epochs}; use a positive int, or None "
+                          "to repeat forever")
+    if not 0 <= full.heldout_fraction < 1:
+        raise ConfigError(f"--config.data.heldout_fraction={full.heldout_fraction}: must be in [0, 1)")
+    if full.max_document_chars < 1000:
+        raise ConfigError(f"--config.data.max_document_chars={full.max_document_chars}: must be >= "
+                          "1000 (documents longer than this are cut into pieces before tokenizing)")
+    for key in ("max_documents", "num_workers", "num_packing_bins"):
+        if full[key] < 0:
+            raise ConfigError(f"--config.data.{key}={full[key]}: must be >= 0")
+    for key in ("worker_buffer_size", "read_threads", "read_buffer_size"):
+        if full[key] < 1:
+            raise ConfigError(f"--config.data.{key}={full[key]}: must be >= 1")
     return full
 
 
@@ -140,27 +159,69 @@ def _make_source(cfg) -> tuple[Any, RecordFormat, list[str]]:
     return sources.ConcatSource(parts), RecordFormat(payload, **fields), empty
 
 
+SPLITS = ("all", "train", "heldout")
+
+
+def heldout_mask(num_documents: int, fraction: float) -> np.ndarray:
+    """[n] bool: which documents the held-out split takes, by a fixed hash of the index.
+
+    A hash (splitmix64 of the index), not a prefix or a random draw, so the split is the same on
+    every host and run, independent of shuffling, and spread evenly over the source's order. If
+    holding out would leave no training document, nothing is held out.
+    """
+    x = np.arange(num_documents, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    mask = (x % np.uint64(1_000_000)) < np.uint64(round(fraction * 1_000_000))
+    return mask if not mask.all() else np.zeros(num_documents, bool)
+
+
+class _IndexedSource:
+    """The documents of `source` at `indices`, in that order (a split of a source)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int):
+        return self._source[int(self._indices[int(index)])]
+
+
 def build_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  split: str = "all") -> grain.IterDataset:
     """This host's stream of packed batches (see packing.py for the batch layout).
 
     Args:
       cfg: the data ConfigDict (`default_data_config()`, possibly partial or overridden).
       tokenizer: a `phi_jax.tokenizer.Tokenizer` with an EOS token.
-      seq_len: L, the packed row length.
+      seq_len: T, the packed row length.
       batch_size: b, rows per batch on this host (the global batch is b * process_count).
       seed: shuffles documents (per epoch) and packed rows.
       process_index, process_count: this host's shard of the documents.
+      split: "all" documents, or the "train" / "heldout" split of `cfg.heldout_fraction`.
     """
     cfg = _resolve(cfg)
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; use one of {SPLITS}")
     source, fmt, empty_files = _make_source(cfg)
-    ds = grain.MapDataset.source(source)
     if cfg.max_documents > 0:
-        ds = ds[:cfg.max_documents]
+        source = _IndexedSource(source, np.arange(min(cfg.max_documents, len(source))))
+    if split != "all":
+        held = heldout_mask(len(source), cfg.heldout_fraction)
+        source = _IndexedSource(source, np.flatnonzero(held if split == "heldout" else ~held))
+        if len(source) == 0:
+            raise ValueError(f"the {split} split is empty (data.heldout_fraction="
+                             f"{cfg.heldout_fraction} of the documents)")
+    ds = grain.MapDataset.source(source)
     total = len(ds)
     ds = ds[process_index::process_count]
     if len(ds) == 0:
@@ -171,7 +232,9 @@ def build_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int = 
         ds = ds.shuffle(seed) if len(ds) > _SMALL_SHUFFLE else _PermutedMapDataset(ds, seed)
     if cfg.num_epochs != 1:
         ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map(DocumentTokenizer(tokenizer, fmt, cfg.bad_data, cfg.add_bos))
+    ds = ds.map(DocumentTokenizer(tokenizer, fmt, cfg.bad_data, cfg.add_bos,
+                                  max_chars=cfg.max_document_chars,
+                                  long_documents=cfg.long_documents))
     docs = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                 prefetch_buffer_size=cfg.read_buffer_size))
     if cfg.num_workers > 0:
@@ -180,7 +243,7 @@ def build_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int = 
             num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
     segments = packing.SegmentsIterDataset(
         docs, seq_len=seq_len, long_documents=cfg.long_documents, docs_per_epoch=docs_per_epoch,
-        initial_stats={"empty_files": len(empty_files)})
+        initial_stats={"empty_files": len(empty_files)}, tokenizer=tokenizer)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     packed = packing.pack(segments, seq_len=seq_len, seed=seed, pad_id=pad_id,
                           num_packing_bins=cfg.num_packing_bins or batch_size)

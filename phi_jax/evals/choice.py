@@ -16,23 +16,39 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from phi_jax.evals import scoring
+from phi_jax.errors import InputError, MissingFileError
+from phi_jax.inference import scoring
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """Examples from a JSONL file, validated; errors name the line and the fix."""
     examples = []
-    with open(path) as f:
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise MissingFileError(f"{path}: cannot read the choice data ({e.strerror})") from None
+    with f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            ex = json.loads(line)
+            try:
+                ex = json.loads(line)
+            except ValueError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e}); each line needs "
+                                 '{"context": str, "choices": [str, ...], "label": int}') from None
+            if not isinstance(ex, dict):
+                raise InputError(f"{path}:{n}: expected a JSON object, got {type(ex).__name__}")
             missing = {"context", "choices", "label"} - set(ex)
             if missing:
-                raise ValueError(f"{path}:{n}: missing keys {sorted(missing)}; each line needs "
+                raise InputError(f"{path}:{n}: missing keys {sorted(missing)}; each line needs "
                                  '{"context": str, "choices": [str, ...], "label": int}')
+            if not (isinstance(ex["choices"], list) and ex["choices"]
+                    and all(isinstance(c, str) for c in ex["choices"])):
+                raise InputError(f"{path}:{n}: choices must be a non-empty list of strings")
+            if not isinstance(ex["context"], str):
+                raise InputError(f"{path}:{n}: context must be a string")
             if not (isinstance(ex["label"], int) and 0 <= ex["label"] < len(ex["choices"])):
-                raise ValueError(f"{path}:{n}: label {ex['label']!r} is not an index into its "
+                raise InputError(f"{path}:{n}: label {ex['label']!r} is not an index into its "
                                  f"{len(ex['choices'])} choices")
             examples.append(ex)
     return examples

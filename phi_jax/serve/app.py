@@ -25,9 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from phi_jax.errors import InputError
+from phi_jax.inference.sampling import SamplingParams
 from phi_jax.serve import protocol
 from phi_jax.serve.chat import ChatTemplateError, render_chat
-from phi_jax.serve.engine import Engine, EngineStoppedError, QueueFullError, SamplingParams, TokenEvent
+from phi_jax.serve.engine import Engine, EngineStoppedError, QueueFullError, TokenEvent
 from phi_jax.serve.protocol import APIError
 from phi_jax.serve.text import TextAssembler, TokenRecord
 
@@ -44,12 +46,15 @@ class ServerConfig:
       chat_template: Jinja template; None = the tokenizer's, else `chat.DEFAULT_CHAT_TEMPLATE`.
       add_bos: prepend the BOS token to every prompt (Phi models are trained without it).
       max_body_bytes: larger request bodies are refused with 413.
+      body_timeout_s: a request body not received within this many seconds is answered 408
+        (a client trickling its body would otherwise hold a connection forever).
     """
 
     model_name: str = "phi"
     chat_template: str | None = None
     add_bos: bool = False
     max_body_bytes: int = 4 * 2**20
+    body_timeout_s: float = 30.0
 
 
 @dataclasses.dataclass
@@ -88,9 +93,9 @@ class _Generation:
         except EngineStoppedError as e:
             self.cancel()
             raise APIError(503, str(e), type="server_error", code="engine_unavailable") from None
-        except ValueError as e:  # plan_tokens checks first; this is the engine's own word on it
+        except InputError as e:  # plan_tokens checks first; this is the engine's own word on it
             self.cancel()
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=getattr(e, "field", None)) from None
 
     def _sink(self, loop, index):
         return lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
@@ -126,6 +131,9 @@ class _Generation:
         if event.finish_reason == "cancelled" and self.cancelled:
             choice.finish_reason = "cancelled"
             return delta
+        if event.finish_reason == "error":
+            raise APIError(500, f"generation failed for this request ({event.error}); the server "
+                                "carries on", type="server_error", code="generation_failed")
         if event.finish_reason == "cancelled":
             engine = self.server.engine
             raise APIError(503, "the generation engine stopped before this request finished"
@@ -166,7 +174,11 @@ class _Server:
         if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
             raise APIError(413, f"the request body ({declared} bytes) is larger than the limit of "
                                 f"{self.config.max_body_bytes} bytes")
-        body = await request.body()
+        try:
+            body = await asyncio.wait_for(self._read_body(request), self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body was not received within "
+                                f"{self.config.body_timeout_s:g} s", code="request_timeout") from None
         if len(body) > self.config.max_body_bytes:
             raise APIError(413, f"the request body is larger than {self.config.max_body_bytes} bytes")
         req = protocol.parse_request(body, schema)
@@ -175,6 +187,16 @@ class _Server:
                                 f"{self.config.model_name!r} (see GET /v1/models)", param="model",
                            code="model_not_found")
         return req
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, read chunk by chunk and refused as soon as it passes the size limit."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.config.max_body_bytes:
+                raise APIError(413, f"the request body is larger than {self.config.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def plan_tokens(self, prompts: list[list[int]], req, default: int | None, prompt_param: str):
         """max_tokens per prompt; 400 when a prompt (plus max_tokens) cannot fit the context."""

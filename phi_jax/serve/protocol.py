@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 5
+MAX_NESTING = 32  # the deepest request OpenAI's schemas need is ~5 levels
+_TOO_DEEP = object()
 
 
 class APIError(Exception):
@@ -156,12 +158,30 @@ def _param(loc: tuple) -> str:
     return out
 
 
+def _nesting(value: Any) -> int:
+    """Depth of nested lists/dicts, found iteratively (a deep body must not recurse here either)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if deepest > MAX_NESTING:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def parse_request(body: bytes, schema: type[BaseModel]) -> Any:
     """JSON bytes -> a validated request; raises APIError(400) naming the offending field."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:
+        data = _TOO_DEEP
+    if data is _TOO_DEEP or _nesting(data) > MAX_NESTING:
+        raise APIError(400, f"the request body is nested more than {MAX_NESTING} levels deep; no "
+                            "OpenAI request needs that")
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:

@@ -35,8 +35,8 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     t.log_every = 10
     t.max_nonfinite_streak = 5  # stop after this many skipped (NaN/inf) steps in a row
     t.stop_at_step = 0  # >0: checkpoint and stop once this step is done (time-sliced jobs)
-    t.inject_nan_at = ()  # fault injection (tests): steps whose loss is made NaN
-    t.kill_after_save_start = 0  # fault injection (tests): SIGKILL itself right after starting this save
+    t.eval_every = 0  # held-out loss every N steps (0 = at each checkpoint) and at the end
+    t.eval_batches = 8  # batches of the held-out split per evaluation (0 = no held-out eval)
     t.init_from_hf = ""  # start from an HF checkpoint dir (fine-tuning)
     t.peak_flops_per_device = 0.0  # 0 = from the device table (MFU omitted if unknown)
     t.progress_bar = True

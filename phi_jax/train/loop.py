@@ -26,18 +26,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from phi_jax import sharding
+from phi_jax import checkpoint, sharding
 from phi_jax.config import ModelConfig
+from phi_jax.errors import ConfigError, RunError
 from phi_jax.model import Phi
-from phi_jax.train import checkpoint
+from phi_jax.train import _faults, heldout
+from phi_jax.train.config_file import validate_training
 from phi_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from phi_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from phi_jax.train.step import init_state, make_train_step
+from phi_jax.train.step import all_finite, init_state, make_train_step
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
@@ -116,32 +118,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     """Train (or resume) the run in `workdir`. Returns a summary with this invocation's losses."""
     from phi_jax.data import pipeline
 
+    validate_training(config)  # before anything is written: a bad value leaves no workdir behind
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
     primary = jax.process_index() == 0
     model_config = model_config_from(config)
     model = Phi(model_config)
-
-    # ------------------------------------------------------------------- tokenizer and data
-    tokenizer = _tokenizer(config, workdir)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                         f"{model_config.vocab_size}; set --config.model.vocab_size="
-                         f"{tokenizer.vocab_size} (or larger)")
     if tc.seq_len > model_config.max_len:
-        raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_len={model_config.max_len}; "
-                         "raise model.max_len or shorten the sequences")
-
+        raise ConfigError(f"--config.train.seq_len={tc.seq_len} exceeds model.max_len="
+                          f"{model_config.max_len}; raise model.max_len or shorten the sequences")
     # ------------------------------------------------------------------------ mesh, shapes
     mesh = sharding.make_mesh(dict(config.mesh.shape))
     rules = sharding.rules_from_config(dict(config.mesh.rules))
     sharding.check_divisibility(model_config, mesh, rules)
     shards, hosts, accum = sharding.batch_divisor(mesh, rules), jax.process_count(), tc.accum_steps
     if tc.batch_size % math.lcm(shards * accum, hosts):
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the batch shards "
+        raise ConfigError(f"--config.train.batch_size={tc.batch_size} must be divisible by the batch shards "
                          f"({shards}) x train.accum_steps ({accum}) and by the hosts ({hosts}); "
                          f"use a multiple of {math.lcm(shards * accum, hosts)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------- tokenizer and data
+    tokenizer = _tokenizer(config, workdir)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                          f"{model_config.vocab_size}; set --config.model.vocab_size="
+                          f"{tokenizer.vocab_size} (or larger)")
+
     schedule = learning_rate_schedule(config.optimizer, tc.steps)
     optimizer = make_optimizer(config.optimizer, tc.steps)
 
@@ -158,7 +161,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     # ------------------------------------------------------------------- data and resume
     data = pipeline.build_dataset(config.data, tokenizer, seq_len=tc.seq_len,
                                   batch_size=tc.batch_size // hosts, seed=tc.seed,
-                                  process_index=jax.process_index(), process_count=hosts)
+                                  process_index=jax.process_index(), process_count=hosts,
+                                  split="train")
     data_iter = iter(data)
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.max_to_keep,
                                       async_save=tc.async_checkpoint)
@@ -195,7 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
     # ------------------------------------------------------------------------ the step
     step_fn = make_train_step(model, optimizer, accum_steps=accum, schedule=schedule,
-                              inject_nan_at=tuple(int(s) for s in tc.inject_nan_at))
+                              nan_steps=_faults.nan_steps())
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     meta = {"model_config": model_config.to_dict(), "data": pipeline.describe(config.data),
@@ -204,10 +208,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             "device_kind": jax.devices()[0].device_kind}
     config_json = config.to_dict()
 
-    def save(step: int, force: bool = False) -> None:
+    state_finite = jax.jit(all_finite)
+
+    def save(step: int, force: bool = False) -> bool:
+        """Save `step` unless the state is not finite (then nothing is written; returns False)."""
+        if not bool(state_finite(state)):  # the step guard should make this impossible; a poisoned
+            log.error("step %d: parameters or optimizer state are not finite; not saving", step)
+            return False  # checkpoint must never become the "last good" one
         params, rest = _split_state(state)
         checkpoint.save(manager, step, params=params, train_state=rest, data_iterator=data_iter,
                         config=config_json, meta=meta, force=force)
+        return True
+
+    held = heldout.build(config, tokenizer, model, param_shardings=state_shardings["params"],
+                         batch_sharding=batch_sharding)
+    eval_every = tc.eval_every or tc.checkpoint_every
+    heldout_losses: list[tuple[int, float]] = []
+
+    def evaluate(step: int) -> None:
+        loss = held.evaluate(state["params"])
+        if loss is not None:
+            heldout_losses.append((step, loss))
+            writer.write(step, {"heldout_loss": loss}, name="eval")
 
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_per_step = model_config.flops_per_token(tc.seq_len) * tokens_per_step
@@ -226,14 +248,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 dt = time.perf_counter() - t0
                 losses.append(float(metrics["loss"]))
                 if not metrics["finite"]:
-                    log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
-                                step, metrics["nonfinite_streak"])
+                    log.warning("step %d: non-finite loss, gradient or update; update skipped (%d in "
+                                "a row)", step, metrics["nonfinite_streak"])
                     if metrics["nonfinite_streak"] >= tc.max_nonfinite_streak:
                         where = (f"step {last_saved} in {manager.directory}" if last_saved is not None
                                  else "none (no checkpoint was written yet)")
                         raise NonFiniteError(
-                            f"{metrics['nonfinite_streak']} steps in a row had a non-finite loss or "
-                            f"gradient, the last at step {step}; the parameters were not updated by "
+                            f"{metrics['nonfinite_streak']} steps in a row had a non-finite loss, "
+                            f"gradient or update, the last at step {step}; the parameters were not updated by "
                             f"them. Last good checkpoint: {where}. Lower optimizer.lr, check the "
                             "data, then rerun with the same --workdir to resume from it.")
                 if step % tc.log_every == 0 or step == tc.steps - 1:
@@ -251,23 +273,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 due = done % tc.checkpoint_every == 0 or done == tc.steps or stopping
                 if due and metrics["nonfinite_streak"] > 0 and done != tc.steps:
                     log.warning("step %d: not checkpointing during a run of skipped steps", done)
-                elif due:
-                    save(done, force=True)
-                    if done == tc.kill_after_save_start:
-                        os.kill(os.getpid(), signal.SIGKILL)  # the save is still in flight
+                elif due and save(done, force=True):
+                    _faults.after_save_started(done)
                     last_saved = done
+                if held.enabled and (done % eval_every == 0 or done == tc.steps or stopping):
+                    evaluate(done)
                 if stopping:
                     break
+            if start >= tc.steps and held.enabled:  # already finished: still report where it stands
+                evaluate(start)
     finally:
         manager.wait_until_finished()
         writer.close()
-    summary = {"start_step": start, "end_step": int(jax.device_get(state["step"])), "losses": losses,
+    summary = {"start_step": start, "end_step": int(jax.device_get(state["step"])),
+               "total_steps": tc.steps, "losses": losses,
+               "heldout": [{"step": s, "loss": l} for s, l in heldout_losses],
+               "heldout_tokens": held.tokens,
                "nonfinite_total": int(jax.device_get(state["nonfinite_total"])),
                "data_stats": pipeline.data_stats(data_iter).as_dict(),
+               "checkpoints": sorted(manager.all_steps()), "workdir": str(workdir),
                "finished": datetime.datetime.now().isoformat(timespec="seconds")}
-    if primary:
-        log.info("trained steps %d..%d; loss %s -> %s", start, summary["end_step"],
-                 f"{losses[0]:.4f}" if losses else "-", f"{losses[-1]:.4f}" if losses else "-")
     return summary
 
 

@@ -62,14 +62,15 @@ class MetricsWriter:
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def write(self, step: int, scalars: dict[str, Any]) -> None:
+    def write(self, step: int, scalars: dict[str, Any], name: str = "train") -> None:
+        """One metrics.jsonl line and TensorBoard scalars under `name/` (train or eval)."""
         if not self.enabled:
             return
         clean = {k: (float(v) if not isinstance(v, (bool, int)) else v) for k, v in scalars.items()}
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        for name, value in clean.items():
-            self._tb.add_scalar(f"train/{name}", value, step)
-        if self._bar is not None:
+        for key, value in clean.items():
+            self._tb.add_scalar(f"{name}/{key}", value, step)
+        if self._bar is not None and name == "train":
             self._bar.set_postfix(loss=f"{clean.get('loss', float('nan')):.4f}",
                                   tok_s=f"{clean.get('tokens_per_s', 0):.0f}")
 

@@ -1,11 +1,13 @@
 """The jit-compiled train step: masked next-token loss, gradient accumulation, guarded update.
 
-Letters: A accumulation steps, B micro-batch, L sequence length, V vocab.
+Letters: A accumulation steps, B micro-batch, T sequence length, V vocab.
 
 The state is a plain dict pytree {"step", "params", "opt_state", "rng", "nonfinite_streak",
-"nonfinite_total"} so Orbax saves it as it is. A step whose loss or gradients are not finite is
-skipped: params and optimizer state stay as they were and the counters go up; the loop stops the
-run after too many in a row, so a NaN never reaches parameters or a checkpoint.
+"nonfinite_total"} so Orbax saves it as it is. A step is skipped — params and optimizer state stay
+as they were and the counters go up — when its loss or gradient norm is not finite, *or* when the
+update it would apply is: a finite gradient times a huge learning rate (1e39 overflows float32)
+gives infinite parameters, which a loss-only guard would save as the "last good" checkpoint. The
+loop stops the run after too many skips in a row, so a NaN never reaches parameters or a checkpoint.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ def loss_sums(params, batch: Batch, model: Phi, rng: jax.Array | None, determini
     rngs = None if deterministic else {"dropout": rng}
     logits, _ = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
                             segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B,L]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B,T]
     weights = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(ce * weights), jnp.sum(weights)
 
 
 def _split_micro(batch: Batch, accum_steps: int) -> Batch:
-    """[A*B, L] -> [A, B, L], with micro-batch a taking rows a, a+A, ... (keeps data sharding)."""
+    """[A*B, T] -> [A, B, T], with micro-batch a taking rows a, a+A, ... (keeps data sharding)."""
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
                         .swapaxes(0, 1), batch)
 
@@ -42,12 +44,20 @@ def _where_tree(pred, new, old):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every element of every leaf is finite: one fused reduction (an overflowing
+    global norm would call a tree of large but finite values non-finite)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def make_train_step(model: Phi, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
-                    schedule: Callable | None = None, inject_nan_at: tuple[int, ...] = ()):
+                    schedule: Callable | None = None, nan_steps: tuple[int, ...] = ()):
     """The un-jitted step function (state, batch) -> (state, metrics); the caller jits it.
 
-    `inject_nan_at` is fault injection for testing the non-finite guard: the loss of those steps
-    is multiplied by NaN.
+    `nan_steps` is fault injection for tests of the non-finite guard (`train._faults`): the
+    loss and gradients of those steps are multiplied by NaN.
     """
     deterministic = model.config.resid_pdrop == 0.0 and model.config.embd_pdrop == 0.0
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
@@ -69,15 +79,16 @@ def make_train_step(model: Phi, optimizer: optax.GradientTransformation, *, accu
             accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (jnp.arange(accum_steps), micro))
         denom = jnp.maximum(count, 1.0)
         loss = loss_sum / denom
-        if inject_nan_at:
-            poison = jnp.where(jnp.isin(state["step"], jnp.asarray(inject_nan_at)), jnp.nan, 1.0)
+        if nan_steps:
+            poison = jnp.where(jnp.isin(state["step"], jnp.asarray(nan_steps)), jnp.nan, 1.0)
             loss = loss * poison
             grads = jax.tree.map(lambda g: g * poison, grads)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
+                  & all_finite(opt_state))
         new_state = {
             "step": state["step"] + 1,
             "params": _where_tree(finite, new_params, params),

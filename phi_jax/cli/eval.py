@@ -1,8 +1,8 @@
-"""`phi-jax eval humaneval|perplexity|choice` — wired into phi_jax/cli.py through `register`.
+"""`phi-jax eval`: HumanEval (sandboxed), perplexity and multiple choice for any model.
 
-    phi-jax eval humaneval  --hf=DIR --output=OUT [--num-samples=20 --temperature=0.8 --k=1,10]
-    phi-jax eval perplexity --checkpoint=WORKDIR --source=jsonl --paths=data.jsonl --output=OUT
-    phi-jax eval choice     --hf=DIR --data=arc_easy.jsonl --output=OUT
+    phi-jax eval humaneval  --model=DIR --output=OUT --num-samples=20 --temperature=0.8
+    phi-jax eval perplexity --model=WORKDIR --source=jsonl --paths=data.jsonl --output=OUT
+    phi-jax eval choice     --model=DIR --data=arc_easy.jsonl --output=OUT
 
 Every run writes OUT/<task>_results.json (metrics, settings, timing); HumanEval also writes
 OUT/humaneval_samples.jsonl (one line per sample with its verdict and reason) and
@@ -14,28 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import pathlib
 import time
 from typing import Any
+
+from phi_jax.cli.common import add_model_arguments, load_model
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
     """Add the `eval` subcommand (with humaneval / perplexity / choice) to `subparsers`."""
-    p = subparsers.add_parser("eval", help="evaluate a model: humaneval, perplexity, choice")
+    p = subparsers.add_parser("eval", help="evaluate a model: humaneval, perplexity, choice",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="eval_task", required=True, metavar="TASK")
 
     def common(q: argparse.ArgumentParser) -> None:
-        src = q.add_mutually_exclusive_group(required=True)
-        src.add_argument("--checkpoint", "--workdir", dest="checkpoint",
-                         help="a phi_jax training workdir (latest checkpoint)")
-        src.add_argument("--hf", help="an HF Phi checkpoint directory")
-        q.add_argument("--tokenizer", help="tokenizer dir/file (default: the --hf dir, or "
-                                           "CHECKPOINT/tokenizer)")
+        add_model_arguments(q)
         q.add_argument("--output", required=True, help="directory for results JSON (and PNG)")
-        q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         q.add_argument("--batch-size", type=int, default=8)
         q.set_defaults(func=run)
 
@@ -70,24 +66,18 @@ def register(subparsers) -> None:
     c.add_argument("--limit", type=int, default=0)
 
 
-def _tokenizer(args):
-    from phi_jax.evals import loading
-
-    path = args.tokenizer or args.hf or os.path.join(args.checkpoint, "tokenizer")
-    if not os.path.exists(path):
-        raise SystemExit(f"no tokenizer at {path}; pass --tokenizer=DIR (tokenizer.json or .model)")
-    return loading.load_tokenizer(path)
-
-
 def run(args) -> int:
     """Handler of `phi-jax eval ...`: load, evaluate, write results; returns the exit status."""
-    from phi_jax.evals import loading
+    from phi_jax.errors import InputError
+    from phi_jax.fileio import atomic_write_json
 
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size={args.batch_size}: must be >= 1")
     out = pathlib.Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output={out} is a file; give a directory")
+    model, variables, tokenizer = load_model(args)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(args)
-    model, variables = loading.load_model(hf=args.hf, checkpoint=args.checkpoint,
-                                          dtype=None if args.dtype == "float32" else args.dtype)
     start = time.time()
     task = args.eval_task
     if task == "humaneval":
@@ -97,12 +87,11 @@ def run(args) -> int:
     elif task == "choice":
         metrics = _choice(args, model, variables, tokenizer, out)
     else:  # argparse already restricts the choices
-        raise SystemExit(f"unknown eval task {task!r}")
+        raise InputError(f"unknown eval task {task!r}")
     settings = {k: v for k, v in vars(args).items() if k != "func"}
-    result = {"task": task, "model": {"hf": args.hf, "checkpoint": args.checkpoint},
-              "metrics": metrics, "settings": settings, "seconds": round(time.time() - start, 2)}
-    path = out / f"{task}_results.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"task": task, "model": args.model, "metrics": metrics, "settings": settings,
+              "seconds": round(time.time() - start, 2)}
+    path = atomic_write_json(out / f"{task}_results.json", result)
     print(json.dumps({"task": task, **{k: v for k, v in metrics.items()
                                        if isinstance(v, (int, float, str))}}))
     log.info("wrote %s", path)
@@ -110,7 +99,8 @@ def run(args) -> int:
 
 
 def _humaneval(args, model, variables, tokenizer, out: pathlib.Path) -> dict[str, Any]:
-    from phi_jax.evals import humaneval, sandbox
+    from phi_jax import sandbox
+    from phi_jax.evals import humaneval
 
     problems = humaneval.load_problems()
     if args.limit:

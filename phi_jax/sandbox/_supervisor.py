@@ -1,6 +1,6 @@
 """Sandbox supervisor: a small stdlib-only process that starts one untrusted program and cleans up.
 
-Run by `phi_jax.evals.sandbox` as `python -I -S _supervisor.py CONFIG_JSON` in its own session, with
+Run by `phi_jax.sandbox.execute` as `python -I -S _supervisor.py CONFIG_JSON` in its own session, with
 the program's stdin/stdout/stderr as its fds 0/1/2 and a status pipe on `config["status_fd"]`.
 It is a separate process (not a `preexec_fn`) because the caller is multi-threaded (JAX, a thread
 pool of sandbox runs) and forking a multi-threaded process to run Python code is unsafe; this

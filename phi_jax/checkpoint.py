@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from phi_jax.config import ModelConfig
+from phi_jax.errors import MissingFileError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("params", "train_state", "data", "config", "meta")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """No usable checkpoint could be restored."""
 
 
@@ -176,8 +177,15 @@ def load_params_for_inference(workdir: str | os.PathLike, *, step: int | None = 
     The optimizer state is not read, so this works on a machine with a fraction of the memory
     the run needed.
     """
+    if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
+        raise MissingFileError(f"{workdir} is not a phi_jax workdir (no {CHECKPOINT_DIR}/ in it); "
+                               "train first or convert an HF checkpoint with `phi-jax convert`")
     manager = make_manager(workdir, read_only=True, async_save=False)
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    available = sorted(manager.all_steps(), reverse=True)
+    if step is not None and step not in available:
+        raise MissingFileError(f"{workdir} has no checkpoint step {step}; it has steps "
+                               f"{sorted(available)}")
+    steps = available if step is None else [step]
     if not steps:
         raise CheckpointError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}; train first or "
                               "convert an HF checkpoint with `phi-jax convert`")

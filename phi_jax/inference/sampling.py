@@ -21,11 +21,83 @@ Definitions (what the sort-based version computes, and what this one reproduces)
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from phi_jax.errors import InputError
+
 _SIGN = 0x80000000
+MAX_SEED = 2**63 - 1
+
+
+class SamplingError(InputError):
+    """An invalid sampling parameter; `field` names it (the HTTP layer answers 400 with it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is decoded; temperature 0 is greedy, top_k 0 and top_p 1 are off.
+
+    The CLI (`sample`), the server and `generate` callers check values through `validated`, the
+    one validator, so a bad value gets the same message everywhere and never reaches the device
+    (where, e.g., a top_k past int32 used to overflow inside the engine thread).
+    """
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def validated(self, *, vocab_size: int, context: int | None = None,
+                  prompt_length: int | None = None, flag_prefix: str = "") -> "SamplingParams":
+        """A copy with top_k clipped to the vocabulary (-1 and 0 both mean off), or SamplingError.
+
+        Args:
+          vocab_size: the model's vocabulary size.
+          context: tokens one sequence may hold (prompt + new), when known.
+          prompt_length: the prompt's token count, when known (checked against `context`).
+          flag_prefix: "--" for CLI flags, "" for request fields; only changes the messages.
+        """
+        def fail(field: str, value, need: str):
+            flag = f"{flag_prefix}{field.replace('_', '-') if flag_prefix else field}"
+            raise SamplingError(field, f"{flag}={value!r} is invalid: {need}")
+
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not number(self.temperature) or self.temperature < 0:
+            fail("temperature", self.temperature, "must be a finite number >= 0 (0 = greedy)")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            fail("top_p", self.top_p, "must be in (0, 1] (1 = off)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            fail("top_k", self.top_k, "must be an integer >= 0 (0 or -1 = off)")
+        if (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                or not -MAX_SEED - 1 <= self.seed <= MAX_SEED):
+            fail("seed", self.seed, "must be a 64-bit integer")
+        field = "max_new_tokens" if flag_prefix else "max_tokens"
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            fail(field, self.max_tokens, "must be an integer >= 1")
+        if context is not None and prompt_length is not None:
+            room = context - prompt_length
+            if room < 1:
+                fail("prompt", f"{prompt_length} tokens",
+                     f"the model's context is {context} tokens; shorten the prompt")
+            if self.max_tokens > room:
+                fail(field, self.max_tokens, f"the prompt has {prompt_length} tokens and the "
+                     f"context is {context}, so at most {room} new tokens fit")
+        top_k = 0 if self.top_k <= 0 else min(self.top_k, vocab_size)
+        return dataclasses.replace(self, top_k=top_k, temperature=float(self.temperature),
+                                   top_p=float(self.top_p))
 
 
 def _sortable_keys(x: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """Pod-scale planning on a CPU: compile the real train step ahead of time for N fake devices.
 
-    python -m phi_jax.plan --config=configs/phi-2.py --devices 8 64 256
+    phi-jax plan --config=configs/phi-2.py --devices 8 64 256
 
 For each mesh size a subprocess fakes N CPU devices (XLA_FLAGS must be set before jax starts, so
 one process per size), builds the trainer's own step (`make_train_step`, `make_optimizer`, the
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -342,7 +341,7 @@ def plan(model_config, optimizer_cfg: Mapping[str, Any], seq_len: int, num_devic
                p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     for name in ("PHI_JAX_COORDINATOR", "PHI_JAX_DISTRIBUTED"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-m", "phi_jax.plan", "--worker"], input=json.dumps(job),
+    proc = subprocess.run([sys.executable, "-m", "phi_jax.train.plan", "--worker"], input=json.dumps(job),
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"planning on {num_devices} devices failed:\n{proc.stderr[-4000:]}")
@@ -363,15 +362,6 @@ def _worker() -> None:
     print(json.dumps(results))
 
 
-def load_config(spec: str):
-    """`path/to/config.py[:arg]` -> the locked ConfigDict its get_config(arg) returns."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("phi_jax_plan_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
 def format_table(results: list[dict[str, Any]], accelerators=tuple(ACCELERATORS.values())) -> str:
     """Markdown: one row per (devices, setting), memory and fit, then time and MFU per chip."""
     head = ["devices", "setting", "mesh (d,f,t)", "remat", "rows/device", "GiB/device", "TFLOP/device"]
@@ -390,47 +380,14 @@ def format_table(results: list[dict[str, Any]], accelerators=tuple(ACCELERATORS.
     return "\n".join(lines)
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/phi-2.py"),
-                        help="training config file[:arg] whose model, optimizer and seq_len to plan")
-    parser.add_argument("--devices", type=int, nargs="+", default=[8, 64, 256])
-    parser.add_argument("--remat", choices=["none", "full", "dots_saveable"], default=None,
-                        help="plan only this remat policy (default: the whole grid)")
-    parser.add_argument("--json", help="also write the results here")
-
-
-def _run(args: argparse.Namespace) -> int:
-    from phi_jax.config import ModelConfig
-
-    config = load_config(args.config)
-    model_config = ModelConfig.from_dict(config.model.to_dict())
-    results = []
-    for n in args.devices:
-        settings = [s for s in default_settings(n) if args.remat in (None, s.remat_policy)]
-        results += plan(model_config, config.optimizer.to_dict(), config.train.seq_len, n, settings)
-    print(format_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
-def register(subparsers) -> None:
-    """`phi-jax plan ...`: phi_jax.cli lists this module among its optional subcommands."""
-    parser = subparsers.add_parser("plan", help="memory / step-time plan of a config on N devices, "
-                                                "compiled ahead of time on this CPU")
-    _add_arguments(parser)
-    parser.set_defaults(func=_run)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m phi_jax.plan", description=__doc__.split("\n")[0])
-    _add_arguments(parser)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        _worker()
-        return 0
-    return _run(args)
+    """`python -m phi_jax.train.plan --worker`: one planning job (JSON on stdin), run in its own
+    process because the fake device count is fixed when jax starts. Users run `phi-jax plan`."""
+    parser = argparse.ArgumentParser(prog="python -m phi_jax.train.plan")
+    parser.add_argument("--worker", action="store_true", required=True)
+    parser.parse_args(argv)
+    _worker()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""Arguments shared by the subcommands that load a model, so every one spells them the same."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """--model (with its one-release aliases --hf/--workdir/--checkpoint), --tokenizer, --dtype."""
+    parser.add_argument("--model", "--hf", "--workdir", "--checkpoint", dest="model",
+                        required=required, metavar="PATH",
+                        help="an HF checkpoint directory, a phi_jax training workdir or a .gguf file "
+                             "(--hf, --workdir and --checkpoint are aliases kept for one release)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="workdir only: load this checkpoint step (default: the latest)")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tokenizer directory or file (default: the one beside the model)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+
+
+def load_model(args, *, need_tokenizer: bool = True, layout: str = "inference"):
+    """`phi_jax.inference.load` for the model arguments above."""
+    from phi_jax.inference import loader
+
+    loaded = loader.load(args.model, dtype=args.dtype, step=args.step, tokenizer=args.tokenizer,
+                           layout=layout)
+    if need_tokenizer:
+        loader.require_tokenizer(loaded, args.model)
+    return loaded

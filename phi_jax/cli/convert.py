@@ -1,0 +1,88 @@
+"""`phi-jax convert SRC DST`: between HF checkpoint directories, phi_jax workdirs and GGUF files.
+
+    phi-jax convert path/to/hf-phi-2 runs/phi2           HF dir -> phi_jax workdir (step 0)
+    phi-jax convert runs/tiny exported/tiny-hf           workdir -> HF dir (transformers loads it)
+    phi-jax convert model.gguf exported/model-hf         GGUF -> HF dir (weights, config, tokenizer)
+
+The direction follows from SRC. DST is written whole into a temporary sibling and renamed into
+place; an existing non-empty DST is refused unless --overwrite, and then replaced only once the new
+one is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                    "generation_config.json")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="HF checkpoint dir <-> phi_jax workdir, GGUF -> HF dir",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="an HF checkpoint directory, a phi_jax workdir or a .gguf file")
+    p.add_argument("dst", help="the directory to write (must not exist or be empty, see --overwrite)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: as stored; GGUF: float32)")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    p.add_argument("--step", type=int, default=None, help="workdir SRC: this step (default: latest)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty DST (only once the new output is complete)")
+    p.set_defaults(func=run)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in _TOKENIZER_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+
+
+def run(args) -> int:
+    import phi_jax
+    from phi_jax import checkpoint
+    from phi_jax.errors import InputError
+    from phi_jax.fileio import staged_directory
+    from phi_jax.inference.loader import load, source_kind
+
+    src, dst = Path(args.src), Path(args.dst)
+    if args.max_shard_size_gb <= 0:
+        raise InputError(f"--max-shard-size-gb={args.max_shard_size_gb}: must be > 0")
+    kind = source_kind(src)
+    if dst.resolve() == src.resolve():
+        raise InputError(f"DST {dst} is SRC; choose a separate output directory")
+    if kind == "hf":
+        if args.step is not None:
+            raise InputError("--step applies to a workdir SRC only")
+        loaded = load(src, dtype=args.dtype or "float32", layout="training")
+        with staged_directory(dst, overwrite=args.overwrite) as out:
+            manager = checkpoint.make_manager(out, async_save=False)
+            checkpoint.save(manager, 0, params=loaded.variables["params"],
+                            meta={"model_config": loaded.model.config.to_dict(),
+                                  "converted_from": str(src.absolute())})
+            manager.wait_until_finished()
+            manager.close()
+            copy_tokenizer_files(src, out / "tokenizer")
+        print(f"converted HF checkpoint {src} -> phi_jax workdir {dst} (step 0)")
+        return 0
+    if kind == "workdir":
+        config, variables, step = checkpoint.load_params_for_inference(src, step=args.step)
+        with staged_directory(dst, overwrite=args.overwrite) as out:
+            phi_jax.save_pretrained(out / "model", config, variables, dtype=args.dtype,
+                                    max_shard_size=int(args.max_shard_size_gb * 2**30))
+            for item in (out / "model").iterdir():
+                item.rename(out / item.name)
+            (out / "model").rmdir()
+            copy_tokenizer_files(src / "tokenizer", out)
+        print(f"converted phi_jax workdir {src} (step {step}) -> HF checkpoint {dst}")
+        return 0
+    from phi_jax import gguf
+
+    with staged_directory(dst, overwrite=args.overwrite) as out:
+        gguf.convert_to_hf(src, out, dtype=args.dtype,
+                           max_shard_size=int(args.max_shard_size_gb * 2**30))
+    print(f"converted GGUF {src} -> HF checkpoint {dst}")
+    return 0

@@ -1,0 +1,144 @@
+"""The one loader: any model source -> (model, variables, tokenizer, chat template, metadata).
+
+Sources, told apart by what is on disk:
+  * an HF directory (config.json + safetensors), as the hub and `phi-jax convert` write them;
+  * a phi_jax training workdir (checkpoints/), latest step or a given one, params only (the
+    optimizer state is never read, so inference needs a fraction of training's memory);
+  * a GGUF file (llama.cpp's format; weights dequantized, tokenizer and chat template rebuilt).
+Every command that needs a model (`sample`, `serve`, `eval`, `convert`, `data`, `finetune`) goes
+through `load`, and so does library code that wants "a model from a path".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from phi_jax.errors import InputError, MissingFileError
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What `load` returns.
+
+    Attributes:
+      model: the `phi_jax.model.Phi` module (in the layout that decodes fastest here unless
+        `layout="training"` was asked for).
+      variables: {"params": ...}.
+      tokenizer: a `phi_jax.Tokenizer`, or None when the source has none and none was given.
+      chat_template: the tokenizer's Jinja chat template, or None.
+      metadata: where it came from: {"source": "hf"|"workdir"|"gguf", "path", "step"?, ...}.
+    """
+
+    model: Any
+    variables: dict
+    tokenizer: Any
+    chat_template: str | None
+    metadata: dict
+
+    def __iter__(self):  # model, variables, tokenizer = load(...)
+        return iter((self.model, self.variables, self.tokenizer))
+
+
+def source_kind(path: str | os.PathLike) -> str:
+    """"hf", "workdir" or "gguf" for a model path; a one-line error for anything else."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingFileError(f"model path {str(p)!r} does not exist; pass --model=PATH: an HF "
+                               "checkpoint directory, a phi_jax training workdir or a .gguf file")
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return "gguf"
+        raise InputError(f"model path {str(p)!r} is a file but not a .gguf; pass an HF checkpoint "
+                         "directory, a phi_jax training workdir or a .gguf file")
+    if (p / "checkpoints").is_dir():
+        return "workdir"
+    if (p / "config.json").is_file():
+        return "hf"
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf"
+    present = sorted(x.name for x in p.iterdir())[:8]
+    raise InputError(f"{str(p)!r} is neither an HF checkpoint (config.json), a phi_jax workdir "
+                     f"(checkpoints/) nor a .gguf file (it holds {present}); point --model at one")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A `phi_jax.Tokenizer` from a directory or file (tokenizer.json / .model / .gguf)."""
+    from phi_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(path)
+
+
+def _tokenizer_beside(directory: Path):
+    if any((directory / f).is_file() for f in _TOKENIZER_FILES):
+        return load_tokenizer(directory)
+    return None
+
+
+def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = None,
+         tokenizer: str | os.PathLike | None = None, layout: str = "inference") -> Loaded:
+    """Load a model from any source (see the module docstring).
+
+    Args:
+      path: an HF directory, a workdir, or a .gguf file (or a directory holding exactly one).
+      dtype: parameter and compute dtype ("float32", "bfloat16", "float16").
+      step: workdir only: this checkpoint step instead of the latest.
+      tokenizer: a tokenizer path that overrides the one found beside the model.
+      layout: "inference" (unstacked layers on CPU, where that decodes faster) or "training"
+        (scanned layers, as the trainer builds them).
+    """
+    from phi_jax.config import dtype_name
+    from phi_jax.model import Phi, decode_prefers_unstacked, inference_layout
+
+    if layout not in ("inference", "training"):
+        raise ValueError(f"layout={layout!r}; use 'inference' or 'training'")
+    dtype = dtype_name(dtype)
+    kind = source_kind(path)
+    path = Path(path)
+    unstacked = layout == "inference" and decode_prefers_unstacked()
+    meta: dict[str, Any] = {"source": kind, "path": str(path)}
+    if kind == "hf":
+        from phi_jax import hf
+
+        config, variables = hf.load_hf(path, dtype=dtype, scan_layers=not unstacked)
+        model, found = Phi(config), _tokenizer_beside(path)
+    elif kind == "workdir":
+        from phi_jax import checkpoint
+
+        if step is not None and step < 0:
+            raise InputError(f"--step={step}: checkpoint steps are >= 0")
+        config, variables, loaded_step = checkpoint.load_params_for_inference(path, step=step,
+                                                                             dtype=dtype)
+        log.info("loaded step %d from %s", loaded_step, path)
+        meta["step"] = loaded_step
+        model = Phi(config)
+        if unstacked:
+            model, variables = inference_layout(model, variables)
+        found = _tokenizer_beside(path / "tokenizer")
+    else:
+        raise InputError(f"{path}: loading GGUF files is not supported yet")
+    if step is not None and kind != "workdir":
+        raise InputError(f"--step={step} applies to phi_jax workdirs only; {path} is an {kind} source")
+    tok = load_tokenizer(tokenizer) if tokenizer else found
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
+        raise InputError(f"the tokenizer has {tok.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size}; pass the tokenizer this model was trained with")
+    template = getattr(tok, "chat_template", None) if tok is not None else None
+    return Loaded(model, variables, tok, template, meta)
+
+
+def require_tokenizer(loaded: Loaded, path: str | os.PathLike):
+    """The loaded tokenizer, or a one-line error saying where one should be."""
+    if loaded.tokenizer is None:
+        where = Path(path) / "tokenizer" if loaded.metadata["source"] == "workdir" else Path(path)
+        raise MissingFileError(f"no tokenizer.json or tokenizer.model in {where}; copy the tokenizer "
+                               "files there or pass --tokenizer=PATH")
+    return loaded.tokenizer
