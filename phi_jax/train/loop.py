@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from phi_jax import _faults, checkpoint, sharding
+from phi_jax import _faults, allocator, checkpoint, sharding
 from phi_jax.config import ModelConfig
 from phi_jax.errors import ConfigError, RunError
 from phi_jax.model import Phi
@@ -219,7 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     meta = {"model_config": model_config.to_dict(), "data": pipeline.describe(config.data),
             "versions": {"jax": jax.__version__, "flax": _version("flax"), "optax": _version("optax")},
-            "mesh": dict(mesh.shape), "devices": jax.device_count(),
+            "mesh": dict(mesh.shape), "devices": jax.device_count(), "allocator": allocator.current(),
             "device_kind": jax.devices()[0].device_kind}
     config_json = config.to_dict()
 
