@@ -18,7 +18,7 @@ import argparse
 import importlib
 
 # Modules of phi_jax.cli.data, in the order `phi-jax data --help` lists them.
-STAGES = ("annotate", "filter")
+STAGES = ("annotate", "train_classifier", "score", "filter")
 
 
 def register(subparsers) -> None:
