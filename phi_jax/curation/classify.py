@@ -173,6 +173,7 @@ def train_classifier(annotations: Sequence[str], embedder, *, head: str, output:
     Writes output/{classifier.json, classifier.npz, report.json, report.png, manifest.json}
     (all at once: the directory appears complete or not at all). Returns the report.
     """
+    require("sklearn", extra="data", purpose="training a quality classifier")
     if head not in HEADS:
         raise InputError(f"--head={head!r}; choose one of {', '.join(HEADS)}")
     if not 0.0 < test_fraction < 1.0:

@@ -34,8 +34,8 @@ _LOCK = ".lock"
 
 def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLike, *,
               runner: str = "local", workers: int = 1, shard_size: int = 1000,
-              output_format: str = "jsonl", text_field: str = "text", overwrite: bool = False,
-              beam_options: str | Sequence[str] = (), progress: bool = True) -> dict:
+              output_format: str = "jsonl", text_field: str = "text", max_records: int = 0,
+              overwrite: bool = False, beam_options: str | Sequence[str] = (), progress: bool = True) -> dict:
     """Run `stage` over `inputs` into `output`; returns the completed manifest.
 
     Args:
@@ -47,6 +47,7 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
       shard_size: records per shard (plain-text inputs: files per shard).
       output_format: "jsonl" or "arrayrecord".
       text_field: the text key of foreign JSON records.
+      max_records: process only the first that many input records (0 = all).
       overwrite: replace an output written with other parameters or inputs.
       beam_options: Beam pipeline options (e.g. "--runner=DataflowRunner --project=p ...").
       progress: show a progress bar with ETA on stderr.
@@ -57,11 +58,11 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
         raise InputError(f"--workers={workers}: must be >= 1")
     fmt = records.output_format(output_format)
     output = Path(output)
-    shards = records.plan_shards(inputs, shard_size, text_field=text_field)
+    shards = records.plan_shards(inputs, shard_size, text_field=text_field, max_records=max_records)
     if not shards:
         raise InputError(f"--input={inputs}: no records to process")
     parameters = {**stage.parameters, "shard_size": shard_size, "output_format": fmt,
-                  "text_field": text_field}
+                  "text_field": text_field, "max_records": max_records}
     fingerprints = records.input_fingerprints(shards)
     started, clock = records.now(), time.perf_counter()
     with _locked(output):
