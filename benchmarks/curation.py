@@ -53,7 +53,8 @@ def _tiny_model(directory: pathlib.Path, max_len: int) -> pathlib.Path:
 
     tokenizer = train_bpe(_corpus(), vocab_size=4096)
     config = preset("tiny", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, max_len=max_len)
-    phi_jax.save_pretrained(directory, config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)))
+    variables = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+    phi_jax.save_pretrained(directory, config, variables)
     tokenizer.save(directory)
     return directory
 
@@ -141,8 +142,8 @@ def _classifier(loaded, model_path: str, teacher_dir: pathlib.Path, work: pathli
     memo = _Memo(Embedder(loaded.model, loaded.variables, loaded.tokenizer, max_tokens=max_tokens))
     heads = {}
     for head in HEADS:
-        report = train_classifier([str(labels)], memo, head=head, output=work / f"clf-{head}",
-                                  embedder_info={"path": model_path, "dtype": "float32", "max_tokens": max_tokens})
+        info = {"path": model_path, "dtype": "float32", "max_tokens": max_tokens}
+        report = train_classifier([str(labels)], memo, head=head, output=work / f"clf-{head}", embedder_info=info)
         heads[head] = {k: report["held_out"][k] for k in ("precision", "recall", "f1", "accuracy", "mae", "n")}
         baseline = report["baseline_majority"]["f1"]
     return {"labels": source, "documents": report["train"] + report["test"], "test": report["test"],
@@ -185,8 +186,9 @@ def run(quick: bool = False, model: str | None = None, name: str | None = None, 
     results = {
         "benchmark": "curation", "quick": quick,
         "setup": {"model": model or "tiny preset, random weights, 4k BPE", "name": name, "documents": documents,
-                  "rubric": RUBRIC, "max_tokens": max_tokens, "max_chars": max_chars, "server_slots": max(CONCURRENCY),
-                  "max_len": max_len, "temperature": 0.0, "classifier_documents_if_heuristic": classifier_documents},
+                  "rubric": RUBRIC, "max_tokens": max_tokens, "max_chars": max_chars,
+                  "server_slots": max(CONCURRENCY), "max_len": max_len, "temperature": 0.0,
+                  "classifier_documents_if_heuristic": classifier_documents},
         "annotation": annotation,
         "annotation_speedup_vs_concurrency_1": {c: row["docs_per_s"] / base for c, row in annotation.items()},
         "embedding": embedding,
@@ -208,8 +210,8 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     a.set_ylabel("documents / s")
     a.set_title("annotation (c=1 is the reference)")
     emb = results["embedding"]
-    b.bar(["one per call", "batched (16)"], [emb["one_per_call"]["tokens_per_s"]["median"],
-                                            emb["batched"]["tokens_per_s"]["median"]], color=["gray", "tab:blue"])
+    rates = [emb["one_per_call"]["tokens_per_s"]["median"], emb["batched"]["tokens_per_s"]["median"]]
+    b.bar(["one per call", "batched (16)"], rates, color=["gray", "tab:blue"])
     b.set_ylabel("tokens / s")
     b.set_title("embedding")
     clf = results["classifier"]
@@ -220,7 +222,8 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     c.set_ylabel("held-out F1 (score >= 3)")
     c.set_title(f"classifier, labels: {clf['labels'].split(' ')[0]}, n={clf['documents']}")
     s = results["setup"]
-    fig.suptitle(f"curation, teacher {s['name']}, {s['documents']} documents — {common.subtitle(results['machine'])}")
+    fig.suptitle(f"curation, teacher {s['name']}, {s['documents']} documents — "
+                 f"{common.subtitle(results['machine'])}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -235,7 +238,8 @@ def _print(results: dict[str, Any]) -> None:
               f"{row['completion_tokens_per_s']:>14,.1f}{row['scored']:>8}{row['unparsed']:>10}")
     emb = results["embedding"]
     print(f"embedding tokens/s: batched {emb['batched']['tokens_per_s']['median']:,.0f}, one per call "
-          f"{emb['one_per_call']['tokens_per_s']['median']:,.0f} (x{results['embedding_speedup_vs_one_per_call']:.2f})")
+          f"{emb['one_per_call']['tokens_per_s']['median']:,.0f} "
+          f"(x{results['embedding_speedup_vs_one_per_call']:.2f})")
     clf = results["classifier"]
     print(f"classifier ({clf['labels']}, {clf['documents']} documents, {clf['test']} held out): "
           + ", ".join(f"{h} F1 {v['f1']:.2f}" for h, v in clf["heads"].items())
