@@ -1,8 +1,8 @@
 """One record schema for every curation stage, the shards that hold records, and the manifest.
 
 A record is `{"id": str, "text": str, "meta": {...}}`: every stage reads and writes exactly this,
-and adds what it learned under `meta` (`meta.annotation`, `meta.quality`, ...), so stages chain in
-any order and a record keeps its history. Shards are JSONL (one record per line, UTF-8) or
+and adds what it learned under its own key of `meta` (`meta.annotation`, `meta.quality`, ...),
+keeping the rest, so stages chain in any order and a record carries what earlier stages found. Shards are JSONL (one record per line, UTF-8) or
 ArrayRecord (one JSON-encoded record per entry).
 
 Inputs are planned as `InputShard`s, fixed slices of the inputs, so a run can resume per shard:

@@ -67,6 +67,7 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
     started, clock = records.now(), time.perf_counter()
     with _locked(output):
         manifest = _prepare(output, stage, parameters, fingerprints, overwrite)
+        manifest["status"] = "running"
         manifest["settings"] = {**stage.settings, "runner": runner, "workers": workers}
         records.write_manifest(output, manifest)
         todo = [s for s in shards if finished(output, s, fmt) is None]
