@@ -198,15 +198,17 @@ class Phi(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, return_hidden: bool = False):
         """Args:
           tokens: [B,T] int token ids.
           positions: [B,T] int rotary positions; default: 0..T-1, or continuing from the cache.
           segment_ids: [B,T] int document ids (packed rows; 0 = padding); default: all ones.
           cache: KV cache from `init_cache` (or a previous call), or None.
           deterministic: False enables dropout (needs a "dropout" rng).
+          return_hidden: return the final-normed hidden states [B,T,D] (the model's dtype)
+            instead of logits, for embeddings; the LM head is skipped.
         Returns:
-          (logits [B,T,V] float32, updated cache or None).
+          (logits [B,T,V] float32 or hidden [B,T,D], updated cache or None).
         """
         c = self.config
         tokens = jnp.asarray(tokens)
@@ -248,6 +250,8 @@ class Phi(nn.Module):
                     x, positions, segment_ids, kv_cache, i, q_start)
 
         x = _layer_norm(c, "final_layernorm")(x)
+        if return_hidden:
+            return x, (None if cache is None else _advance(cache, kv_cache, segment_ids))
         lm_head = _dense(c.vocab_size, c.d_model, (axes.EMBED,), (axes.VOCAB,), "BTD,DV->BTV", c,
                          "lm_head")
         logits = lm_head(x).astype(jnp.float32)
@@ -255,9 +259,14 @@ class Phi(nn.Module):
 
         if cache is None:
             return logits, None
-        new_cache = dict(kv_cache)
-        new_cache["lengths"] = cache["lengths"] + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
-        return logits, new_cache
+        return logits, _advance(cache, kv_cache, segment_ids)
+
+
+def _advance(cache: Cache, kv_cache: Cache, segment_ids) -> Cache:
+    """The updated cache: new k/v, and lengths moved past this call's non-padding tokens."""
+    new_cache = dict(kv_cache)
+    new_cache["lengths"] = cache["lengths"] + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+    return new_cache
 
 
 def _check_cache(cache: Cache, config: ModelConfig, batch: int) -> None:

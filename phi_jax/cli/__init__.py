@@ -5,6 +5,7 @@
     phi-jax convert  SRC DST                    HF dir / workdir / .gguf -> the other form
     phi-jax serve    --model=PATH --port=8000
     phi-jax eval     humaneval|perplexity|choice --model=PATH --output=DIR
+    phi-jax data     annotate|train-classifier|score|filter --input=... --output=DIR
     phi-jax plan     --config=configs/phi-2.py --devices 8 64
 
 One style for every subcommand: argparse subparsers, one module per subcommand in this package
@@ -27,7 +28,7 @@ import traceback
 from phi_jax import errors
 
 # Subcommands in the order `phi-jax --help` lists them; each is phi_jax.cli.<name>.
-SUBCOMMANDS = ("train", "sample", "convert", "serve", "eval", "plan")
+SUBCOMMANDS = ("train", "sample", "convert", "serve", "eval", "data", "plan")
 # Subcommands whose unrecognised arguments are `--config.a.b=value` overrides.
 _TAKES_CONFIG_OVERRIDES = ("train", "plan")
 

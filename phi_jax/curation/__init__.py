@@ -1,0 +1,17 @@
+"""Curation: the data recipe of the Phi papers, as steps over records that runners execute.
+
+    records        phi_jax.data.records: the one record schema ({"id", "text", "meta"}), shards,
+                   and the manifest every output directory carries
+    stage.py       a stage = a plain step function over batches of records + its parameters;
+                   `process_shard` runs one over one shard and publishes it atomically
+    runners/       run_stage (plan, resume, manifest, summary); local (processes over shards) and
+                   beam (the same stage as an Apache Beam pipeline)
+    teacher.py     THE teacher client: any OpenAI-compatible endpoint, concurrency, retries,
+                   an on-disk cache written before an answer is used (teacher_cache.py)
+    annotate.py    rubric prompts (prompts/*.txt) -> a teacher's score per record
+    heuristic.py   an offline stand-in teacher, computed from the text itself
+    classify.py    embeddings -> a quality head (ridge / logistic / forest), `meta.quality`
+    filter.py      keep what passes a threshold, count what does not
+
+Teachers are reached over HTTP only; this package never imports the server.
+"""
