@@ -60,7 +60,7 @@ def _quiet_library_logs() -> None:
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:
         pass
-    for name in ("absl", "jax._src.xla_bridge", "jax._src.distributed", "orbax"):
+    for name in ("absl", "jax._src.xla_bridge", "jax._src.distributed", "orbax", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Orbax warns that a checkpoint directory opened read-only "is read only": that is what
     # inference asks for, not a problem, so it must not reach users as a warning.
