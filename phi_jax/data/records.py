@@ -8,7 +8,9 @@ ArrayRecord (one JSON-encoded record per entry).
 Inputs are planned as `InputShard`s, fixed slices of the inputs, so a run can resume per shard:
   * `default`: the embedded corpus (`phi_jax.data.corpus`), id `stdlib:<path>` / `pydoc_data...`;
   * JSONL / ArrayRecord files (`.jsonl`, `.arrayrecord`, `.array_record`): records as above; a
-    foreign line with only a text field is accepted (`text_field`), its id becomes `<file>:<line>`;
+    foreign line with only a text field is accepted (`text_field`), its id becomes `<file>:<line>`,
+    and its other fields are kept under `meta` (so `{"id", "type", "prompt", "answer"}` tasks read
+    with `text_field="prompt"` keep their type and answer; `meta`'s own keys win a clash);
   * a directory holding `manifest.json`: the output shards of an earlier stage;
   * any other file or glob: plain UTF-8 text, one record per file, id = the path.
 Each input file is cut into slices of `shard_size` records (text files: `shard_size` files per
@@ -64,7 +66,8 @@ def record_from_json(obj: Any, where: str, *, default_id: str, text_field: str =
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
         raise InputError(f"{where}: 'meta' must be a JSON object, got {type(meta).__name__}")
-    return make_record(rid, text, meta)
+    extra = {k: v for k, v in obj.items() if k not in ("id", text_field, "meta")}
+    return make_record(rid, text, {**extra, **meta} if extra else meta)
 
 
 def encode_record(record: dict) -> bytes:
