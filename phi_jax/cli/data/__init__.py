@@ -5,8 +5,10 @@ r"""`phi-jax data`: the data recipe, one subcommand per stage.
     phi-jax data train-classifier --annotations=out/ann --embedder=MODEL --head=ridge --output=out/clf
     phi-jax data score            --input=default --classifier=out/clf --output=out/scored
     phi-jax data filter           --input=out/scored --min-quality=3 --output=out/kept
+    phi-jax data tasks            --output=out/tasks --count=400 --seed=0
+    phi-jax data instruct         --tasks=out/tasks --output=out/instruct --teacher=URL --teacher-model=NAME
 
-Stages that map records (annotate, score, filter) share the run flags (--input, --output,
+Stages that map records (annotate, score, filter, instruct) share the run flags (--input, --output,
 --runner=local|beam, --workers, --shard-size, --overwrite, ...): a rerun of the same command
 resumes, finishing only the shards that were not done. Every output directory has a manifest.json.
 Adding a stage is one module here with `register(subparsers)` plus its name in STAGES.
@@ -18,7 +20,7 @@ import argparse
 import importlib
 
 # Modules of phi_jax.cli.data, in the order `phi-jax data --help` lists them.
-STAGES = ("annotate", "train_classifier", "score", "filter")
+STAGES = ("annotate", "train_classifier", "score", "filter", "tasks", "instruct")
 
 
 def register(subparsers) -> None:
