@@ -3,10 +3,12 @@
     phi-jax eval humaneval  --model=DIR --output=OUT --num-samples=20 --temperature=0.8
     phi-jax eval perplexity --model=WORKDIR --source=jsonl --paths=data.jsonl --output=OUT
     phi-jax eval choice     --model=DIR --data=arc_easy.jsonl --output=OUT
+    phi-jax eval tasks      --model=DIR --tasks=out/tasks --split=heldout --output=OUT
 
 Every run writes OUT/<task>_results.json (metrics, settings, timing); HumanEval also writes
 OUT/humaneval_samples.jsonl (one line per sample with its verdict and reason) and
-OUT/humaneval_pass_at_k.png (pass@k against k).
+OUT/humaneval_pass_at_k.png (pass@k against k); tasks writes OUT/tasks_examples.jsonl (each
+answer, its reference and score).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     """Add the `eval` subcommand (with humaneval / perplexity / choice) to `subparsers`."""
-    p = subparsers.add_parser("eval", help="evaluate a model: humaneval, perplexity, choice",
+    p = subparsers.add_parser("eval", help="evaluate a model: humaneval, perplexity, choice, tasks",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="eval_task", required=True, metavar="TASK")
 
@@ -65,6 +67,22 @@ def register(subparsers) -> None:
     c.add_argument("--data", required=True, help='JSONL of {"context", "choices", "label"}')
     c.add_argument("--limit", type=int, default=0)
 
+    t = sub.add_parser("tasks", help="answer tasks as a chat model; exact match / choice accuracy")
+    common(t)
+    t.add_argument("--tasks", required=True,
+                   help="task JSONL files or globs, or an output of `phi-jax data tasks`")
+    t.add_argument("--split", default="heldout", choices=["heldout", "dev", "train", "all"])
+    t.add_argument("--dev-fraction", type=float, default=0.1, help="as the data was built with (tasks "
+                                                                    "without a 'split' field)")
+    t.add_argument("--heldout-fraction", type=float, default=0.1, help="as the data was built with")
+    t.add_argument("--scorer", default="auto", help="auto, exact, choice, or module:function")
+    t.add_argument("--max-new-tokens", type=int, default=256)
+    t.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file (default: the model's own)")
+    t.add_argument("--no-system-message", dest="system_message", action="store_false",
+                   help="no system turn (default: the generic one instruction data is built with)")
+    t.add_argument("--limit", type=int, default=0)
+
 
 def run(args) -> int:
     """Handler of `phi-jax eval ...`: load, evaluate, write results; returns the exit status."""
@@ -76,7 +94,8 @@ def run(args) -> int:
     out = pathlib.Path(args.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output={out} is a file; give a directory")
-    model, variables, tokenizer = load_model(args)
+    loaded = load_model(args)
+    model, variables, tokenizer = loaded
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     task = args.eval_task
@@ -86,6 +105,8 @@ def run(args) -> int:
         metrics = _perplexity(args, model, variables, tokenizer)
     elif task == "choice":
         metrics = _choice(args, model, variables, tokenizer, out)
+    elif task == "tasks":
+        metrics = _tasks(args, loaded, out)
     else:  # argparse already restricts the choices
         raise InputError(f"unknown eval task {task!r}")
     settings = {k: v for k, v in vars(args).items() if k != "func"}
@@ -174,4 +195,24 @@ def _choice(args, model, variables, tokenizer, out: pathlib.Path) -> dict[str, A
     with open(out / "choice_examples.jsonl", "w") as f:
         for rec in res["examples"]:
             f.write(json.dumps(rec) + "\n")
+    return {k: v for k, v in res.items() if k != "examples"}
+
+
+def _tasks(args, loaded, out: pathlib.Path) -> dict[str, Any]:
+    import functools
+
+    from phi_jax.data.tasks import GENERIC_SYSTEM_MESSAGE, read_tasks, select_split
+    from phi_jax.evals import tasks as task_eval
+    from phi_jax.serve.chat import render_chat
+
+    tasks = select_split(read_tasks(args.tasks), args.split, dev_fraction=args.dev_fraction,
+                         heldout_fraction=args.heldout_fraction)
+    if args.limit:
+        tasks = tasks[:args.limit]
+    template = pathlib.Path(args.chat_template).read_text() if args.chat_template else loaded.chat_template
+    res = task_eval.evaluate_tasks(loaded.model, loaded.variables, loaded.tokenizer, tasks,
+                                   functools.partial(render_chat, template=template), scorer=args.scorer,
+                                   system_message=GENERIC_SYSTEM_MESSAGE if args.system_message else None,
+                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    task_eval.write_examples(res, out / "tasks_examples.jsonl")
     return {k: v for k, v in res.items() if k != "examples"}
