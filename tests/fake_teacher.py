@@ -149,3 +149,19 @@ class FakeTeacher:
                 self._send(200, json.dumps(body).encode())
 
         return Handler
+
+
+def kill_when_hung(proc, teacher: FakeTeacher, threads: int, timeout_s: float = 120.0) -> None:
+    """SIGKILL `proc`'s process group once `threads` requests hang on the teacher (after
+    `teacher.hang_after(n)`): every client thread is waiting on the teacher, none is between
+    receiving an answer and caching it."""
+    import os
+    import signal
+
+    deadline = time.monotonic() + timeout_s
+    while teacher.hung < threads:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the client never reached the hang"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import phi_jax
 from phi_jax import cli
 from phi_jax.config import preset
 from phi_jax.curation import classify
@@ -21,6 +20,7 @@ from phi_jax.inference import loader
 from phi_jax.inference.embed import Embedder
 from phi_jax.model import Phi, init_params
 from phi_jax.tokenizer import train_bpe
+from train_helpers import save_tiny_hf
 
 pytest.importorskip("sklearn")
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
@@ -31,12 +31,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     """A random tiny model saved as an HF checkpoint with a byte-level BPE tokenizer beside it."""
-    path = tmp_path_factory.mktemp("hf")
-    tok = train_bpe(TEXTS * 4, vocab_size=300)
-    config = preset("test", vocab_size=300, max_len=256, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    phi_jax.save_pretrained(path, config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)))
-    tok.save(path)
-    return path
+    return save_tiny_hf(tmp_path_factory.mktemp("hf"), TEXTS)
 
 
 def test_return_hidden_is_what_the_lm_head_reads():

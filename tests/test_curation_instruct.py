@@ -9,7 +9,6 @@ each task's strategy is known to produce.
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 
 from fake_strategy_teacher import StrategyTeacher
+from fake_teacher import kill_when_hung
 from phi_jax import cli
 from phi_jax.data import records
 
@@ -212,13 +212,7 @@ def test_a_kill_mid_run_then_restart_pays_for_no_answer_twice(tmp_path):
         teacher.hang_after(dev_asks + 13)  # the 5th answer of the second shard (8 train tasks in the first)
         proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        deadline = time.monotonic() + 120
-        while teacher.hung < 4:  # every client thread waits on the teacher
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the client never reached the hang"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_when_hung(proc, teacher, threads=4)  # every client thread waits on the teacher
         before = set(teacher.asked)
         in_second_shard = sum(teacher.answered.values()) - dev_asks - 8
         assert 5 <= in_second_shard < 10  # requests decided before the hang may still answer

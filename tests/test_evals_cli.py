@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import pytest
 
 import phi_jax
@@ -12,8 +11,7 @@ from phi_jax.config import preset
 from phi_jax import cli
 from phi_jax.evals import choice, perplexity
 from phi_jax.inference import loader
-from phi_jax.model import init_params
-from phi_jax.tokenizer import train_bpe
+from train_helpers import save_tiny_hf
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
          "for i in range(3):\n    print(i)\n"]
@@ -22,14 +20,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over t
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A random tiny model saved as an HF checkpoint, with a byte-level BPE tokenizer beside it."""
-    path = tmp_path_factory.mktemp("hf")
-    tok = train_bpe(TEXTS * 4, vocab_size=300)
-    config = preset("test", vocab_size=300, max_len=512, eos_token_id=tok.eos_id,
-                    bos_token_id=tok.bos_id)
-    variables = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
-    phi_jax.save_pretrained(path, config, variables)
-    tok.save(path)
-    return path
+    return save_tiny_hf(tmp_path_factory.mktemp("hf"), TEXTS, max_len=512)
 
 
 def _parse(argv):

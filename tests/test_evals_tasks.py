@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import json
 
-import jax
 import pytest
 
-import phi_jax
 from phi_jax import cli
-from phi_jax.config import preset
 from phi_jax.data.tasks import GENERIC_SYSTEM_MESSAGE
 from phi_jax.evals.tasks import evaluate_tasks, tasks_report
 from phi_jax.inference import loader
 from phi_jax.inference.decode import generate
-from phi_jax.model import init_params
 from phi_jax.serve.chat import render_chat
-from phi_jax.tokenizer import train_bpe
+from train_helpers import save_tiny_hf
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "What does add(1, 2) return? Answer: 3",
          "Which function has this docstring? A. add B. sub"]
@@ -29,12 +25,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "What does add(1, 2) return? Answ
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf")
-    tok = train_bpe(TEXTS * 4, vocab_size=300)
-    config = preset("test", vocab_size=300, max_len=256, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    phi_jax.save_pretrained(path, config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)))
-    tok.save(path)
-    return path
+    return save_tiny_hf(tmp_path_factory.mktemp("hf"), TEXTS)
 
 
 def _alone(loaded, prompt: str, max_new_tokens: int = 6) -> str:
