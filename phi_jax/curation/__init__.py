@@ -12,6 +12,11 @@
     heuristic.py   an offline stand-in teacher, computed from the text itself
     classify.py    embeddings -> a quality head (ridge / logistic / forest), `meta.quality`
     filter.py      keep what passes a threshold, count what does not
+    strategies.py  Orca-2 strategy prompt files (prompts/strategies/), the type -> strategy map,
+                   the 13-word leak check
+    instruct.py    Orca-2 instruction data: strategy answers stored under a generic system
+                   message; strategy selection on a dev split
+    corpus_tasks.py  tasks with checkable references from the embedded corpus
 
 Teachers are reached over HTTP only; this package never imports the server.
 """
