@@ -74,6 +74,7 @@ def _right(task_id: str) -> str:
 # The strategy each type is answered correctly under (the known answer of the selection).
 BEST = {"a": "step_by_step", "l": "extract_generate"}
 QUOTE_LONG, QUOTE_SHORT, EMPTY, REFUSED = "a7", "a8", "l9", "a10"
+DEV_QUOTE = "a3"  # a dev task whose best-strategy answer quotes the prompt: it scores 0
 
 
 def _reply(strategy, prompt):
@@ -84,7 +85,8 @@ def _reply(strategy, prompt):
         return "   "
     correct = strategy == BEST[tid[0]] or (strategy == "recall_reason_generate" and int(tid[1:]) % 2 == 0)
     answer = f"Working under {strategy}.\nAnswer: {_right(tid) if correct else 'no idea'}"
-    if tid == QUOTE_LONG:  # a 20-word quote, shouted and re-punctuated: still a leak
+    if tid == QUOTE_LONG or (tid == DEV_QUOTE and strategy == "step_by_step"):
+        # a 20-word quote, shouted and re-punctuated: still a leak
         quoted = " ".join(_words(PROMPTS[strategy])[:20]).upper().replace(" ", ", ", 3)
         answer = f"My instructions say: {quoted}!\n{answer}"
     elif tid == QUOTE_SHORT:  # 12 words of it: below the 13-word span, kept
@@ -171,9 +173,10 @@ def test_dev_selection_picks_the_strategy_the_teacher_answers_best_under(tmp_pat
                               f"--strategy-map={_map_file(tmp_path)}")) == 0
     selection = records.read_manifest(out)["parameters"]["strategy_selection"]
     assert selection["arith"]["strategy"] == "step_by_step" and selection["arith"]["dev_tasks"] == 4
-    assert selection["arith"]["scores"] == {"step_by_step": 1.0, "recall_then_generate": 0.0,
+    assert selection["arith"]["scores"] == {"step_by_step": 0.75, "recall_then_generate": 0.0,
                                             "recall_reason_generate": 0.5, "extract_generate": 0.0,
-                                            "direct_answer": 0.0}
+                                            "direct_answer": 0.0}  # the leaking dev answer scores 0
+    assert selection["arith"]["unusable"]["step_by_step"] == 1
     assert selection["lookup"]["strategy"] == "extract_generate"  # not the map's recall_then_generate
     assert selection["lookup"]["scores"]["extract_generate"] == 1.0
     assert selection["chat"] == {"strategy": "direct_answer", "chosen_by": "map (no dev tasks)",

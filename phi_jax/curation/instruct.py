@@ -13,7 +13,8 @@ schema is in `phi_jax.data.tasks`). Which strategy a type gets:
     dev tasks under every strategy; the answers are scored against the references (the scorer:
     exact match, choice accuracy, or yours) and the best mean wins. A tie keeps the map's choice if
     it is among the best, else the first best in strategy order; a type without dev tasks keeps
-    the map's. The choice and every strategy's mean score go into the manifest's parameters
+    the map's. An answer that would be dropped (below) scores 0 there: selection measures what
+    would be stored. The choice and every strategy's mean score go into the manifest's parameters
     (`strategy_selection`), the per-task scores into `strategy_selection.json`.
 Dev and held-out tasks are never trained on: they are dropped and counted (`dev_split`,
 `heldout_split`), so the held-out split stays clean for the before/after evaluation.
@@ -66,14 +67,16 @@ def _prompt(strategy: Strategy, task: Task) -> Prompt:
     return Prompt(teacher_messages(strategy, task), strategy.sha256)
 
 
-def _unusable(answer: Answer) -> str | None:
-    """Why an answer cannot be used (a drop reason), or None."""
+def _unusable(answer: Answer, leak: LeakCheck) -> str | None:
+    """Why an answer cannot be stored (a drop reason), or None."""
     if answer.error is not None:
         return "teacher_refused"
     if not (answer.text or "").strip():
         return "empty_answer"
     if answer.finish_reason == "length":
         return "truncated_answer"
+    if leak.leaks(answer.text):
+        return "leaked_strategy_prompt"
     return None
 
 
@@ -84,7 +87,7 @@ def select_strategies(tasks: Sequence[Task], strategies: Sequence[Strategy], cli
     """Choose each type's strategy on its dev tasks (see the module docstring).
 
     Returns (summary, details): summary = {type: {"strategy", "chosen_by", "dev_tasks", "scores":
-    {strategy: mean score}, "unusable": {strategy: answers scored 0 because unusable}}};
+    {strategy: mean score}, "unusable": {strategy: answers that would be dropped, scored 0}}};
     details = one row per (dev task, strategy) with its score and the teacher's answer.
     """
     score = load_scorer(scorer)
@@ -100,14 +103,12 @@ def select_strategies(tasks: Sequence[Task], strategies: Sequence[Strategy], cli
     unusable: collections.Counter = collections.Counter()
     details = []
     for (task, strategy), answer in zip(asks, answers):
-        reason = _unusable(answer)
+        reason = _unusable(answer, leak)
         value = 0.0 if reason else checked_score(score, answer.text, task, f"--scorer={scorer}")
         unusable[task.type, strategy.name] += reason is not None
         scores[task.type, strategy.name].append(value)
         details.append({"id": task.id, "type": task.type, "strategy": strategy.name, "score": value,
-                        "unusable": reason,
-                        "leaks_strategy_prompt": bool(answer.text and leak.leaks(answer.text)),
-                        "answer": answer.text})
+                        "unusable": reason, "answer": answer.text})
     summary = {}
     for task_type in types:
         mapped = fallback.strategy_of(task_type)
@@ -181,9 +182,7 @@ class _InstructStep:
         answers = self._client.ask([_prompt(s, task) for task, s in train], counts)
         kept = []
         for (task, strategy), answer in zip(train, answers):
-            reason = _unusable(answer)
-            if reason is None and self._leak.leaks(answer.text):
-                reason = "leaked_strategy_prompt"
+            reason = _unusable(answer, self._leak)
             if reason is not None:
                 counts.drop(reason)
                 continue
