@@ -50,6 +50,8 @@ OPTIONS = ("dedent", "indent", "fill", "wrap")
     ("**Answer:** (A)", "A"),
     ("I would pick option B here, since it indents.", "B"),
     ("Answer: indent", "B"),  # the option's text
+    ("A. dedent\nB. indent\nC. fill\nD. wrap", None),  # the options echoed: no choice
+    ("A. dedent\nB. indent\nC. fill\nD. wrap\n\nThe answer is D. wrap.", "D"),
     ("A list of lines.", None),  # the article is not an option
     ("Answer: E", None),  # not among four options
     ("no idea", None),

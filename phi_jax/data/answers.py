@@ -37,6 +37,7 @@ _FENCE = re.compile(r"^```[\w-]*\s*$", re.M)
 _TIGHT = re.compile(r"\s*([,:;()\[\]{}])\s*")
 _QUOTES = ("''", '""', "``")
 _LETTER_ALONE = re.compile(r"^(?:\(([A-Z])\)|([A-Z])(?:[.):](?:\s|$)|$))")
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s", re.M)
 _LETTER_MENTION = re.compile(r"\b(?i:answer|option|choice)\s*(?i:is)?\s*:?\s*\(?([A-Z])\b")
 
 
@@ -52,15 +53,18 @@ def normalize(text: str) -> str:
     return _TIGHT.sub(r"\1", text)
 
 
+def _after_marker(answer: str) -> str | None:
+    """The line after the last "Answer:" / "the answer is" marker, if there is one."""
+    markers = list(_MARKER.finditer(answer))
+    rest = answer[markers[-1].end():].strip() if markers else ""
+    return rest.splitlines()[0].strip() if rest else None
+
+
 def concluding_parts(answer: str) -> list[str]:
     """What an answer concludes, most specific first: after its last answer marker, its last
     non-empty line, the whole answer."""
-    parts = []
-    markers = list(_MARKER.finditer(answer))
-    if markers:
-        rest = answer[markers[-1].end():].strip()
-        if rest:
-            parts.append(rest.splitlines()[0].strip() or rest)
+    after = _after_marker(answer)
+    parts = [after] if after else []
     lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
     if lines:
         parts.append(lines[-1])
@@ -79,11 +83,16 @@ def extract_choice(answer: str, choices: tuple[str, ...] | None = None, count: i
 
     Tried in order: a letter standing alone where the answer concludes ("Answer: (B)", "B."),
     "the answer is B" / "option B" anywhere (the last one), then (with `choices`) the one option
-    whose text is what the answer concludes.
+    whose text is what the answer concludes. An answer that lists the options ("A. x", "B. y", ...)
+    picks only through a marker: its last line is the list's, not a choice.
     """
     count = len(choices) if choices else count
     valid = LETTERS[:count]
-    for part in concluding_parts(answer)[:2]:
+    parts = concluding_parts(answer)
+    if len(set(_OPTION_LINE.findall(answer))) >= 2:
+        after = _after_marker(answer)
+        parts = [after] if after else []
+    for part in parts[:2]:
         found = _LETTER_ALONE.match(part.strip().strip("*_`").strip())
         letter = found and (found.group(1) or found.group(2))
         if letter and letter in valid:
@@ -93,7 +102,7 @@ def extract_choice(answer: str, choices: tuple[str, ...] | None = None, count: i
         return mentions[-1]
     if choices:
         options = [normalize(c) for c in choices]
-        for part in concluding_parts(answer):
+        for part in parts:
             hits = [i for i, option in enumerate(options) if option == normalize(part)]
             if len(hits) == 1:
                 return LETTERS[hits[0]]
