@@ -7,6 +7,9 @@ else the whole message), so a test decides per document what the teacher does on
                           faults=lambda doc, attempt: "500" if attempt == 0 else None)
     with teacher:  ... teacher.url ...; teacher.answered[doc] counts the valid answers served
 
+`answer_of(doc)` instead of `score_of` gives the whole answer text (synthesis: an exercise or a
+textbook section chosen from the prompt).
+
 Faults: "500", "429" (with Retry-After: `retry_after`), "stall" (nothing for `stall_s`, past the
 client's timeout), "malformed" (truncated JSON), "shape" (JSON that is not a chat completion),
 "400" (a refusal), "404". `hang_after(n)` makes every request after the n-th valid answer block
@@ -33,10 +36,11 @@ def document_of(prompt: str) -> str:
 
 
 class FakeTeacher:
-    def __init__(self, score_of: Callable[[str], int | None],
+    def __init__(self, score_of: Callable[[str], int | None] | None = None,
                  faults: Callable[[str, int], str | None] | None = None, *, retry_after: str = "0",
-                 stall_s: float = 1.5, delay_s: float = 0.0):
+                 stall_s: float = 1.5, delay_s: float = 0.0, answer_of: Callable[[str], str] | None = None):
         self.score_of, self.faults = score_of, faults or (lambda doc, attempt: None)
+        self.answer_of = answer_of
         self.retry_after, self.stall_s, self.delay_s = retry_after, stall_s, delay_s
         self.lock = threading.Lock()
         self.attempts: collections.Counter = collections.Counter()
@@ -136,14 +140,18 @@ class FakeTeacher:
                     return self._send(200, b'{"choices": [{"message": {"content": "Educ')
                 if fault == "shape":
                     return self._send(200, json.dumps({"result": "ok"}).encode())
-                score = teacher.score_of(doc)
-                text = ("A fine file, I suppose." if score is None
-                        else f"Some reasons.\nEducational score: {score}")
+                if teacher.answer_of is not None:
+                    text = teacher.answer_of(doc)
+                else:
+                    score = teacher.score_of(doc)
+                    text = ("A fine file, I suppose." if score is None
+                            else f"Some reasons.\nEducational score: {score}")
+                completion = 5 if teacher.answer_of is None else len(text.split())
                 body = {"id": "x", "object": "chat.completion", "model": request["model"],
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": len(doc.split()) + 10, "completion_tokens": 5,
-                                  "total_tokens": len(doc.split()) + 15}}
+                        "usage": {"prompt_tokens": len(doc.split()) + 10, "completion_tokens": completion,
+                                  "total_tokens": len(doc.split()) + 10 + completion}}
                 with teacher.lock:
                     teacher.answered[doc] += 1
                 self._send(200, json.dumps(body).encode())

@@ -50,7 +50,7 @@ def _quiet_library_logs() -> None:
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:
         pass
-    for name in ("absl", "jax._src.xla_bridge", "jax._src.distributed", "orbax"):
+    for name in ("absl", "jax._src.xla_bridge", "jax._src.distributed", "orbax", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

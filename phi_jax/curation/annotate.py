@@ -19,7 +19,6 @@ yours, which must ask for the same final `Educational score: N` line.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import importlib.resources
@@ -140,10 +139,7 @@ class _AnnotateStep:
         else:
             prompts = [Prompt([{"role": "user", "content": spec.rubric.render(t)}], spec.rubric.sha256)
                        for t in texts]
-            before = collections.Counter(self._client.usage)
-            answers = self._client.ask(prompts)
-            for name, n in (collections.Counter(self._client.usage) - before).items():
-                counts.add(f"teacher_{name}", n)
+            answers = self._client.ask(prompts, counts)
             teacher = spec.teacher.model
         for record, text, answer in zip(records, texts, answers):
             if answer.error is not None:

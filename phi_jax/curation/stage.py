@@ -44,6 +44,20 @@ class Counts:
         self.stage[name] += n
 
 
+class PlannedInputs(Protocol):
+    """Inputs that are computed rather than read from files (a synthesis plan).
+
+    `run_stage` shards them like files, so per-shard resume, markers and the manifest apply
+    unchanged. The shards behave like `InputShard` (`index`, `name`, `size`, `describe()`,
+    `read()`) and pickle (they travel to worker processes and Beam); `read()` must be a pure
+    function of the shard, so a rerun redoes a shard with exactly the same records.
+    """
+
+    def plan_shards(self, shard_size: int) -> list: ...
+
+    def fingerprints(self) -> list[dict[str, Any]]: ...
+
+
 class Step(Protocol):
     def __call__(self, records: list[dict], counts: Counts) -> list[dict]: ...
 

@@ -147,22 +147,28 @@ class TeacherClient:
                                                            thread_name_prefix="teacher")
 
     # ------------------------------------------------------------------------------------ public
-    def ask(self, prompts: Sequence[Prompt]) -> list[Answer]:
+    def ask(self, prompts: Sequence[Prompt], counts=None) -> list[Answer]:
         """Answers to `prompts`, in order, at most `concurrency` requests in flight.
 
         On a fatal error (retries exhausted, wrong URL) no new request starts, the ones in
-        flight finish (and are cached), and the error is raised.
+        flight finish (and are cached), and the error is raised. `counts` (a stage's `Counts`)
+        receives this call's share of `usage` as `teacher_<name>` counters, for the manifest.
         """
+        before = collections.Counter(self.usage)
         stop = threading.Event()
         futures = [self._pool.submit(self._answer, p, stop) for p in prompts]
         try:
-            return [f.result() for f in futures]
+            answers = [f.result() for f in futures]
         except BaseException:
             stop.set()
             for f in futures:
                 f.cancel()
             concurrent.futures.wait(futures)
             raise
+        if counts is not None:
+            for name, n in (collections.Counter(self.usage) - before).items():
+                counts.add(f"teacher_{name}", n)
+        return answers
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -16,41 +16,29 @@ from __future__ import annotations
 
 import argparse
 
-from phi_jax.cli.data.common import add_run_arguments, run
+from phi_jax.cli.data.common import add_run_arguments, add_teacher_arguments, run, teacher_config
 
 
 def register(sub) -> None:
     p = sub.add_parser("annotate", help="score records with a teacher (or the offline heuristic)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
-    p.add_argument("--teacher", required=True,
-                   help="an OpenAI-compatible base URL (http://host:port/v1), or 'heuristic'")
-    p.add_argument("--teacher-model", default="", help="the model name the endpoint serves")
+    add_teacher_arguments(p, heuristic=True)
     p.add_argument("--rubric", default="edu", help="edu (FineWeb-Edu's 0-5 educational value), code "
                                                   "(phi-1's value for learning to code), or a prompt file with {text}")
     p.add_argument("--max-chars", type=int, default=4000, help="characters of each document shown to the teacher")
-    p.add_argument("--teacher-cache", default=None, help="answer cache (default: OUTPUT/teacher_cache.sqlite)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (per worker)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before retrying it")
-    p.add_argument("--max-retries", type=int, default=6, help="retries per request")
-    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry (doubles)")
-    p.add_argument("--max-tokens", type=int, default=512, help="answer length limit")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None, help="sampling seed sent to the teacher")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     from phi_jax.curation.annotate import HEURISTIC, annotate_stage, load_rubric
-    from phi_jax.curation.teacher import TeacherConfig, default_cache_path
+    from phi_jax.curation.teacher import default_cache_path
 
     rubric = load_rubric(args.rubric)
     if args.teacher == HEURISTIC:
         stage = annotate_stage(rubric, None, cache=None, max_chars=args.max_chars)
     else:
-        teacher = TeacherConfig(url=args.teacher, model=args.teacher_model, temperature=args.temperature,
-                                max_tokens=args.max_tokens, seed=args.seed, concurrency=args.concurrency,
-                                timeout_s=args.timeout, max_retries=args.max_retries, backoff_s=args.backoff)
+        teacher = teacher_config(args)
         cache = args.teacher_cache or default_cache_path(args.output)
         stage = annotate_stage(rubric, teacher, cache=cache, max_chars=args.max_chars)
     return run(args, stage)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from phi_jax.curation.stage import MARKERS, Stage, finished
+from phi_jax.curation.stage import MARKERS, PlannedInputs, Stage, finished
 from phi_jax.data import records
 from phi_jax.errors import InputError, RunError
 
@@ -32,7 +32,7 @@ RUNNERS = ("local", "beam")
 _LOCK = ".lock"
 
 
-def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLike, *,
+def run_stage(stage: Stage, inputs: str | Sequence[str] | PlannedInputs, output: str | os.PathLike, *,
               runner: str = "local", workers: int = 1, shard_size: int = 1000,
               output_format: str = "jsonl", text_field: str = "text", overwrite: bool = False,
               beam_options: str | Sequence[str] = (), progress: bool = True) -> dict:
@@ -40,7 +40,8 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
 
     Args:
       stage: the step and its parameters (`phi_jax.curation.stage.Stage`).
-      inputs: comma-separated string or list: files, globs, stage output dirs, "default".
+      inputs: comma-separated string or list: files, globs, stage output dirs, "default"; or
+        `PlannedInputs` (a generator stage's plan, e.g. synthesis prompts).
       output: the output directory (created; resumed if it holds this stage's unfinished run).
       runner: "local" or "beam".
       workers: local worker processes (1 = in this process); Beam DirectRunner workers.
@@ -57,12 +58,19 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
         raise InputError(f"--workers={workers}: must be >= 1")
     fmt = records.output_format(output_format)
     output = Path(output)
-    shards = records.plan_shards(inputs, shard_size, text_field=text_field)
-    if not shards:
-        raise InputError(f"--input={inputs}: no records to process")
+    if isinstance(inputs, (str, list, tuple)):
+        shards = records.plan_shards(inputs, shard_size, text_field=text_field)
+        if not shards:
+            raise InputError(f"--input={inputs}: no records to process")
+        fingerprints = records.input_fingerprints(shards)
+    else:
+        if shard_size < 1:
+            raise InputError(f"--shard-size={shard_size}: must be >= 1")
+        shards, fingerprints = inputs.plan_shards(shard_size), inputs.fingerprints()
+        if not shards:
+            raise InputError(f"stage {stage.name!r}: its plan is empty; nothing to generate")
     parameters = {**stage.parameters, "shard_size": shard_size, "output_format": fmt,
                   "text_field": text_field}
-    fingerprints = records.input_fingerprints(shards)
     started, clock = records.now(), time.perf_counter()
     with _locked(output):
         manifest = _prepare(output, stage, parameters, fingerprints, overwrite)
