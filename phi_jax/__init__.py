@@ -13,9 +13,10 @@ processes that import the package only to unpickle a tokenizing function.
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
+
+from phi_jax import _lazy
 
 __version__ = "0.1.0"
 
@@ -29,13 +30,7 @@ _LAZY = {
     "Tokenizer": "phi_jax.tokenizer",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'phi_jax' has no attribute {name!r}")
+__getattr__ = _lazy.exports(globals(), _LAZY)
 
 
 def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **config_overrides):

@@ -12,6 +12,8 @@ One style for every subcommand: argparse subparsers, one module per subcommand i
 (each has `register(subparsers)` and imports its heavy modules only when it runs, so `--help` is
 instant), `--help` everywhere, and one error path: a `phi_jax.errors.PhiJaxError` becomes a single
 line on stderr and exit code 2 (bad input) or 1 (failure); `--debug` shows the traceback.
+Run as a program, it first re-executes itself under a retaining allocator when one is installed
+(`phi_jax.allocator`; `PHI_JAX_ALLOCATOR=system` opts out).
 """
 
 from __future__ import annotations
@@ -36,10 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="phi-jax", description="Train, sample, serve and evaluate Phi-style language models.",
         epilog="Add --debug to any command to see the traceback of an error.")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"phi_jax.cli.{name}").register(sub)
     return parser
+
+
+def _version() -> str:
+    import phi_jax
+    from phi_jax import allocator
+
+    return f"phi_jax {phi_jax.__version__} (python {sys.version.split()[0]}, allocator {allocator.current()})"
 
 
 def _quiet_library_logs() -> None:
@@ -52,6 +62,10 @@ def _quiet_library_logs() -> None:
         pass
     for name in ("absl", "jax._src.xla_bridge", "jax._src.distributed", "orbax", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Orbax warns that a checkpoint directory opened read-only "is read only": that is what
+    # inference asks for, not a problem, so it must not reach users as a warning.
+    logging.getLogger("absl").addFilter(
+        lambda record: "Given directory is read only" not in record.getMessage())
 
 
 def _pop_debug(argv: list[str]) -> list[str]:
@@ -63,6 +77,10 @@ def _pop_debug(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:] and not {"-h", "--help"} & set(sys.argv[1:]):
+        from phi_jax import allocator  # a process, not a call: only when run as a program
+
+        allocator.reexec_with_retaining_allocator(sys.argv[1:])
     argv = _pop_debug(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_library_logs()

@@ -65,5 +65,5 @@ def run(args) -> int:
         decode.generate(model, variables, [prompt_ids], params.max_tokens,
                         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                         seed=params.seed + n, stop_tokens=list(stop), callback=stream)
-        sys.stdout.write("\n")
+        sys.stdout.write(tokenizer.decode(new_ids)[len(shown[0]):] + "\n")  # what was held back
     return 0

@@ -26,6 +26,8 @@ import time
 import uuid
 from typing import Any, Iterator
 
+from phi_jax.errors import InputError
+
 _SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages",
                         "__pycache__"})
 _TOPIC_PREFIX = "pydoc_data.topics:"
@@ -151,7 +153,7 @@ def get_or_train_tokenizer(workdir: str | os.PathLike, vocab_size: int = 8192):
     meta_file = target / _META_FILE
     cached = json.loads(meta_file.read_text()).get("vocab_size") if meta_file.is_file() else None
     if cached is not None and cached != vocab_size:
-        raise ValueError(f"{target} holds a tokenizer with vocab_size={cached}, but vocab_size="
+        raise InputError(f"{target} holds a tokenizer with vocab_size={cached}, but vocab_size="
                          f"{vocab_size} was requested; use another workdir, or delete {target} if no "
                          "checkpoint there depends on it")
     return tok

@@ -121,10 +121,10 @@ class DocumentTokenizer:
     def __init__(self, tokenizer, fmt: RecordFormat, bad_data: str = "error", add_bos: bool = False,
                  max_chars: int = 0, long_documents: str = "split"):
         if tokenizer.eos_id is None:
-            raise ValueError("the tokenizer has no EOS token, which the pipeline needs between packed "
+            raise InputError("the tokenizer has no EOS token, which the pipeline needs between packed "
                              "documents; set eos_token in tokenizer_config.json")
         if add_bos and tokenizer.bos_id is None:
-            raise ValueError("data.add_bos=True but the tokenizer has no BOS token; set bos_token in "
+            raise InputError("data.add_bos=True but the tokenizer has no BOS token; set bos_token in "
                              "tokenizer_config.json or data.add_bos=False")
         self._tok = tokenizer
         self._fmt = fmt

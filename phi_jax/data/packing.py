@@ -163,7 +163,7 @@ class _SegmentsIterator(grain.DatasetIterator):
                          else "")
         self._consecutive_skips += 1
         if self._consecutive_skips >= self._docs_per_epoch:
-            raise ValueError(f"no usable document: all {self._docs_per_epoch} documents of this host's "
+            raise BadDataError(f"no usable document: all {self._docs_per_epoch} documents of this host's "
                              f"shard were skipped ({self.stats.as_dict()}); check data.paths, "
                              "data.jsonl_field and data.long_documents")
 

@@ -19,6 +19,7 @@ Everything is deterministic given the seed and the number of workers.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import grain
@@ -28,7 +29,7 @@ from ml_collections import config_dict
 
 from phi_jax.data import corpus, packing, sources
 from phi_jax.data.documents import BadDataError, DataStats, DocumentTokenizer, RecordFormat
-from phi_jax.errors import ConfigError
+from phi_jax.errors import ConfigError, InputError
 
 __all__ = ["BadDataError", "DataStats", "build_dataset", "data_stats", "default_data_config",
            "describe", "to_global_batch"]
@@ -101,8 +102,15 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict | dict[str, Any]) -> None:
-    """Raise ConfigError naming `data.<key>` for a value the pipeline cannot use."""
-    _resolve(cfg)
+    """Raise ConfigError naming `data.<key>` for a value the pipeline cannot use, and
+    MissingFileError for input paths that match nothing — before a run creates anything."""
+    cfg = _resolve(cfg)
+    if cfg.source in ("text", "jsonl", "arrayrecord"):
+        files = sources.expand_paths(cfg.paths)
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        if empty and cfg.bad_data == "error":
+            raise BadDataError(f"{empty[0]}: empty file (no records); remove it, or set "
+                               "data.bad_data='skip' to skip and count empty files")
 
 
 def _resolve(cfg: ml_collections.ConfigDict | dict[str, Any]) -> ml_collections.ConfigDict:
@@ -144,7 +152,7 @@ def _make_source(cfg) -> tuple[Any, RecordFormat, list[str]]:
         return corpus.DefaultCorpusSource(), RecordFormat("text", **fields), []
     if cfg.source == "tfds":
         if not cfg.tfds_name:
-            raise ValueError("data.source='tfds' needs data.tfds_name")
+            raise ConfigError("--config.data.source=tfds needs --config.data.tfds_name")
         return (sources.TfdsSource(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir),
                 RecordFormat("features", **fields), [])
     files = sources.expand_paths(cfg.paths)
@@ -219,13 +227,13 @@ def build_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int = 
         held = heldout_mask(len(source), cfg.heldout_fraction)
         source = _IndexedSource(source, np.flatnonzero(held if split == "heldout" else ~held))
         if len(source) == 0:
-            raise ValueError(f"the {split} split is empty (data.heldout_fraction="
+            raise InputError(f"the {split} split is empty (data.heldout_fraction="
                              f"{cfg.heldout_fraction} of the documents)")
     ds = grain.MapDataset.source(source)
     total = len(ds)
     ds = ds[process_index::process_count]
     if len(ds) == 0:
-        raise ValueError(f"no documents for host {process_index} of {process_count}: the {cfg.source} "
+        raise InputError(f"no documents for host {process_index} of {process_count}: the {cfg.source} "
                          f"source has {total} document(s); add data or use fewer hosts")
     docs_per_epoch = len(ds)
     if cfg.shuffle:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from phi_jax.errors import ConfigError, MissingFileError
+
 
 def expand_paths(paths: str | Sequence[str]) -> list[str]:
     """Comma-separated string or list of paths/globs -> sorted, de-duplicated file list.
@@ -26,7 +28,7 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     if isinstance(paths, str):
         paths = [p.strip() for p in paths.split(",") if p.strip()]
     if not paths:
-        raise ValueError("data.paths is empty; set --config.data.paths='a.jsonl,dir/*.jsonl' "
+        raise ConfigError("data.paths is empty; set --config.data.paths='a.jsonl,dir/*.jsonl' "
                          "(comma-separated files or globs)")
     files: list[str] = []
     for pattern in paths:
@@ -35,7 +37,7 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             hint = " (it is a directory: use a glob such as dir/**/*.txt)" if os.path.isdir(pattern) else ""
-            raise FileNotFoundError(f"data path {pattern!r} matches no file{hint}")
+            raise MissingFileError(f"data path {pattern!r} matches no file{hint}")
         files.extend(matches)
     return list(dict.fromkeys(files))
 
@@ -153,7 +155,7 @@ class TfdsSource:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
                                              download=False)
         except Exception as e:  # tfds raises several types for "not prepared".
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"cannot open {self._label} in data_dir={data_dir!r}: {e}. Prepare it first with "
                 "`tfds.builder(name, data_dir=...).download_and_prepare(file_format='array_record')` on a "
                 "machine that can reach its source, then point data.tfds_data_dir at it") from e

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phi_jax.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
@@ -94,7 +96,7 @@ def pack_documents(docs: Sequence[Sequence[int]], row_len: int, batch_size: int
     empty rows (segment 0, loss_mask 0).
     """
     if row_len < 2:
-        raise ValueError(f"row_len must be >= 2, got {row_len}")
+        raise InputError(f"row_len must be >= 2, got {row_len}")
     pieces = [c for d in docs if len(d) >= 2 for c in _chunks(d, row_len)]
     rows: list[list[list[int]]] = []
     free: list[int] = []
@@ -129,7 +131,7 @@ def evaluate_token_lists(model, variables, docs: Sequence[Sequence[int]], *,
     """Loss over tokenized documents, packed here (see `pack_documents`)."""
     row_len = row_len or int(model.config.max_len)
     if row_len > model.config.max_len:
-        raise ValueError(f"row_len {row_len} exceeds the model's max_len {model.config.max_len}")
+        raise InputError(f"row_len {row_len} exceeds the model's max_len {model.config.max_len}")
     res = evaluate_batches(model, variables, pack_documents(docs, row_len, batch_size))
     expected = sum(len(d) - 1 for d in docs if len(d) >= 2)
     if res.num_tokens != expected:  # the accounting promise of this module, checked every run

@@ -7,7 +7,7 @@
     scoring.py   log-likelihoods of continuations (evals, the server's echo + logprobs)
 """
 
-import importlib
+from phi_jax import _lazy
 
 _LAZY = {
     "Loaded": "phi_jax.inference.loader",
@@ -17,13 +17,7 @@ _LAZY = {
     "SamplingParams": "phi_jax.inference.sampling",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'phi_jax.inference' has no attribute {name!r}")
+__getattr__ = _lazy.exports(globals(), _LAZY)
 
 
 __all__ = sorted(_LAZY)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from phi_jax.errors import InputError, MissingFileError
+from phi_jax.errors import InputError, MissingFileError, PhiJaxError
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,21 @@ def source_kind(path: str | os.PathLike) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """A `phi_jax.Tokenizer` from a directory or file (tokenizer.json / .model / .gguf)."""
+    """A `phi_jax.Tokenizer` from a directory or file (tokenizer.json / .model / .gguf).
+
+    A file the tokenizer libraries cannot parse is reported as bad input naming the path, not as
+    their own exception.
+    """
     from phi_jax.tokenizer import Tokenizer
 
-    return Tokenizer.from_pretrained(path)
+    try:
+        return Tokenizer.from_pretrained(path)
+    except PhiJaxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers/sentencepiece raise their own types
+        raise InputError(f"cannot read the tokenizer at {path} ({type(e).__name__}: "
+                         f"{str(e)[:200]}); replace the file with a valid tokenizer.json or "
+                         ".model, or pass --tokenizer=PATH") from e
 
 
 def _tokenizer_beside(directory: Path):
@@ -108,7 +119,12 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
     if kind == "hf":
         from phi_jax import hf
 
-        config, variables = hf.load_hf(path, dtype=dtype, scan_layers=not unstacked)
+        try:
+            config, variables = hf.load_hf(path, dtype=dtype, scan_layers=not unstacked)
+        except PhiJaxError:
+            raise
+        except (ValueError, TypeError, KeyError, OSError) as e:  # hf.py's messages name the file
+            raise InputError(f"cannot load the HF checkpoint in {path}: {e}") from e
         model, found = Phi(config), _tokenizer_beside(path)
     elif kind == "workdir":
         from phi_jax import checkpoint

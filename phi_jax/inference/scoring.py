@@ -2,6 +2,9 @@
 
 Letters: B batch rows, T row length (a power-of-two bucket), V vocab.
 
+`token_logprobs` scores every token of one sequence (with the likeliest alternatives), which is
+what OpenAI's `echo` + `logprobs` returns for the prompt; the server calls it.
+
 A request is (context ids, continuation ids); its score is the sum of log p(continuation token |
 everything before it) and whether every continuation token is the greedy argmax. Each request is
 one row (right-padded, segment id 0 on padding); rows are grouped by length bucket and run in
@@ -17,6 +20,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from phi_jax.errors import InputError
 
 MIN_BUCKET = 16
 
@@ -39,6 +44,44 @@ def _target_logprobs(model, variables, tokens, positions, segment_ids, targets):
 def compiled_scorer(model):
     """`_target_logprobs` jitted once per model (a linen module with a frozen config is hashable)."""
     return jax.jit(functools.partial(_target_logprobs, model))
+
+
+def _token_logprobs(model, top: int, variables, tokens, segment_ids):
+    """For row tokens [1,T]: log p(tokens[t+1] | tokens[:t+1]) [T] and the top-`top` ids and
+    log-probs [T,top] at every position (the last position's are unused)."""
+    logits, _ = model.apply(variables, tokens, segment_ids=segment_ids)
+    logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)  # [T,V]
+    nxt = jnp.concatenate([tokens[0, 1:], jnp.zeros((1,), tokens.dtype)])
+    chosen = jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, top)
+    return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_token_logprobs(model, top: int):
+    return jax.jit(functools.partial(_token_logprobs, model, top))
+
+
+def token_logprobs(model, variables, ids: Sequence[int], top: int = 0):
+    """Per-token log-probabilities of a sequence under the model (the server's `echo` + logprobs).
+
+    Returns (logprobs, top_ids, top_logprobs) as lists of length len(ids) - 1: entry i is about
+    token ids[i + 1] given ids[:i + 1], with the `top` likeliest alternatives at that position.
+    One row padded to a power-of-two bucket, so prompt lengths reuse compiled programs.
+    """
+    max_len = row_length_limit(model)
+    if not 1 <= len(ids) <= max_len:
+        raise InputError(f"a sequence of {len(ids)} tokens cannot be scored: it must have 1 to "
+                         f"{max_len} (the model's max_len) tokens")
+    length = bucket(len(ids), max_len)
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, :len(ids)] = ids
+    segment_ids = (np.arange(length) < len(ids)).astype(np.int32)[None]
+    width = max(1, min(top, model.config.vocab_size))
+    chosen, top_ids, top_lp = jax.device_get(
+        _compiled_token_logprobs(model, width)(variables, tokens, segment_ids))
+    n = len(ids) - 1
+    return (chosen[:n].tolist(), top_ids[:n, :top].tolist(), top_lp[:n, :top].tolist())
 
 
 def row_length_limit(model) -> int:
@@ -67,7 +110,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if not context:
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         if prefix is None:
-            raise ValueError("empty context and the tokenizer has no BOS/EOS token to start from; "
+            raise InputError("empty context and the tokenizer has no BOS/EOS token to start from; "
                              "give every request a non-empty context")
         return [prefix], tokenizer.encode(continuation)
     whole = tokenizer.encode(context + continuation)
@@ -88,11 +131,11 @@ def score_requests(model, variables, requests: Sequence[tuple[Sequence[int], Seq
     rows = []
     for i, (ctx, cont) in enumerate(requests):
         if not cont:
-            raise ValueError(f"request {i} has an empty continuation; there is nothing to score")
+            raise InputError(f"request {i} has an empty continuation; there is nothing to score")
         if not ctx:
-            raise ValueError(f"request {i} has an empty context; start it with the BOS token")
+            raise InputError(f"request {i} has an empty context; start it with the BOS token")
         if len(cont) > max_len:
-            raise ValueError(f"request {i}: continuation of {len(cont)} tokens is longer than the "
+            raise InputError(f"request {i}: continuation of {len(cont)} tokens is longer than the "
                              f"model's max_len {max_len}; score it with rolling windows instead")
         seq = (list(ctx) + list(cont))[-(max_len + 1):]
         rows.append((seq[:-1], seq[1:], len(cont)))  # inputs, targets, scored tail length

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from phi_jax.kernels import backend
 from phi_jax.kernels.cudnn_attention import cudnn_attention, cudnn_cached_attention
 
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows give no NaN
 
 
 def _split_heads(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -65,7 +64,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     scores = jnp.einsum(f"BKMH,{kv_layout}->BKMS", qm.astype(jnp.float32), k.astype(jnp.float32))
     scores = scores * (h ** -0.5)
     mask_m = jnp.tile(mask, (1, groups, 1))[:, None]  # [B,1,M,S], row m is query m % T
-    scores = jnp.where(mask_m, scores, _MASK_VALUE)
+    scores = jnp.where(mask_m, scores, backend.MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(f"BKMS,{kv_layout}->BKMH", probs, v.astype(jnp.float32))
     out = jnp.where(jnp.any(mask_m, axis=-1, keepdims=True), out, 0.0)

@@ -10,7 +10,12 @@ fills uninitialized memory with NaN, so it catches more bugs than the generic in
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
+
+# What every attention implementation writes for a masked score: finite (not -inf), so a row whose
+# keys are all masked gives exp(0)-free sums instead of NaN, and far below any real score.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 SUPPORTED = {
     "attention": {"xla": ("cpu", "gpu", "tpu"),

@@ -24,8 +24,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from phi_jax.kernels.backend import MASK_VALUE
+
 LANES = 128
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _NT = (((1,), (1,)), ((), ()))
 
 

@@ -28,9 +28,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from phi_jax.kernels import block_plan as bp
+from phi_jax.kernels.backend import MASK_VALUE
 
 LANES = 128  # TPU vreg lane count: per-row statistics are kept replicated across it.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 EMPTY_ROW_LSE = -MASK_VALUE  # exp(s - EMPTY_ROW_LSE) == 0: rows that see nothing get no gradient.
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b

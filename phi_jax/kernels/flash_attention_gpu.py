@@ -33,8 +33,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from phi_jax.kernels import block_plan as bp
 from phi_jax.kernels.flash_attention_gpu_bwd import compute_dkv, compute_dq
 from phi_jax.kernels.gpu_ops import (COMPUTE_WGS, EMPTY_ROW_LSE, LOG2E, MASK_VALUE, ROWS,
-                                     GpuBlockSizes, Ops, Static, interpret_params, smem,
-                                     union_range)
+                                     GpuBlockSizes, Ops, Static, interpret_params,
+                                     memory_warpgroup, smem, union_range)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -123,25 +123,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, q_info, k_info, *refs, st: Static,
         plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, n, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == COMPUTE_WGS)
-    def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+    def copies(step, slot):
+        keys = pl.ds((first + step) * bk, bk)
+        yield k_ref.at[b, keys, kvh], k_smem.at[slot], k_bar.at[slot]
+        yield seg_ref.at[b, keys], kseg_smem.at[slot], kseg_bar.at[slot]
+        if kt_ref is not None:
+            yield kt_ref.at[b, kvh, :, keys], kt_smem.at[slot], kt_bar.at[slot]
+        yield v_ref.at[b, keys, kvh], v_smem.at[slot], v_bar.at[slot]
 
-        @pl.loop(0, steps)
-        def _fill(step):
-            slot = lax.rem(step, jnp.int32(stages))
-            keys = pl.ds((first + step) * bk, bk)
-
-            @pl.when(step >= stages)
-            def _():
-                plgpu.barrier_wait(consumed.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], kseg_smem.at[slot], kseg_bar.at[slot])
-            if kt_ref is not None:
-                plgpu.copy_gmem_to_smem(kt_ref.at[b, kvh, :, keys], kt_smem.at[slot],
-                                        kt_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem.at[slot], v_bar.at[slot])
+    pl.when(wg == COMPUTE_WGS)(lambda: memory_warpgroup(steps, stages, consumed, copies))
 
 
 def _forward(q, k, v, seg, plan: bp.BlockPlan, st: Static):

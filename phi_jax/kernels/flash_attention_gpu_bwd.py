@@ -20,7 +20,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from phi_jax.kernels import block_plan as bp
 from phi_jax.kernels.gpu_ops import (COMPUTE_WGS, LOG2E, ROWS, Ops, Static, interpret_params,
-                                     smem, union_range)
+                                     memory_warpgroup, smem, union_range)
 
 
 # ----------------------------------------------------------------------------- backward: dq
@@ -105,27 +105,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, seg_ref, q_info, k_
         plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, n])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == COMPUTE_WGS)
-    def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+    def copies(step, slot):
+        keys = pl.ds((first + step) * bk, bk)
+        yield k_ref.at[b, keys, kvh], k_smem.at[slot], k_bar.at[slot]
+        yield seg_ref.at[b, keys], kseg_smem.at[slot], kseg_bar.at[slot]
+        if kt_ref is not None:
+            yield kt_ref.at[b, kvh, :, keys], kt_smem.at[slot], kt_bar.at[slot]
+            yield vt_ref.at[b, kvh, :, keys], vt_smem.at[slot], vt_bar.at[slot]
+        yield v_ref.at[b, keys, kvh], v_smem.at[slot], v_bar.at[slot]
 
-        @pl.loop(0, steps)
-        def _fill(step):
-            slot = lax.rem(step, jnp.int32(stages))
-            keys = pl.ds((first + step) * bk, bk)
-
-            @pl.when(step >= stages)
-            def _():
-                plgpu.barrier_wait(consumed.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], kseg_smem.at[slot], kseg_bar.at[slot])
-            if kt_ref is not None:
-                plgpu.copy_gmem_to_smem(kt_ref.at[b, kvh, :, keys], kt_smem.at[slot],
-                                        kt_bar.at[slot])
-                plgpu.copy_gmem_to_smem(vt_ref.at[b, kvh, :, keys], vt_smem.at[slot],
-                                        vt_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem.at[slot], v_bar.at[slot])
+    pl.when(wg == COMPUTE_WGS)(lambda: memory_warpgroup(steps, stages, consumed, copies))
 
 
 def compute_dq(q, k, v, d_out, lse, di, seg, plan: bp.BlockPlan, st: Static):
@@ -263,31 +252,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, seg_ref, q_info, k
         plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, keys, n])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == COMPUTE_WGS)
-    def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+    def copies(step, slot):
+        rows = pl.ds((first + step) * bq, bq)
+        yield q_ref.at[b, rows, n], q_smem.at[slot], q_bar.at[slot]
+        if qt_ref is not None:
+            yield qt_ref.at[b, n, :, rows], qt_smem.at[slot], qt_bar.at[slot]
+        for c, (src, dst) in enumerate([(lse_ref.at[b, n, rows], lse_smem),
+                                        (di_ref.at[b, n, rows], di_smem),
+                                        (seg_ref.at[b, rows], qseg_smem)]):
+            yield src, dst.at[slot], row_bar.at[c * stages + slot]
+        yield do_ref.at[b, rows, n], do_smem.at[slot], do_bar.at[slot]
+        if dot_ref is not None:
+            yield dot_ref.at[b, n, :, rows], dot_smem.at[slot], dot_bar.at[slot]
 
-        @pl.loop(0, steps)
-        def _fill(step):
-            slot = lax.rem(step, jnp.int32(stages))
-            rows = pl.ds((first + step) * bq, bq)
-
-            @pl.when(step >= stages)
-            def _():
-                plgpu.barrier_wait(consumed.at[slot])
-
-            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, n], q_smem.at[slot], q_bar.at[slot])
-            if qt_ref is not None:
-                plgpu.copy_gmem_to_smem(qt_ref.at[b, n, :, rows], qt_smem.at[slot],
-                                        qt_bar.at[slot])
-            for c, (src, dst) in enumerate([(lse_ref.at[b, n, rows], lse_smem),
-                                            (di_ref.at[b, n, rows], di_smem),
-                                            (seg_ref.at[b, rows], qseg_smem)]):
-                plgpu.copy_gmem_to_smem(src, dst.at[slot], row_bar.at[c * stages + slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, n], do_smem.at[slot], do_bar.at[slot])
-            if dot_ref is not None:
-                plgpu.copy_gmem_to_smem(dot_ref.at[b, n, :, rows], dot_smem.at[slot],
-                                        dot_bar.at[slot])
+    pl.when(wg == COMPUTE_WGS)(lambda: memory_warpgroup(steps, stages, consumed, copies))
 
 
 def compute_dkv(q, k, v, d_out, lse, di, seg, plan: bp.BlockPlan, st: Static):

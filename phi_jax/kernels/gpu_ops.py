@@ -21,12 +21,32 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from phi_jax.kernels import block_plan as bp
+from phi_jax.kernels.backend import MASK_VALUE
 
 LOG2E = math.log2(math.e)
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 EMPTY_ROW_LSE = -MASK_VALUE
 COMPUTE_WGS = 2
 ROWS = 64  # wgmma M: rows of one compute warpgroup
+
+
+def memory_warpgroup(steps, stages: int, consumed, copies) -> None:
+    """The producer warpgroup shared by every kernel: stream `steps` tiles into a ring of `stages`
+    SMEM slots, waiting for a slot's consumers to release it before refilling it.
+
+    copies(step, slot) lists the (GMEM source, SMEM destination, barrier) copies of one tile.
+    """
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, steps)
+    def _fill(step):
+        slot = lax.rem(step, jnp.int32(stages))
+
+        @pl.when(step >= stages)
+        def _():
+            plgpu.barrier_wait(consumed.at[slot])
+
+        for src, dst, barrier in copies(step, slot):
+            plgpu.copy_gmem_to_smem(src, dst, barrier)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from phi_jax.errors import InputError
+from phi_jax.inference import scoring
 from phi_jax.inference.sampling import SamplingParams
 from phi_jax.serve import protocol
 from phi_jax.serve.chat import ChatTemplateError, render_chat
@@ -267,28 +268,73 @@ class _Server:
                            param="model", code="model_not_found")
         return JSONResponse(self._model_card())
 
+    async def echo_prompt(self, prompt: str | list[int], ids: list[int], top: int | None) -> dict:
+        """The echoed prompt of a completion: its text and (with logprobs) every prompt token's
+        log-probability from `inference.scoring` (the first token has none, as in OpenAI's API)."""
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+        if top is None:
+            return {"text": text, "logprobs": None}
+        loop = asyncio.get_running_loop()
+        lps, top_ids, top_lps = await loop.run_in_executor(
+            None, lambda: scoring.token_logprobs(self.engine.model, self.engine.variables, ids, top))
+        records = [TokenRecord(ids[0], 0, None, ())]
+        records += [TokenRecord(t, len(self.tokenizer.decode(ids[:i + 1])), lp, tuple(zip(ti, tl)))
+                    for i, (t, lp, ti, tl) in enumerate(zip(ids[1:], lps, top_ids, top_lps))]
+        return {"text": text, "logprobs": self.logprobs_completion(records, top)}
+
+    def _with_echo(self, echo: dict | None, body: dict) -> dict:
+        """Prepend an echoed prompt (text, logprobs with shifted offsets) to a choice's body."""
+        if echo is None:
+            return body
+        body = dict(body, text=echo["text"] + body["text"])
+        if echo["logprobs"] is not None and body["logprobs"] is not None:
+            shift = len(echo["text"])
+            lp = body["logprobs"]
+            body["logprobs"] = {key: echo["logprobs"][key] + ([o + shift for o in lp[key]]
+                                                              if key == "text_offset" else lp[key])
+                                for key in lp}
+        return body
+
     async def completions(self, request: Request) -> Response:
         req = await self.read(request, protocol.CompletionRequest)
         prompts = [self.encode(p) if isinstance(p, str) else p for p in req.prompt]
-        budget = self.plan_tokens(prompts, req, DEFAULT_COMPLETION_TOKENS, "prompt")
-        gen = _Generation(self, prompts, req, budget)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created,
                 "model": self.config.model_name}
+        echoes = [None] * len(prompts)
+        if req.echo:
+            self.plan_tokens(prompts, req.model_copy(update={"max_tokens": None}), 1, "prompt")
+            echoes = [await self.echo_prompt(p, ids, req.logprobs) for p, ids in zip(req.prompt, prompts)]
+        if req.max_tokens == 0:  # scoring only: the prompt, echoed, is the whole answer
+            choices = [self._with_echo(echoes[p], {"index": p * req.n + j, "text": "",
+                                                   "logprobs": echoes[p]["logprobs"] and
+                                                   {k: [] for k in echoes[p]["logprobs"]},
+                                                   "finish_reason": "length"})
+                       for p in range(len(prompts)) for j in range(req.n)]
+            tokens = sum(len(p) for p in prompts)
+            return JSONResponse(dict(head, choices=choices, usage={
+                "prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}))
+        budget = self.plan_tokens(prompts, req, DEFAULT_COMPLETION_TOKENS, "prompt")
+        gen = _Generation(self, prompts, req, budget)
 
-        def choice_body(choice, text, records):
+        def choice_body(choice, text, records, echo=None):
             lp = None if req.logprobs is None else self.logprobs_completion(records, req.logprobs)
-            return {"index": choice.index, "text": text, "logprobs": lp,
-                    "finish_reason": choice.finish_reason}
+            return self._with_echo(echo, {"index": choice.index, "text": text, "logprobs": lp,
+                                          "finish_reason": choice.finish_reason})
 
         if req.stream:
             async def chunks():
+                echoed = set()
                 async for choice, delta, records in gen.events():
-                    if delta or choice.finish_reason or (records and req.logprobs is not None):
-                        yield dict(head, choices=[choice_body(choice, delta, records)])
+                    echo = None
+                    if req.echo and choice.index not in echoed:
+                        echo, _ = echoes[choice.index // req.n], echoed.add(choice.index)
+                    if echo or delta or choice.finish_reason or (records and req.logprobs is not None):
+                        yield dict(head, choices=[choice_body(choice, delta, records, echo)])
             return _sse(request, gen, chunks(), head, req)
         await _collect(request, gen)
-        choices = [choice_body(c, c.text.text, c.text.records) for c in gen.choices]
+        choices = [choice_body(c, c.text.text, c.text.records, echoes[c.index // req.n])
+                   for c in gen.choices]
         return JSONResponse(dict(head, choices=choices, usage=gen.usage()))
 
     async def chat_completions(self, request: Request) -> Response:

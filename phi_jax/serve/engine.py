@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from phi_jax import _faults
 from phi_jax.errors import InputError, RunError
 from phi_jax.inference import decode
 from phi_jax.inference.decode import TOP_LOGPROBS  # noqa: F401  (re-exported for the HTTP layer)
@@ -318,6 +319,7 @@ class Engine:
         """
         sampling = (self._temperature[:rows], self._top_k[:rows], self._top_p[:rows])
         chunk = self.decode_chunk
+        _faults.engine_decode(self.stats.decode_steps + 1)
         self._cache, self._last_tokens, _, count, outs = self._decode_fn(
             rows, chunk, True, self.variables, self._cache, self._last_tokens, active,
             self._seeds[:rows], steps, budgets, self._stop_ids[:rows], *sampling, np.int32(many))
@@ -327,6 +329,7 @@ class Engine:
     def _admit(self, slot: int, handle: RequestHandle) -> None:
         p = handle.params
         try:
+            _faults.engine_prefill(handle.prompt)
             picked = self._run_prefill(slot, handle.prompt, self.bucket(len(handle.prompt)), p)
             token, logprob, top_ids, top_lps = (x[0] for x in jax.device_get(picked))
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others

@@ -3,7 +3,7 @@
 Validation is strict (no "5" -> 5 coercion, no booleans as numbers) so that a client bug shows up
 as a 400 naming the field, the way api.openai.com answers, instead of as a surprising generation.
 Unknown fields are ignored, as other OpenAI-compatible servers do, so newer clients keep working;
-known-but-unsupported features (echo, suffix, penalties) are refused explicitly rather than ignored.
+known-but-unsupported features (suffix, penalties) are refused explicitly rather than ignored.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class _SamplingRequest(_Strict):
 
 
 class CompletionRequest(_SamplingRequest):
+    max_tokens: int | None = Field(None, ge=0)
     prompt: Any
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
@@ -103,12 +104,12 @@ class CompletionRequest(_SamplingRequest):
         raise ValueError("must be a string, a non-empty list of strings, a non-empty list of token ids, "
                          "or a list of non-empty lists of token ids")
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("is not supported by this server; leave it false")
-        return value
+    @model_validator(mode="after")
+    def _zero_tokens_only_with_echo(self):
+        """max_tokens 0 asks only for the prompt's log-probs (echo), as OpenAI allows."""
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is allowed only with echo=true (to score the prompt)")
+        return self
 
     @field_validator("suffix")
     @classmethod
@@ -192,4 +193,6 @@ def parse_request(body: bytes, schema: type[BaseModel]) -> Any:
         msg = error["msg"].removeprefix("Value error, ")
         if error["type"] == "missing":
             msg = "is required"
+        if not param:  # a check across fields: its message names them
+            raise APIError(400, msg, param=msg.split(":")[0] if ":" in msg else None) from None
         raise APIError(400, f"{param}: {msg}", param=param) from None

@@ -20,7 +20,7 @@ class TokenRecord:
 
     token_id: int
     offset: int
-    logprob: float
+    logprob: float | None  # None: the first token of an echoed prompt (nothing to condition on)
     top: tuple[tuple[int, float], ...]
 
 

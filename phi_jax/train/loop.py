@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from phi_jax import checkpoint, sharding
+from phi_jax import _faults, allocator, checkpoint, sharding
 from phi_jax.config import ModelConfig
 from phi_jax.errors import ConfigError, RunError
 from phi_jax.model import Phi
-from phi_jax.train import _faults, heldout
+from phi_jax.train import heldout
 from phi_jax.train.config_file import validate_training
 from phi_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from phi_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -55,7 +55,7 @@ def _tokenizer(config, workdir: Path):
     if any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         return Tokenizer.from_pretrained(tok_dir)
     if config.tokenizer.path:
-        tokenizer = Tokenizer.from_pretrained(config.tokenizer.path)
+        tokenizer = _load_tokenizer(config.tokenizer.path)
         if jax.process_index() == 0:
             # Atomically (temp dir + rename): the other hosts test tok_dir at the same moment and
             # must never read a half-written copy.
@@ -71,6 +71,22 @@ def _tokenizer(config, workdir: Path):
     return corpus.get_or_train_tokenizer(workdir, vocab_size=config.tokenizer.vocab_size)
 
 
+def _load_tokenizer(path):
+    from phi_jax.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--config.tokenizer.path={path}: {e}") from e
+
+
+def _check_vocab(tokenizer_size: int, model_config: ModelConfig) -> None:
+    if tokenizer_size > model_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer_size} tokens but model.vocab_size is "
+                          f"{model_config.vocab_size}; set --config.model.vocab_size={tokenizer_size} "
+                          "(or larger)")
+
+
 def _check_same_model(saved: dict | None, current: ModelConfig, path: Path) -> None:
     if not saved or "model_config" not in saved:
         return
@@ -82,7 +98,7 @@ def _check_same_model(saved: dict | None, current: ModelConfig, path: Path) -> N
             if getattr(old, f) != getattr(current, f)}
     if diff:
         changes = ", ".join(f"model.{f}: checkpoint {a!r} vs config {b!r}" for f, (a, b) in diff.items())
-        raise ValueError(f"the checkpoint in {path} was trained with a different model ({changes}); "
+        raise ConfigError(f"the checkpoint in {path} was trained with a different model ({changes}); "
                          "use the original config, or start a new --workdir")
 
 
@@ -136,14 +152,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         raise ConfigError(f"--config.train.batch_size={tc.batch_size} must be divisible by the batch shards "
                          f"({shards}) x train.accum_steps ({accum}) and by the hosts ({hosts}); "
                          f"use a multiple of {math.lcm(shards * accum, hosts)}")
+    if config.tokenizer.path and not (workdir / "tokenizer").exists():
+        _check_vocab(_load_tokenizer(config.tokenizer.path).vocab_size, model_config)
     workdir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------- tokenizer and data
     tokenizer = _tokenizer(config, workdir)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                          f"{model_config.vocab_size}; set --config.model.vocab_size="
-                          f"{tokenizer.vocab_size} (or larger)")
+    _check_vocab(tokenizer.vocab_size, model_config)
 
     schedule = learning_rate_schedule(config.optimizer, tc.steps)
     optimizer = make_optimizer(config.optimizer, tc.steps)
@@ -204,7 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     meta = {"model_config": model_config.to_dict(), "data": pipeline.describe(config.data),
             "versions": {"jax": jax.__version__, "flax": _version("flax"), "optax": _version("optax")},
-            "mesh": dict(mesh.shape), "devices": jax.device_count(),
+            "mesh": dict(mesh.shape), "devices": jax.device_count(), "allocator": allocator.current(),
             "device_kind": jax.devices()[0].device_kind}
     config_json = config.to_dict()
 

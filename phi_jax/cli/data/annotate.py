@@ -24,9 +24,11 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     add_teacher_arguments(p, heuristic=True)
-    p.add_argument("--rubric", default="edu", help="edu (FineWeb-Edu's 0-5 educational value), code "
-                                                  "(phi-1's value for learning to code), or a prompt file with {text}")
-    p.add_argument("--max-chars", type=int, default=4000, help="characters of each document shown to the teacher")
+    p.add_argument("--rubric", default="edu",
+                   help="edu (FineWeb-Edu's 0-5 educational value), code (phi-1's value for learning to "
+                        "code), or a prompt file with {text}")
+    p.add_argument("--max-chars", type=int, default=4000,
+                   help="characters of each document shown to the teacher")
     p.set_defaults(func=_run)
 
 

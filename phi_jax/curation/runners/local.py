@@ -44,6 +44,7 @@ def run_local(stage: Stage, shards: Sequence[InputShard], output: Path, fmt: str
     progress = ctx.SimpleQueue()
     pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(shards)), mp_context=ctx,
                                                   initializer=_init_worker, initargs=(stage, progress))
+    pending: dict = {}
     try:
         pending = {pool.submit(_run_shard, shard, str(output), fmt): shard for shard in shards}
         while pending:
@@ -62,8 +63,6 @@ def run_local(stage: Stage, shards: Sequence[InputShard], output: Path, fmt: str
                     on_shard(marker)
         _drain(progress, on_progress)
     finally:
-        for future in list(pending) if "pending" in locals() else []:
-            future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
