@@ -41,6 +41,7 @@ class FakeTeacher:
                  stall_s: float = 1.5, delay_s: float = 0.0, answer_of: Callable[[str], str] | None = None):
         self.score_of, self.faults = score_of, faults or (lambda doc, attempt: None)
         self.answer_of = answer_of
+        self.seeds: dict[str, int | None] = {}  # the sampling seed each document was last asked with
         self.retry_after, self.stall_s, self.delay_s = retry_after, stall_s, delay_s
         self.lock = threading.Lock()
         self.attempts: collections.Counter = collections.Counter()
@@ -113,6 +114,7 @@ class FakeTeacher:
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 doc = document_of(request["messages"][-1]["content"])
+                teacher.seeds[doc] = request.get("seed")
                 fault, _ = teacher._decide(doc)
                 try:
                     self._respond(request, doc, fault)

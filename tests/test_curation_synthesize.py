@@ -21,6 +21,7 @@ import pytest
 from fake_teacher import FakeTeacher
 from phi_jax import cli
 from phi_jax.curation import seeds
+from phi_jax.curation.synthesize import request_seed
 from phi_jax.data import records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ def _exercise_teacher(escape: Path):
             "write_outside": _exercise(n, f"    open({str(escape)!r}, 'w').write('escaped')\n{ok}"),
             "network": _exercise(n, "    urllib.request.urlopen(URL, data=b'{\"model\": \"m\", \"messages\": "
                                     "[{\"role\": \"user\", \"content\": \"ESCAPED\"}]}', timeout=3)\n" + ok,
-                                 f"import urllib.request\nURL = {state['url'] + '/chat/completions'!r}\n\n"),
+                                 f"import urllib.request\nURL = {state.get('url', '') + '/chat/completions'!r}\n\n"),
             "exit_early": _exercise(n, f"    import os\n    os._exit(0)\n{ok}"),
             "exit_at_import": _exercise(n, ok, "import sys\nsys.exit(0)\n\n"),
         }[behaviour]
@@ -315,7 +316,12 @@ def test_a_larger_count_is_refused_unless_overwrite_and_then_reuses_the_cached_a
         assert rc == 2 and "count: 8 -> 16" in io.err and "--overwrite" in io.err
         assert _main(argv[:-1] + ["--count=12", "--overwrite", "--no-progress"], capsys)[0] == 0
         assert len(teacher.answered) == 12 and set(teacher.answered.values()) == {1}
-    assert len(list(records.iter_output(out / "data"))) == 12
+    kept = list(records.iter_output(out / "data"))
+    assert len(kept) == 12
+    # Each request has its own sampling seed, derived from --seed (0) and its index, recorded with it.
+    seeds = {r["meta"]["teacher"]["seed"] for r in kept}
+    assert len(seeds) == 12 and seeds == set(teacher.seeds.values())
+    assert {r["meta"]["teacher"]["seed"] for r in kept if r["meta"]["plan_index"] == 3} == {request_seed(0, 3)}
 
 
 # --------------------------------------------------------------------------------- gates, report
@@ -377,3 +383,18 @@ def test_embedding_spread_is_the_mean_pairwise_cosine_distance():
     pairs = [1 - unit[x] @ unit[y] for i, x in enumerate(vectors) for y in list(vectors)[i + 1:]]
     assert got["mean_pairwise_cosine_distance"] == pytest.approx(np.mean(pairs), abs=1e-5)
     assert got["documents"] == 4 and sum(got["histogram"]["counts"]) == 6
+
+
+def test_a_run_that_keeps_nothing_still_reports(tmp_path, capsys):
+    topics, out = _topics(tmp_path / "topics.txt", ["wrong", "no_block", "unparsable"]), tmp_path / "out"
+    answer, state = _exercise_teacher(tmp_path / "unused")
+    with FakeTeacher(answer_of=answer) as teacher:
+        rc, io = _main(["data", "synthesize", "--kind=exercises", "--count=3", f"--topics={topics}",
+                        f"--output={out}", f"--teacher={teacher.url}", "--teacher-model=fake", "--no-progress"], capsys)
+    assert rc == 0, io.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["kept"] == 0 and report["counts"]["dropped"] == {
+        "failed": 1, "no_code_block": 1, "unparsable": 1}
+    assert "only 0 of 3 planned records were kept" in report["warnings"]
+    assert not (out / "data").exists() and (out / "train.jsonl").read_text() == ""
+    assert "nothing was generated" in io.out

@@ -24,7 +24,8 @@ plan_index, seed):
                        "solution": the body, "check": "def check(candidate): ...",
                        "entry_point": name, "teacher": {...},
                        "execution": {"status": "passed", "seconds": wall time}}}
-  teacher:   {"model", "finish_reason", "prompt_tokens", "completion_tokens", "template_sha256"}
+  teacher:   {"model", "seed" (this request's sampling seed, see `request_seed`), "finish_reason",
+              "prompt_tokens", "completion_tokens", "template_sha256"}
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +84,17 @@ def synthesize_stage(plan, teacher: TeacherConfig, *, cache: str | Path | None,
                  batch_size=max(16, 4 * teacher.concurrency))
 
 
+def request_seed(seed: int | None, index: int) -> int | None:
+    """Prompt `index`'s sampling seed: a hash of the run's teacher seed and the index (31 bits).
+
+    One seed for every request would have every answer drawn with the same random numbers, which
+    correlates them; adjacent seeds would overlap if it were seed + index.
+    """
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "big") >> 1
+
+
 class _SynthesizeStep:
     def __init__(self, spec: SynthesisSpec):
         self._spec = spec
@@ -89,13 +103,14 @@ class _SynthesizeStep:
 
     def __call__(self, seeds: list[dict], counts: Counts) -> list[dict]:
         spec = self._spec
-        prompts = [Prompt([{"role": "user", "content": s["text"]}], spec.template_sha256) for s in seeds]
+        prompts = [Prompt([{"role": "user", "content": s["text"]}], spec.template_sha256,
+                          request_seed(spec.teacher.seed, s["meta"]["plan_index"])) for s in seeds]
         answers = self._client.ask(prompts, counts)
         out, todo = [], []
-        for seed, answer in zip(seeds, answers):
+        for seed, prompt, answer in zip(seeds, prompts, answers):
             meta = {k: seed["meta"][k] for k in _SEED_META}
-            meta["teacher"] = {"model": spec.teacher.model, "finish_reason": answer.finish_reason,
-                               "prompt_tokens": answer.prompt_tokens,
+            meta["teacher"] = {"model": spec.teacher.model, "seed": prompt.seed,
+                               "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
                                "completion_tokens": answer.completion_tokens,
                                "template_sha256": spec.template_sha256[:16]}
             if answer.error is not None:
@@ -172,11 +187,14 @@ def run_synthesis(plan, teacher: TeacherConfig, output: str | Path, *, cache: st
                progress=progress)
     generated = run_stage(stage, plan, output / GENERATED, shard_size=shard_size, overwrite=overwrite, **run)
     made = list(records.iter_output(output / GENERATED))
-    decisions = gates.decide(made, gate_config)
-    # Derived from generated/ alone: rewritten whenever the generated set or the gates change.
-    gated = run_stage(gates.gate_stage(decisions, gate_config), str(output / GENERATED), output / GATED,
-                      shard_size=max(shard_size, 1000), overwrite=True, **{**run, "progress": False})
-    kept = list(records.iter_output(output / GATED))
+    if made:  # derived from generated/ alone: rewritten whenever the generated set or the gates change
+        decisions = gates.decide(made, gate_config)
+        gated = run_stage(gates.gate_stage(decisions, gate_config), str(output / GENERATED), output / GATED,
+                          shard_size=max(shard_size, 1000), overwrite=True, **{**run, "progress": False})
+        kept = list(records.iter_output(output / GATED))
+    else:  # nothing to gate (every answer was dropped): no data/ at all, rather than a stale one
+        shutil.rmtree(output / GATED, ignore_errors=True)
+        gated, kept = {"counts": {"records_in": 0, "records_out": 0, "dropped": {}, "stage": {}}}, []
     if plan.kind == "exercises":
         atomic_write_text(output / TRAIN, "".join(json.dumps(exercises.training_pair(r), ensure_ascii=False)
                                                   + "\n" for r in kept))
@@ -203,7 +221,8 @@ def summary(result: SynthesisResult) -> str:
     dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(gated["dropped"].items())) or "none"
     flagged = ", ".join(f"{n} {k[len('flagged_'):]}" for k, n in sorted(gated["stage"].items())
                         if k.startswith("flagged_")) or "none"
-    lines.append(f"gate -> {result.output / GATED}: dropped {dropped}; flagged {flagged}")
+    where = result.output / GATED if result.gated["counts"]["records_in"] else "(nothing was generated)"
+    lines.append(f"gate -> {where}: dropped {dropped}; flagged {flagged}")
     lines += diversity.summary_lines(result.report)
     extra = f", {result.output / TRAIN}" if result.report["kind"] == "exercises" else ""
     lines.append(f"  report      {result.output / REPORT_JSON} (+ .png){extra}")
