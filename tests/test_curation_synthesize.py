@@ -23,6 +23,8 @@ from phi_jax import cli
 from phi_jax.curation import seeds
 from phi_jax.curation.synthesize import request_seed
 from phi_jax.data import records
+from phi_jax.data.documents import DocumentTokenizer, RecordFormat
+from phi_jax.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 _TOPIC = re.compile(r"T-([a-z_]+)-(\d+)")
@@ -216,9 +218,14 @@ def test_only_exercises_that_pass_their_own_check_are_kept_and_nothing_escapes(t
         assert meta["check"].startswith("def check(candidate):\n") and meta["entry_point"] == f"add_{n}"
         assert meta["kind"] == "exercise" and meta["execution"]["status"] == "passed"
         assert meta["teacher"]["model"] == "fake" and meta["teacher"]["completion_tokens"] > 0
-    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
-    assert train == [{"id": r["id"], "prompt": r["meta"]["prompt"], "completion": r["meta"]["solution"]}
-                     for r in kept]
+    lines = (out / "train.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"id": r["id"], "prompt": r["meta"]["prompt"], "completion": r["meta"]["solution"]} for r in kept]
+    # The training pipeline reads them as instruction pairs: the loss on the solution (and EOS) only.
+    tok = train_bpe([r["text"] for r in kept] * 2, vocab_size=300)
+    doc = DocumentTokenizer(tok, RecordFormat("json"))({"origin": "train.jsonl:1", "data": lines[0].encode()})
+    n_prompt, n_solution = len(tok.encode(kept[0]["meta"]["prompt"])), len(tok.encode(kept[0]["meta"]["solution"]))
+    assert doc["token_mask"].tolist() == [0] * n_prompt + [1] * (n_solution + 1)
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["dropped"] == EXPECTED_DROPS and report["counts"]["kept"] == 4
     assert report["execution"]["executed"] == 11 and report["execution"]["passed"] == 4
