@@ -22,7 +22,9 @@ from __future__ import annotations
 import collections
 import http.server
 import json
+import os
 import re
+import signal
 import threading
 import time
 from typing import Callable
@@ -33,6 +35,21 @@ _DOC = re.compile(r"<(code|extract)>\n(.*)\n</\1>", re.S)
 def document_of(prompt: str) -> str:
     found = _DOC.search(prompt)
     return found.group(2) if found else prompt
+
+
+def kill_when_hung(teacher: "FakeTeacher", proc, threads: int, limit_s: float = 120.0) -> None:
+    """SIGKILL `proc`'s process group once `threads` of its requests hang on the teacher.
+
+    With every client thread waiting on the teacher, none is between receiving an answer and
+    caching it, so what the kill loses is exactly what was never answered.
+    """
+    deadline = time.monotonic() + limit_s
+    while teacher.hung < threads:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the client never reached the hang"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 class FakeTeacher:

@@ -6,7 +6,6 @@ give each document; the records on disk must hold exactly those.
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_teacher import FakeTeacher
+from fake_teacher import FakeTeacher, kill_when_hung
 from phi_jax import cli
 from phi_jax.curation.annotate import load_rubric, parse_score
 from phi_jax.curation.teacher import Answer
@@ -65,13 +64,7 @@ def test_faults_and_a_kill_mid_run_then_restart_record_every_document_once(tmp_p
         teacher.hang_after(13)  # the 3rd answer of the second shard: then every request hangs
         proc = subprocess.Popen(_command(inputs, out, teacher.url), env=_env(), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while teacher.hung < 4:  # all 4 client threads wait on the teacher: none is mid-cache-write
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the client never reached the hang"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_when_hung(teacher, proc, threads=4)
         answered_before_kill = set(teacher.answered)
         in_second_shard = sum(teacher.answered.values()) - 10
         assert 3 <= in_second_shard < 10  # requests decided before the 13th answer may still answer

@@ -10,7 +10,6 @@ import collections
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_teacher import FakeTeacher
+from fake_teacher import FakeTeacher, kill_when_hung
 from phi_jax import cli
 from phi_jax.curation import seeds
 from phi_jax.curation.synthesize import request_seed
@@ -288,13 +287,7 @@ def test_a_killed_run_resumes_without_asking_again(tmp_path):
         teacher.hang_after(6)  # the 3rd answer of the second shard: then every request hangs
         proc = subprocess.Popen(_command(topics, out, teacher.url), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while teacher.hung < 2:  # both client threads wait on the teacher: none is mid-cache-write
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the client never reached the hang"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_when_hung(teacher, proc, threads=2)
         answered_before = set(teacher.answered)
         assert (out / "generated" / ".shards" / "part-00000.json").is_file()
         assert not (out / "generated" / ".shards" / "part-00001.json").exists()

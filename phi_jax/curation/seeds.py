@@ -27,33 +27,21 @@ import ast
 import dataclasses
 import functools
 import hashlib
-import importlib.resources
 import json
 import math
 import random
 from pathlib import Path
 from typing import Any, Sequence
 
-from phi_jax.errors import InputError, MissingFileError
+from phi_jax.curation import templates
+from phi_jax.curation.templates import PromptTemplate
+from phi_jax.errors import InputError
 
 KINDS = ("textbook", "exercises")
 PLACEHOLDERS = ("{topic}", "{audience}", "{style}")
 DEFAULT_TOPIC_MIX = (("module", 1.0), ("function", 1.0), ("language", 1.0))
 _TEMPLATE_FILE = {"textbook": "textbook.txt", "exercises": "exercise.txt"}
 _HINT_CHARS = 160
-
-
-def _builtin(name: str) -> str:
-    return (importlib.resources.files("phi_jax.curation") / "prompts" / name).read_text("utf-8")
-
-
-def _read_text(path: str, flag: str) -> str:
-    if not Path(path).is_file():
-        raise MissingFileError(f"{flag}={path}: no such file")
-    try:
-        return Path(path).read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{flag}={path}: cannot read it as UTF-8 text ({e}); save it as UTF-8") from None
 
 
 def sha256_text(text: str) -> str:
@@ -126,7 +114,8 @@ def load_topics(spec: str) -> tuple[Topic, ...]:
     """
     if spec == "default":
         return default_topics()
-    text, suffix = _read_text(spec, "--topics"), Path(spec).suffix.lower()
+    text = templates.read_text_file(spec, "--topics", hint="pass 'default' or a .jsonl, .yaml or .txt file")
+    suffix = Path(spec).suffix.lower()
     if suffix == ".jsonl":
         items = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -186,7 +175,10 @@ def load_steering(kind: str, path: str | None = None) -> Steering:
     import yaml
 
     check_kind(kind)
-    text = _builtin("steering.yaml") if path is None else _read_text(path, "--steering")
+    if path is None:
+        text = templates.builtin_text("steering.yaml")
+    else:
+        text = templates.read_text_file(path, "--steering")
     where = "prompts/steering.yaml" if path is None else f"--steering={path}"
     try:
         data = yaml.safe_load(text)
@@ -211,31 +203,11 @@ def load_steering(kind: str, path: str | None = None) -> Steering:
     return Steering(path or "builtin", sha256_text(json.dumps(out, sort_keys=True)), **out)
 
 
-@dataclasses.dataclass(frozen=True)
-class Template:
-    """A prompt template file with {topic}, {audience} and {style}."""
-
-    name: str
-    text: str
-
-    @property
-    def sha256(self) -> str:
-        return sha256_text(self.text)
-
-    def render(self, topic: str, audience: str, style: str) -> str:
-        return self.text.replace("{topic}", topic).replace("{audience}", audience).replace("{style}", style)
-
-
-def load_template(kind: str, path: str | None = None) -> Template:
+def load_template(kind: str, path: str | None = None) -> PromptTemplate:
+    """The built-in template of `kind`, or the user's file (which must hold all three placeholders)."""
     check_kind(kind)
-    if path is None:
-        return Template(_TEMPLATE_FILE[kind], _builtin(_TEMPLATE_FILE[kind]))
-    text = _read_text(path, "--template")
-    missing = [p for p in PLACEHOLDERS if p not in text]
-    if missing:
-        raise InputError(f"--template={path}: no {', '.join(missing)} placeholder, so that part of the seed "
-                         "would never reach the teacher; put it where the text should go")
-    return Template(path, text)
+    return templates.load_template(path or kind, builtin={} if path else {kind: _TEMPLATE_FILE[kind]},
+                                   flag="--template", placeholders=PLACEHOLDERS)
 
 
 def check_kind(kind: str) -> str:
@@ -339,7 +311,7 @@ class Plan:
     audiences: tuple[tuple[str, float], ...]
     styles: tuple[tuple[str, float], ...]
     steering: Steering
-    template: Template
+    template: PromptTemplate
 
     @functools.cached_property
     def _items(self) -> tuple[PlanItem, ...]:
@@ -411,7 +383,7 @@ class PlanShard:
     kind: str
     seed: int
     items: tuple[PlanItem, ...]
-    template: Template
+    template: PromptTemplate
     audiences: tuple[tuple[str, str], ...]
     styles: tuple[tuple[str, str], ...]
 
@@ -431,14 +403,15 @@ class PlanShard:
 
         audiences, styles = dict(self.audiences), dict(self.styles)
         for item in self.items:
-            prompt = self.template.render(item.topic.text, audiences[item.audience], styles[item.style])
+            prompt = self.template.render(topic=item.topic.text, audience=audiences[item.audience],
+                                          style=styles[item.style])
             yield make_record(item.id, prompt, {
                 "topic": item.topic.text, "topic_kind": item.topic.kind, "topic_name": item.topic.name,
                 "audience": item.audience, "style": item.style, "plan_index": item.index, "seed": self.seed})
 
 
 def make_plan(kind: str, *, count: int, seed: int, topics: Sequence[Topic], topic_source: str,
-              steering: Steering, template: Template, topic_mix: str | None = None,
+              steering: Steering, template: PromptTemplate, topic_mix: str | None = None,
               audiences: str | None = None, styles: str | None = None) -> Plan:
     """A `Plan` from parsed inputs; mixes are "name:weight,..." strings (None: see module docstring)."""
     check_kind(kind)
