@@ -22,6 +22,7 @@ from phi_jax import cli
 from phi_jax.curation import seeds
 from phi_jax.curation.synthesize import request_seed
 from phi_jax.data import records
+from phi_jax.evals import humaneval
 from phi_jax.data.documents import DocumentTokenizer, RecordFormat
 from phi_jax.tokenizer import train_bpe
 
@@ -157,6 +158,9 @@ def _exercise(n: int, body: str = "    return a + b + {n}", imports: str = "") -
         "{n3}", str(n + 3)).replace("{n}", str(n))
 
 
+HE0 = humaneval.load_problems()["HumanEval/0"]
+
+
 def _exercise_teacher(escape: Path):
     """Answers chosen by the topic in the prompt: T-<behaviour>-<n>."""
     state = {}
@@ -180,13 +184,15 @@ def _exercise_teacher(escape: Path):
                                  f"import urllib.request\nURL = {state.get('url', '') + '/chat/completions'!r}\n\n"),
             "exit_early": _exercise(n, f"    import os\n    os._exit(0)\n{ok}"),
             "exit_at_import": _exercise(n, ok, "import sys\nsys.exit(0)\n\n"),
+            "humaneval": f"```python\n{HE0['prompt']}{HE0['canonical_solution']}\n{HE0['test']}\n```",
         }[behaviour]
 
     return answer, state
 
 
 EXERCISE_TOPICS = (["correct"] * 4 + ["wrong", "loop", "unparsable", "no_block", "no_check", "no_docstring",
-                                      "fork_bomb", "write_outside", "network", "exit_early", "exit_at_import"])
+                                      "fork_bomb", "write_outside", "network", "exit_early", "exit_at_import",
+                                      "humaneval"])
 EXPECTED_DROPS = {"failed": 6, "timeout": 1, "unparsable": 1, "no_code_block": 1, "no_check": 1,
                   "no_documented_function": 1}
 
@@ -205,7 +211,9 @@ def test_only_exercises_that_pass_their_own_check_are_kept_and_nothing_escapes(t
     assert not escape.exists() and "ESCAPED" not in asked  # no file on the host, no request to the teacher
     manifest = records.read_manifest(out / "generated")
     assert manifest["counts"]["dropped"] == EXPECTED_DROPS
-    assert manifest["counts"]["stage"]["executed"] == 11 and manifest["counts"]["stage"]["passed"] == 4
+    assert manifest["counts"]["stage"]["executed"] == 12 and manifest["counts"]["stage"]["passed"] == 5
+    # HumanEval/0's own solution passes its check, and the gate drops it as benchmark contamination.
+    assert records.read_manifest(out / "data")["counts"]["dropped"] == {"contaminated_code": 1}
     kept = list(records.iter_output(out / "data"))
     assert sorted(r["meta"]["topic"] for r in kept) == [f"T-correct-{i}" for i in range(4)]
     for r in kept:
@@ -226,10 +234,11 @@ def test_only_exercises_that_pass_their_own_check_are_kept_and_nothing_escapes(t
     n_prompt, n_solution = len(tok.encode(kept[0]["meta"]["prompt"])), len(tok.encode(kept[0]["meta"]["solution"]))
     assert doc["token_mask"].tolist() == [0] * n_prompt + [1] * (n_solution + 1)
     report = json.loads((out / "report.json").read_text())
-    assert report["counts"]["dropped"] == EXPECTED_DROPS and report["counts"]["kept"] == 4
-    assert report["execution"]["executed"] == 11 and report["execution"]["passed"] == 4
+    assert report["counts"]["dropped"] == {**EXPECTED_DROPS, "contaminated_code": 1}
+    assert report["counts"]["kept"] == 4
+    assert report["execution"]["executed"] == 12 and report["execution"]["passed"] == 5
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "15 in, 4 out" in io.out and "4 of 11 passed their own check" in io.out
+    assert "16 in, 5 out" in io.out and "5 of 12 passed their own check" in io.out
 
 
 @pytest.mark.parametrize("answer, prompt, solution, entry", [
@@ -271,7 +280,8 @@ def test_answers_that_are_not_exercises_say_why(answer, reason, detail):
 
 def _section(doc: str) -> str:
     found = _TOPIC.search(doc)
-    return f"Section on {found.group(0)}.\n\n" + " ".join(f"word{i}" for i in range(int(found.group(2)) * 3 + 5))
+    n = int(found.group(2))
+    return f"Section on {found.group(0)}.\n\n" + " ".join(f"word{n}x{i}" for i in range(n * 3 + 5))
 
 
 def _command(topics: str, out: Path, url: str, *extra: str) -> list[str]:
@@ -335,11 +345,16 @@ def _textbook_answer(doc: str) -> str:
         return "In this section we will learn about Python step by step today. " + f"Unique part {n} " * 3
     if behaviour == "loop":
         return "the cat sat on the mat " * 30
+    if behaviour == "near":  # one word of 60 differs
+        return "A nearly duplicated section. " + " ".join(f"near{i}" if i != 30 else f"changed{n}" for i in range(60))
+    if behaviour == "leak":  # a HumanEval docstring, word for word
+        return (f"Section {n} quotes a benchmark: Check if in given list of numbers, are any two numbers closer "
+                "to each other than given threshold. That sentence is HumanEval/0's.")
     return f"Section {n}: " + " ".join(f"w{n}_{i}" for i in range(40 + n))
 
 
 def test_gates_and_the_diversity_report(tmp_path, capsys):
-    kinds = ["plain"] * 6 + ["dup"] * 3 + ["same_start"] * 2 + ["loop"]
+    kinds = ["plain"] * 6 + ["dup"] * 3 + ["same_start"] * 2 + ["loop"] + ["near"] * 2 + ["leak"]
     topics, out = _topics(tmp_path / "topics.txt", kinds), tmp_path / "out"
     with FakeTeacher(answer_of=_textbook_answer) as teacher:
         rc, io = _main(["data", "synthesize", "--kind=textbook", f"--count={len(kinds)}", f"--topics={topics}",
@@ -347,10 +362,14 @@ def test_gates_and_the_diversity_report(tmp_path, capsys):
                         "--drop-flagged=low_distinct_2", "--audiences=young_children,researchers:3"], capsys)
     assert rc == 0, io.err
     gated = records.read_manifest(out / "data")["counts"]
-    assert gated["dropped"] == {"exact_duplicate": 2, "low_distinct_2": 1}
-    assert gated["stage"]["flagged_repeated_opening"] == 3 + 2  # the 3 copies before dedup, the 2 same starts
+    dropped = {"exact_duplicate": 2, "near_duplicate": 1, "contaminated_ngram": 1, "low_distinct_2": 1}
+    assert gated["dropped"] == dropped
+    assert gated["stage"]["flagged_repeated_opening"] == 3 + 2 + 2  # before dedup: the copies, same starts, near
     kept = list(records.iter_output(out / "data"))
-    assert len(kept) == 12 - 3
+    assert len(kept) == 15 - 5
+    near = sorted((r["meta"]["plan_index"], r["meta"]["topic"]) for r in records.iter_output(out / "generated")
+                  if r["meta"]["topic"].startswith("T-near"))
+    assert [r["meta"]["topic"] for r in kept if r["meta"]["topic"].startswith("T-near")] == [near[0][1]]
     flags = {r["meta"]["topic"]: r["meta"]["flags"] for r in kept}
     assert flags["T-same_start-9"] == ["repeated_opening"] and flags["T-plain-0"] == []
 
@@ -360,16 +379,16 @@ def test_gates_and_the_diversity_report(tmp_path, capsys):
         grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
         assert report["distinct"][f"distinct_{n}"] == round(len(set(grams)) / len(grams), 4)
     openings = collections.Counter(tuple(w[:10]) for w in words)
-    assert report["openings"]["share_repeated"] == round(sum(openings[tuple(w[:10])] > 1 for w in words) / 9, 4)
-    assert report["counts"] == {"planned": 12, "generated": 12, "kept": 9, "flagged": {
-        "repeated_opening": 5, "low_distinct_2": 1}, "dropped": {"exact_duplicate": 2, "low_distinct_2": 1}}
+    assert report["openings"]["share_repeated"] == round(sum(openings[tuple(w[:10])] > 1 for w in words) / 10, 4)
+    assert report["counts"] == {"planned": 15, "generated": 15, "kept": 10, "flagged": {
+        "repeated_opening": 7, "low_distinct_2": 1}, "dropped": dropped}
     audience = report["coverage"]["audience"]
-    assert audience["researchers"]["target"] == 0.75 and audience["researchers"]["planned"] == 9
-    assert sum(v["kept"] for v in audience.values()) == 9
+    assert audience["researchers"]["target"] == 0.75 and audience["researchers"]["planned"] == 11
+    assert sum(v["kept"] for v in audience.values()) == 10
     tokens = sorted(len(_textbook_answer(r["meta"]["topic"]).split()) for r in kept)  # the fake's usage
     assert report["tokens_per_record"]["max"] == tokens[-1] and report["tokens_per_record"]["total"] == sum(tokens)
     assert report["embedding"] == {"skipped": "no --embedder given"}
-    assert set(report["gates"]["not_run"]) == {"near_dedup", "humaneval_decontamination"}
+    assert "humaneval" in report["gates"]["decontamination"] and "0.8" in report["gates"]["dedup"]
 
 
 def test_embedding_spread_is_the_mean_pairwise_cosine_distance():

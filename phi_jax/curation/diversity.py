@@ -100,7 +100,7 @@ def diversity_report(plan, generated: dict, gated: dict, kept: Sequence[dict], *
         "tokens_per_record": {"source": "teacher usage (completion_tokens)", **_percentiles(completion)},
         "words_per_record": _percentiles([len(t) for t in tokens]),
         "teacher_usage": usage,
-        "gates": {"run": gates.GATES_RUN, "not_run": gates.GATES_NOT_RUN},
+        "gates": gates.gates_run(config),
     }
     if plan.kind == "exercises":
         executed = gen_counts["stage"].get("executed", 0)

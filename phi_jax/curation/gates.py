@@ -8,7 +8,9 @@ then applied shard by shard by a plain stage, so drops land in the manifest by r
 other stage's and a rerun resumes per shard.
 
 Dropped (reason in the manifest):
-  * what `drop_duplicates_and_contaminated` names: duplicates and benchmark overlap (see there);
+  * duplicates (`exact_duplicate`, `near_duplicate`: `phi_jax.curation.dedup`) and benchmark overlap
+    (`contaminated_ngram`, `contaminated_code`: `phi_jax.curation.decontaminate`), see
+    `drop_duplicates_and_contaminated`;
   * any flag listed in `GateConfig.drop_flagged`.
 Flagged (`meta.flags`, counted as `flagged_<flag>`; kept unless asked otherwise):
   * `repeated_opening`: the first `opening_words` words are those of another record (a teacher
@@ -63,11 +65,15 @@ class GateConfig:
     min_distinct_2: float = 0.3
     min_words: int = 50
     drop_flagged: tuple[str, ...] = ()
+    near_threshold: float = 0.8
+    against: tuple[str, ...] = ("humaneval",)
 
     def __post_init__(self):
-        if self.opening_words < 1 or self.min_words < 2 or not 0.0 <= self.min_distinct_2 <= 1.0:
+        if (self.opening_words < 1 or self.min_words < 2 or not 0.0 <= self.min_distinct_2 <= 1.0
+                or not 0.0 < self.near_threshold <= 1.0):
             raise InputError(f"gate settings out of range (opening words {self.opening_words} >= 1, "
-                             f"min words {self.min_words} >= 2, min distinct-2 {self.min_distinct_2} in [0, 1])")
+                             f"min words {self.min_words} >= 2, min distinct-2 {self.min_distinct_2} in [0, 1], "
+                             f"dedup threshold {self.near_threshold} in (0, 1])")
         unknown = sorted(set(self.drop_flagged) - set(FLAGS))
         if unknown:
             raise InputError(f"--drop-flagged: unknown flag {unknown[0]!r}; choose from {', '.join(FLAGS)}")
@@ -79,44 +85,50 @@ class Decision:
     flags: tuple[str, ...]
 
 
-def normalized_sha256(text: str) -> str:
-    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
-
-
-def drop_duplicates_and_contaminated(records: Sequence[dict]) -> dict[str, str]:
+def drop_duplicates_and_contaminated(records: Sequence[dict], config: GateConfig) -> dict[str, str]:
     """{record id: reason} for the records to drop as duplicates or as benchmark overlap.
 
-    The contract every implementation keeps: records are considered in the order given; a
-    record that duplicates an earlier one is dropped, the first is kept; reasons are short
-    snake_case names that become manifest drop reasons. What this build checks:
-    `exact_duplicate` (the same text up to whitespace). Near-duplicate detection (MinHash-LSH)
-    and decontamination against HumanEval belong to `phi_jax.curation.dedup` and
-    `phi_jax.curation.decontaminate`; `GATES_RUN` says which checks a report's numbers include.
+    Records are considered in the order given (plan order): of a cluster of duplicates the first
+    is kept (`phi_jax.curation.dedup.near_duplicates`: `exact_duplicate` for the same normalised
+    text, `near_duplicate` for MinHash-LSH Jaccard >= `near_threshold`); the kept ones are then
+    checked against `against` (`phi_jax.curation.decontaminate`): `contaminated_ngram` for a
+    shared word 13-gram, `contaminated_code` for a function whose AST matches a benchmark
+    solution. Decontamination would cut an n-gram match out of a document; a synthetic record is
+    dropped whole instead, since a cut exercise no longer splits into prompt and solution.
     """
-    first: dict[str, str] = {}
+    from phi_jax.curation import decontaminate, dedup
+
+    if not records:
+        return {}
     drops = {}
-    for record in records:
-        key = normalized_sha256(record["text"])
-        if key in first:
-            drops[record["id"]] = "exact_duplicate"
-        else:
-            first[key] = record["id"]
+    result = dedup.near_duplicates(records, config.near_threshold)
+    for cluster in result.clusters:
+        for member in cluster["removed"]:
+            drops[member["id"]] = f"{member['reason']}_duplicate"
+    if config.against:
+        clean = decontaminate.decontaminate(result.kept, against=config.against)
+        for row in clean.removed:
+            drops[row["id"]] = "contaminated_ngram" if "cuts" in row else "contaminated_code"
     return drops
 
 
-GATES_RUN = {"exact_dedup": "sha256 of the whitespace-normalised text",
-             "repeated_opening": "first N words shared with another record (flag)",
-             "low_distinct_2": "distinct word bigrams of a record below a threshold (flag)"}
-GATES_NOT_RUN = {"near_dedup": "MinHash-LSH, phi_jax.curation.dedup (not in this build)",
-                 "humaneval_decontamination": "n-gram/AST overlap with HumanEval, "
-                                              "phi_jax.curation.decontaminate (not in this build)"}
+def gates_run(config: GateConfig) -> dict[str, str]:
+    """What the gates of `config` check, in words for the report."""
+    out = {"dedup": f"exact and MinHash-LSH near duplicates (Jaccard >= {config.near_threshold:g}), "
+                    "phi_jax.curation.dedup",
+           "repeated_opening": f"first {config.opening_words} words shared with another record (flag)",
+           "low_distinct_2": f"distinct word bigrams of a record below {config.min_distinct_2:g} (flag)"}
+    if config.against:
+        out["decontamination"] = (f"against {', '.join(config.against)}: word 13-grams and function ASTs, "
+                                  "phi_jax.curation.decontaminate")
+    return out
 
 
 def decide(records: Sequence[dict], config: GateConfig) -> dict[str, Decision]:
     """The gate decision of every record, over the whole set (records in plan order)."""
     tokens = {r["id"]: words(r["text"]) for r in records}
     openings = collections.Counter(opening(t, config.opening_words) for t in tokens.values())
-    drops = drop_duplicates_and_contaminated(records)
+    drops = drop_duplicates_and_contaminated(records, config)
     out = {}
     for record in records:
         t = tokens[record["id"]]
@@ -134,9 +146,7 @@ def decide(records: Sequence[dict], config: GateConfig) -> dict[str, Decision]:
 
 def gate_stage(decisions: dict[str, Decision], config: GateConfig) -> Stage:
     digest = hashlib.sha256(repr(sorted(decisions.items())).encode()).hexdigest()
-    parameters = {"gates": sorted(GATES_RUN), "opening_words": config.opening_words,
-                  "min_distinct_2": config.min_distinct_2, "min_words": config.min_words,
-                  "drop_flagged": list(config.drop_flagged), "decisions_sha256": digest}
+    parameters = {"gates": sorted(gates_run(config)), **dataclasses.asdict(config), "decisions_sha256": digest}
     return Stage("gate", functools.partial(_GateStep, decisions), parameters, batch_size=1024)
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from phi_jax.curation import templates
+from phi_jax.curation.teacher import template_sha256
 from phi_jax.curation.templates import PromptTemplate
 from phi_jax.errors import InputError
 
@@ -42,10 +43,6 @@ PLACEHOLDERS = ("{topic}", "{audience}", "{style}")
 DEFAULT_TOPIC_MIX = (("module", 1.0), ("function", 1.0), ("language", 1.0))
 _TEMPLATE_FILE = {"textbook": "textbook.txt", "exercises": "exercise.txt"}
 _HINT_CHARS = 160
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- topics
@@ -200,7 +197,7 @@ def load_steering(kind: str, path: str | None = None) -> Steering:
         if not pairs:
             raise InputError(f"{where}: {axis} is empty; name at least one")
         out[axis] = tuple(pairs)
-    return Steering(path or "builtin", sha256_text(json.dumps(out, sort_keys=True)), **out)
+    return Steering(path or "builtin", template_sha256(json.dumps(out, sort_keys=True)), **out)
 
 
 def load_template(kind: str, path: str | None = None) -> PromptTemplate:

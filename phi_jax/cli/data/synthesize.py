@@ -54,6 +54,10 @@ def register(sub) -> None:
     p.add_argument("--opening-words", type=int, default=10, help="words compared for repeated openings")
     p.add_argument("--min-distinct-2", type=float, default=0.3,
                    help="flag records whose distinct word-bigram share is below this")
+    p.add_argument("--dedup-threshold", type=float, default=0.8,
+                   help="drop records whose MinHash Jaccard with an earlier one is at least this")
+    p.add_argument("--against", default="humaneval",
+                   help="benchmarks to decontaminate against (as `data decontaminate --against`); 'none' to skip")
     p.add_argument("--drop-flagged", default="", help="comma-separated flags to drop rather than keep "
                                                       "(repeated_opening, low_distinct_2, truncated)")
     p.add_argument("--embedder", default=None, metavar="MODEL",
@@ -75,8 +79,10 @@ def _run(args) -> int:
                            template=seeds.load_template(args.kind, args.template), topic_mix=args.topic_mix,
                            audiences=args.audiences, styles=args.styles)
     teacher = teacher_config(args, max_tokens=_MAX_TOKENS[args.kind], seed=args.seed)
+    against = tuple(a.strip() for a in args.against.split(",") if a.strip() and args.against != "none")
     gate_config = gates.GateConfig(opening_words=args.opening_words, min_distinct_2=args.min_distinct_2,
-                                   drop_flagged=tuple(f for f in args.drop_flagged.split(",") if f))
+                                   drop_flagged=tuple(f for f in args.drop_flagged.split(",") if f),
+                                   near_threshold=args.dedup_threshold, against=against)
     embedder = None
     if args.embedder:
         from phi_jax.inference import loader
