@@ -132,6 +132,22 @@ class Tokenizer(abc.ABC):
         (directory / _CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return directory
 
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special token strings a chat template sees, as transformers passes them:
+        `render_chat(messages, tok.chat_template, **tok.special_tokens_map)`. BOS and EOS are
+        always there ("" when the tokenizer has none); UNK and PAD when it has them."""
+        out = {}
+        for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+                              ("pad_token", self.pad_id)):
+            token = None if token_id is None else self.id_to_token(token_id)
+            if token is not None or key in ("bos_token", "eos_token"):
+                out[key] = token or ""
+        unk = _token_string(self._config.get("unk_token"))
+        if unk is not None and self.token_to_id(unk) is not None:
+            out["unk_token"] = unk
+        return out
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"eos_id={self.eos_id}, pad_id={self.pad_id})")

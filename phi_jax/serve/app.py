@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from phi_jax.serve import protocol
-from phi_jax.serve.chat import ChatTemplateError, render_chat
+from phi_jax.chat import ChatTemplateError, render_chat
 from phi_jax.serve.engine import Engine, EngineStoppedError, QueueFullError, SamplingParams, TokenEvent
 from phi_jax.serve.protocol import APIError
 from phi_jax.serve.text import TextAssembler, TokenRecord
