@@ -237,7 +237,8 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{file} is not valid JSON ({e}); fix or regenerate it") from e
 
 
-def _check_tensors(present: dict[str, np.ndarray], config: ModelConfig, source: str) -> None:
+def check_tensors(present: dict[str, np.ndarray], config: ModelConfig, source: str) -> None:
+    """Raise an InputError naming `source` unless `present` holds exactly the HF tensors of `config`."""
     expected = hf_tensor_shapes(config)
     missing = sorted(set(expected) - set(present))
     unexpected = sorted(set(present) - set(expected))
@@ -267,7 +268,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig, dtype: Any
     # model's lm_head.weight, when a file has one, is the embedding again (transformers ignores it).
     present = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")
                and not (config.tie_embeddings and k == "lm_head.weight")}
-    _check_tensors(present, config, source)
+    check_tensors(present, config, source)
     np_dtype = _NP_DTYPES[dtype_name(dtype if dtype is not None else config.param_dtype)]
 
     def convert(name: str, parts: tuple[Part, ...]) -> list[np.ndarray]:
