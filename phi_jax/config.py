@@ -27,7 +27,6 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from phi_jax.errors import ConfigError
-from phi_jax.kernels.rope import ROPE_TYPES, RopeScaling, longrope_attention_factor
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 ROTARY_IMPLS = ("xla", "pallas")
@@ -36,6 +35,7 @@ MODEL_TYPES = ("phi", "llama", "mistral", "qwen2", "phi3")
 BLOCKS = ("parallel", "sequential")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # phi_jax.kernels.rope implements these
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -133,21 +133,6 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Number of leading head dims that get rotary; HF computes it the same way (int of product)."""
         return int(self.dim_per_head * self.partial_rotary_factor)
-
-    @property
-    def rope_scaling(self) -> RopeScaling | None:
-        """The kernels' view of the rotary scaling (None for plain rotary)."""
-        if self.rope_type == "default":
-            return None
-        original = self.rope_original_max_len or self.max_len
-        attention = self.rope_attention_factor
-        if attention is None:
-            attention = 1.0
-            if self.rope_type == "longrope":
-                attention = longrope_attention_factor(self.rope_factor, original)
-        return RopeScaling(self.rope_type, float(self.rope_factor or 1.0), self.rope_low_freq_factor,
-                           self.rope_high_freq_factor, original, self.rope_short_factor,
-                           self.rope_long_factor, float(attention))
 
     @property
     def jnp_dtype(self):

@@ -200,7 +200,14 @@ def _info(path: Path, md: dict[str, Any], reader, config: ModelConfig) -> dict[s
 
 
 # ---------------------------------------------------------------------------------- public API
-def load_gguf(path: str | os.PathLike, *, dtype: Any = "float32", scan_layers: bool = True
+def _tokenizer(path: Path, md: dict[str, Any], tokenizer: Tokenizer | str | os.PathLike | None) -> Tokenizer:
+    if tokenizer is None:
+        return tokenizer_from_gguf(path, md)
+    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
+
+
+def load_gguf(path: str | os.PathLike, *, dtype: Any = "float32", scan_layers: bool = True,
+              tokenizer: Tokenizer | str | os.PathLike | None = None
               ) -> tuple[ModelConfig, dict, Tokenizer, dict[str, Any]]:
     """(config, variables {"params": ...}, tokenizer, info) from a GGUF file.
 
@@ -209,6 +216,9 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = "float32", scan_layers: b
       dtype: parameters and compute dtype ("float32", "bfloat16", "float16").
       scan_layers: stacked layers (training, GPU/TPU decode) or unstacked (`layers_0`...: CPU
         decode; see `phi_jax.model.inference_layout`).
+      tokenizer: None rebuilds it from the file's metadata (byte-level BPE files); a Tokenizer or
+        a tokenizer path (the model's tokenizer.json directory) for files whose vocabulary
+        phi_jax does not rebuild (sentencepiece-style 'llama' vocabularies: Llama 2, Phi-3).
     Returns:
       info: path, file_size (bytes), architecture, name (general.name), quantization (tensor
       type -> count), file_type, tensor_count, parameters, context_length, chat_template (bool).
@@ -219,27 +229,29 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = "float32", scan_layers: b
     path = Path(path)
     name = dtype_name(dtype)
     reader, md, tensors, config = _read(path, dtype=name, param_dtype=name, scan_layers=scan_layers)
-    tokenizer = tokenizer_from_gguf(path, md)
+    tokenizer = _tokenizer(path, md, tokenizer)
     variables = hf.hf_to_params(_hf_tensors(tensors, config, md["general.architecture"], path), config,
                                 source=str(path))
     return config, jax.tree.map(jnp.asarray, variables), tokenizer, _info(path, md, reader, config)
 
 
 def convert_to_hf(src_gguf: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any = None,
-                  max_shard_size: int = 5 * 2**30) -> None:
+                  max_shard_size: int = 5 * 2**30,
+                  tokenizer: Tokenizer | str | os.PathLike | None = None) -> None:
     """Write the GGUF's model as an HF directory that transformers loads: safetensors (+ index),
     config.json, tokenizer.json, tokenizer_config.json (chat template, BOS/EOS) and
     generation_config.json.
 
     `out_dir` must exist and be empty (callers stage it and publish it whole). `dtype`: None keeps
-    the dequantized float32 values exactly; "bfloat16" / "float16" halve the size.
+    the dequantized float32 values exactly; "bfloat16" / "float16" halve the size. `tokenizer`: as
+    for `load_gguf`.
     """
     src, out = Path(src_gguf), Path(out_dir)
     if not out.is_dir() or any(out.iterdir()):
         raise InputError(f"convert_to_hf writes into an existing empty directory; {out} "
                          f"{'is not empty' if out.is_dir() else 'is not a directory'}: create a new one")
     reader, md, tensors, config = _read(src)
-    tokenizer = tokenizer_from_gguf(src, md)
+    tokenizer = _tokenizer(src, md, tokenizer)
     np_dtype = _NP_DTYPES[dtype_name(dtype or "float32")]
     weights = {k: np.ascontiguousarray(v.astype(np_dtype))
                for k, v in _hf_tensors(tensors, config, md["general.architecture"], src).items()}

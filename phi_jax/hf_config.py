@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from phi_jax.config import ModelConfig
+from phi_jax.config import ROPE_TYPES, ModelConfig
 from phi_jax.errors import ConfigError
 
 CLASSES = {"phi": "PhiForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -36,7 +36,6 @@ _DEFAULTS = {
     "qwen2": dict(hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6),
     "phi3": dict(hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5),
 }
-_ROPE_TYPES = {"default", "linear", "llama3", "longrope"}
 
 
 class _Keys:
@@ -185,8 +184,8 @@ def _read_rope(keys: _Keys, hf: Mapping[str, Any], model_type: str, max_len: int
     kind = sub.str("rope_type", None) or sub.str("type", None) or "default"
     if model_type == "phi3" and kind in ("su", "yarn"):  # Phi-3's early names for longrope
         kind = "longrope"
-    if kind not in _ROPE_TYPES:
-        sub.fail("rope_type", f"one of {sorted(_ROPE_TYPES)} (phi_jax implements these scalings)", kind)
+    if kind not in ROPE_TYPES:
+        sub.fail("rope_type", f"one of {list(ROPE_TYPES)} (phi_jax implements these scalings)", kind)
     out["rope_type"] = kind
     if kind in ("linear", "llama3"):
         out["rope_factor"] = sub.float("factor")

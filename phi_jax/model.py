@@ -32,8 +32,9 @@ import jax.numpy as jnp
 
 from phi_jax import axes
 from phi_jax.config import ModelConfig
-from phi_jax.errors import ConfigError
+from phi_jax.errors import ConfigError, InputError
 from phi_jax.kernels.attention import attention, cached_attention, masked_attention, self_attention_mask
+from phi_jax.kernels.rope import RopeScaling, longrope_attention_factor
 from phi_jax.kernels.rotary import rotary
 
 Cache = dict[str, jax.Array]
@@ -103,6 +104,22 @@ def _norm(config: ModelConfig, name: str, axis_name: str = axes.NORM):
         name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)))
+
+
+def rope_scaling(config: ModelConfig) -> RopeScaling | None:
+    """The kernels' view of the config's rotary scaling (None for plain rotary); longrope's
+    attention factor resolved as transformers does when the config does not fix it."""
+    if config.rope_type == "default":
+        return None
+    original = config.rope_original_max_len or config.max_len
+    attention = config.rope_attention_factor
+    if attention is None:
+        attention = 1.0
+        if config.rope_type == "longrope":
+            attention = longrope_attention_factor(config.rope_factor, original)
+    return RopeScaling(config.rope_type, float(config.rope_factor or 1.0), config.rope_low_freq_factor,
+                       config.rope_high_freq_factor, original, config.rope_short_factor,
+                       config.rope_long_factor, float(attention))
 
 
 # ------------------------------------------------------------------------------ sliding window
@@ -182,7 +199,7 @@ class PhiAttention(nn.Module):
         if c.qk_layernorm:
             q = _norm(c, "q_layernorm")(q)
             key = _norm(c, "k_layernorm")(key)
-        rope = dict(rotary_dim=c.rotary_dim, theta=c.rope_theta, scaling=c.rope_scaling,
+        rope = dict(rotary_dim=c.rotary_dim, theta=c.rope_theta, scaling=rope_scaling(c),
                     impl=c.rotary_impl)
         q = rotary(q, positions, **rope)
         key = rotary(key, positions, **rope)
@@ -314,7 +331,8 @@ class Phi(nn.Module):
         c = self.config
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+            raise InputError(f"tokens must be [batch, length], got shape {tokens.shape}; add a batch "
+                             "axis (tokens[None]) for a single sequence")
         b, t = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
@@ -376,7 +394,7 @@ def _check_cache(cache: Cache, config: ModelConfig, batch: int) -> None:
     for name in ("k", "v"):
         shape = cache[name].shape
         if len(shape) != 5 or any(e is not None and e != s for e, s in zip(expected, shape)):
-            raise ValueError(f"cache[{name!r}] has shape {shape}, expected [layers={config.n_layers}, "
+            raise InputError(f"cache[{name!r}] has shape {shape}, expected [layers={config.n_layers}, "
                              f"batch={batch}, kv_heads={config.num_kv_heads}, slots, "
                              f"head_dim={config.dim_per_head}]; build it with init_cache(config, {batch}, ...)")
 

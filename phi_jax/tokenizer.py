@@ -390,11 +390,12 @@ def tokenizer_from_gguf(path: str | os.PathLike, metadata: Mapping[str, Any] | N
     if kind is None or not tokens:
         raise InputError(f"{path} has no tokenizer metadata (tokenizer.ggml.model and "
                          "tokenizer.ggml.tokens are missing); pass the model's tokenizer.json "
-                         "directory as the tokenizer instead")
+                         "directory as the tokenizer instead (load_gguf(..., tokenizer=DIR))")
     if kind != "gpt2":
         raise InputError(f"{path}: tokenizer.ggml.model is {kind!r}; phi_jax rebuilds byte-level BPE "
                          "vocabularies ('gpt2': SmolLM2, Llama 3, Qwen2, Phi-4) from GGUF. Pass the "
-                         "model's tokenizer.json (or tokenizer.model) directory as the tokenizer")
+                         "model's tokenizer.json (or tokenizer.model) directory as the tokenizer "
+                         "(load_gguf(..., tokenizer=DIR))")
     merges = md.get("tokenizer.ggml.merges")
     if not merges:
         raise InputError(f"{path} has a byte-level vocabulary without tokenizer.ggml.merges; the file "

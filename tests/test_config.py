@@ -13,7 +13,7 @@ import phi_jax
 from phi_jax.config import PRESETS, ModelConfig, preset
 from phi_jax.errors import ConfigError
 from phi_jax.hf_config import from_hf_config, to_hf_config
-from phi_jax.model import abstract_params
+from phi_jax.model import abstract_params, rope_scaling
 
 from hf_reference import hf_config
 
@@ -112,8 +112,8 @@ def test_hub_configs_of_the_new_families():
     assert config.rope_type == "longrope" and config.rope_original_max_len == 16
     assert config.rope_factor == 4.0 and config.sliding_window == 63
     # The attention factor is fixed at load: a shorter generation budget does not change it.
-    assert config.replace(max_len=32).rope_scaling == config.rope_scaling
-    assert config.rope_scaling.attention_factor == pytest.approx((1 + 1.3862944 / 2.7725887) ** 0.5)
+    assert rope_scaling(config.replace(max_len=32)) == rope_scaling(config)
+    assert rope_scaling(config).attention_factor == pytest.approx((1 + 1.3862944 / 2.7725887) ** 0.5)
 
 
 @pytest.mark.parametrize("overrides, field", [

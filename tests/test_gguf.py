@@ -104,6 +104,16 @@ def test_qwen2_biases_and_conversion_to_an_hf_directory(tmp_path):
         gguf.convert_to_hf(path, out)
 
 
+def _metadata(arch: str, config, **extra) -> dict:
+    """The `<arch>.*` keys llama.cpp's converter writes for `config`."""
+    return {f"{arch}.{k}": v for k, v in {
+        "context_length": config.max_len, "embedding_length": config.d_model,
+        "feed_forward_length": config.mlp_dim, "block_count": config.n_layers,
+        "attention.head_count": config.n_heads, "attention.head_count_kv": config.num_kv_heads,
+        "attention.layer_norm_rms_epsilon": config.layer_norm_eps, "rope.freq_base": config.rope_theta,
+        "rope.dimension_count": config.rotary_dim, **extra}.items()}
+
+
 def _phi3_file(path, ref, config):
     """What llama.cpp's converter writes for Phi-3 (no q/k permutation: NeoX rotation)."""
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
@@ -119,15 +129,9 @@ def _phi3_file(path, ref, config):
                              ("ffn_up", "mlp.gate_up_proj"), ("ffn_down", "mlp.down_proj")):
             tensors[f"blk.{i}.{ours}.weight"] = (sd[p + theirs + ".weight"], "F32")
     scale = config.max_len / config.rope_original_max_len
-    metadata = {f"phi3.{k}": v for k, v in {
-        "context_length": config.max_len, "embedding_length": config.d_model,
-        "feed_forward_length": config.mlp_dim, "block_count": config.n_layers,
-        "attention.head_count": config.n_heads, "attention.head_count_kv": config.num_kv_heads,
-        "attention.layer_norm_rms_epsilon": config.layer_norm_eps, "rope.freq_base": config.rope_theta,
-        "rope.dimension_count": config.rotary_dim,
+    metadata = _metadata("phi3", config, **{
         "rope.scaling.original_context_length": config.rope_original_max_len,
-        "rope.scaling.attn_factor": math.sqrt(1 + math.log(scale) / math.log(config.rope_original_max_len)),
-    }.items()}
+        "rope.scaling.attn_factor": math.sqrt(1 + math.log(scale) / math.log(config.rope_original_max_len))})
     return write_gguf(path, "phi3", metadata, tensors, vocab_size=config.vocab_size)
 
 
@@ -162,13 +166,7 @@ def _llama3_file(path, ref, config):
         tensors[f"blk.{i}.attn_q.weight"] = (llama_permute(sd[p + "self_attn.q_proj.weight"], config.n_heads), "F32")
         tensors[f"blk.{i}.attn_k.weight"] = (llama_permute(sd[p + "self_attn.k_proj.weight"],
                                                            config.num_kv_heads), "F32")
-    metadata = {f"llama.{k}": v for k, v in {
-        "context_length": config.max_len, "embedding_length": config.d_model,
-        "feed_forward_length": config.mlp_dim, "block_count": config.n_layers,
-        "attention.head_count": config.n_heads, "attention.head_count_kv": config.num_kv_heads,
-        "attention.layer_norm_rms_epsilon": config.layer_norm_eps, "rope.freq_base": config.rope_theta,
-        "rope.dimension_count": h}.items()}
-    return write_gguf(path, "llama", metadata, tensors, vocab_size=config.vocab_size)
+    return write_gguf(path, "llama", _metadata("llama", config), tensors, vocab_size=config.vocab_size)
 
 
 @pytest.mark.parametrize("name, write", [("test-phi3", _phi3_file), ("test-llama", _llama3_file)])
@@ -217,6 +215,8 @@ def test_bad_files_get_one_line_errors_naming_file_and_problem(tmp_path):
         with pytest.raises(InputError, match="no tokenizer metadata") as e:
             load(bare)
         assert str(bare) in _one_line(e)
+    tokenizer = Tokenizer.from_pretrained(good)  # a tokenizer from elsewhere makes it loadable
+    assert gguf.load_gguf(bare, tokenizer=tokenizer)[2] is tokenizer
 
     nokey = _llama_file(tmp_path / "nokey.gguf", types=[["F16"] * 7],
                         extra={"llama.block_count": "two"})

@@ -159,3 +159,18 @@ def test_sliding_window_with_a_fused_kernel_only_where_it_masks_nothing():
     with pytest.raises(ConfigError, match="sliding_window=7 is shorter than these 8 tokens.*"
                                           "attention_impl='xla'"):
         model.apply(params, _tokens(config, 8))
+
+
+@pytest.mark.parametrize("name", FAMILY + ["phi-4-mini", "smollm2-135m"])
+def test_every_parameter_has_logical_axis_names(name):
+    """The sharding rules see every parameter of every family: one name per dimension."""
+    from phi_jax import axes
+    from phi_jax.model import abstract_params, param_logical_axes
+
+    config = preset(name)
+    shapes, names = abstract_params(config), param_logical_axes(config)
+    flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
+    flat_names = jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert len(flat_shapes) == len(flat_names)
+    for (path, shape), spec in zip(flat_shapes, flat_names):
+        assert len(spec) == len(shape.shape) and all(n in axes.ALL for n in spec), (path, spec)

@@ -91,12 +91,10 @@ def test_sse_wire_format_ends_with_done(served):
 
 def test_chat_completion_uses_default_template(served):
     s = served
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add"}]
+    messages = [{"role": "user", "content": "def add"}]  # ChatML's markers are long in a 300-token BPE
     tok = s.tokenizer
-    ids = tok.encode(render_chat(messages, bos_token=tok.id_to_token(tok.bos_id),
-                                 eos_token=tok.id_to_token(tok.eos_id)))
-    assert tok.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\ndef add"
-                               "<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok.encode(render_chat(messages, **tok.special_tokens_map))
+    assert tok.decode(ids) == "<|im_start|>user\ndef add<|im_end|>\n<|im_start|>assistant\n"
     want = _alone(s, ids, 10)
     r = s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     assert r.object == "chat.completion"
