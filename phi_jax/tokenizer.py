@@ -5,7 +5,8 @@ Everything downstream (data pipeline, sampling, serving, evals) sees only `Token
 be trained with the library's own byte-level BPE, fine-tuned from a Phi checkpoint's tokenizer.json,
 paired with a Llama-style `.model` file, or served from a `.gguf` without any caller changing.
 A GGUF's byte-level BPE (`tokenizer.ggml.model` = gpt2: SmolLM2, Llama 3, Qwen2, ...) is rebuilt as
-an HF `tokenizers` object the way transformers' GGUF loader builds it, so ids are the same.
+an HF `tokenizers` object the way transformers' GGUF loader builds it (its pre-tokenizer split
+chosen by `tokenizer.ggml.pre`), so ids are the same.
 
 `encode` never adds special tokens on its own (a tokenizer.json post-processor that would insert
 BOS is bypassed); callers say `add_bos`/`add_eos` explicitly, which keeps packing and prompts exact.
@@ -358,6 +359,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
 
 # -------------------------------------------------------------------------------------- GGUF
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp's token types
+# How text is split before BPE, by `tokenizer.ggml.pre`: the patterns of the models' own
+# tokenizer.json files (and of transformers' GGUF loader). Other kinds ("default", "gpt-2",
+# "smollm", ...) use byte-level BPE's GPT-2 pattern, as transformers does.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {**dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"),
+                                _LLAMA3_SPLIT),
+                **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT)}
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -381,7 +392,7 @@ def tokenizer_from_gguf(path: str | os.PathLike, metadata: Mapping[str, Any] | N
     `metadata`: the file's metadata when the caller has read it already (it names `path` in errors).
     """
     from phi_jax import gguf_file  # pylint: disable=g-import-not-at-top
-    from tokenizers import AddedToken, decoders, pre_tokenizers  # pylint: disable=g-import-not-at-top
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers  # pylint: disable=g-import-not-at-top
     from tokenizers import Tokenizer as _Tok
     from tokenizers.models import BPE
 
@@ -407,6 +418,11 @@ def tokenizer_from_gguf(path: str | os.PathLike, metadata: Mapping[str, Any] | N
     backend = _Tok(BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
                        continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split = _GGUF_SPLITS.get(md.get("tokenizer.ggml.pre"))
+    if split is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     types = md.get("tokenizer.ggml.token_type") or []
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True)

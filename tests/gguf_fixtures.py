@@ -40,17 +40,18 @@ def _encode(value: np.ndarray, kind: str, rng: np.random.Generator):
     return gguf.quants.quantize(value.astype(np.float32), qtype), qtype
 
 
-def byte_level_vocab(size: int) -> tuple[list[str], list[str]]:
-    """A byte-level BPE vocabulary of `size` tokens: the 256 byte symbols (less a few) and merges."""
+def byte_level_vocab(size: int, extra_merges: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary of `size` tokens: the byte symbols (less a few) and merges."""
     alphabet = list(_byte_alphabet().values())
-    merges = ["Ġ t", "h e", "Ġt he"]
-    merged = ["Ġt", "he", "Ġthe"]
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet[:size - 6] + merged
+    merges = ["Ġ t", "h e", "Ġt he", *extra_merges]
+    merged = [m.replace(" ", "") for m in merges]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet[:size - 3 - len(merged)] + merged
     return tokens, merges
 
 
 def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple[np.ndarray, str]], *,
-               vocab_size: int | None = None, seed: int = 0) -> Path:
+               vocab_size: int | None = None, seed: int = 0, pre: str = "default",
+               extra_merges: tuple[str, ...] = ()) -> Path:
     """Write a GGUF of architecture `arch`: `metadata` keys (typed by their Python values),
     `tensors` name -> (float32 numpy value [out, in], type name), and a byte-level tokenizer of
     `vocab_size` tokens (None: no tokenizer metadata at all)."""
@@ -59,8 +60,8 @@ def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple[n
     writer.add_string("general.name", f"tiny {arch}")
     items = dict(metadata)
     if vocab_size is not None:
-        tokens, merges = byte_level_vocab(vocab_size)
-        items.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+        tokens, merges = byte_level_vocab(vocab_size, extra_merges)
+        items.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
                       "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
                       "tokenizer.ggml.token_type": [3, 3, 3] + [1] * (len(tokens) - 3),
                       "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,

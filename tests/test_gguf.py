@@ -182,6 +182,23 @@ def test_rope_factor_tensors_match_the_source_model(name, write, tmp_path):
         assert diff <= FP32_TOL, (length, diff)
 
 
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm"])
+def test_pre_tokenizer_kinds_match_transformers(pre, tmp_path):
+    """`tokenizer.ggml.pre` picks the split before BPE: Llama 3 groups up to 3 digits, Qwen2 one,
+    others (smollm) use GPT-2's pattern; merges across those boundaries show the difference."""
+    path = write_gguf(tmp_path / f"{pre}.gguf", "llama", {}, {}, vocab_size=256, pre=pre,
+                      extra_merges=("3 4", "' T", "Ġ 1", "1 2"))
+    ours = Tokenizer.from_pretrained(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    texts = ["1234 and 12345678", "IT'S it's DON'T", " 1 12\n\n  x  \t 34"]
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    splits = {p: Tokenizer.from_pretrained(write_gguf(
+        tmp_path / f"x-{p}.gguf", "llama", {}, {}, vocab_size=256, pre=p,
+        extra_merges=("3 4", "' T", "Ġ 1", "1 2"))).encode(texts[0]) for p in ("llama-bpe", "qwen2", "smollm")}
+    assert len({tuple(ids) for ids in splits.values()}) == 3  # the three kinds differ on this text
+
+
 # ------------------------------------------------------------------------------- bad files
 def _one_line(error) -> str:
     message = str(error.value)
