@@ -25,11 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from phi_jax.chat import ChatTemplateError, render_chat
 from phi_jax.errors import InputError
 from phi_jax.inference import scoring
 from phi_jax.inference.sampling import SamplingParams
 from phi_jax.serve import protocol
-from phi_jax.serve.chat import ChatTemplateError, render_chat
 from phi_jax.serve.engine import Engine, EngineStoppedError, QueueFullError, TokenEvent
 from phi_jax.serve.protocol import APIError
 from phi_jax.serve.text import TextAssembler, TokenRecord
