@@ -340,8 +340,7 @@ class _Server:
     async def chat_completions(self, request: Request) -> Response:
         req = await self.read(request, protocol.ChatCompletionRequest)
         tok = self.tokenizer
-        special = {name: tok.id_to_token(i) if i is not None else ""
-                   for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id))}
+        special = tok.special_tokens_map  # bos/eos/unk/pad strings, as transformers passes them
         messages = [{"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
                     for m in req.messages]
         try:
