@@ -107,10 +107,15 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in _WORD.finditer(text) if m.group().translate(table)]
 
 
-def cut(text: str, hits: Sequence[tuple[int, int]], n: int, window: int) -> list[list[int]]:
-    """The merged [start, end) character windows cut around each n-gram match."""
-    spans = word_spans(text)
-    windows = sorted((max(0, spans[w][0] - window), min(len(text), spans[w + n - 1][1] + window))
+def cut_windows(spans: Sequence[tuple[int, int]], length: int, hits: Sequence[tuple[int, int]], n: int,
+                window: int) -> list[list[int]]:
+    """The merged [start, end) character windows cut around each n-gram match.
+
+    Args:
+      spans: `word_spans` of the text; length: its length in characters.
+      hits: (word position, item) of each matching n-gram; n: words per n-gram.
+    """
+    windows = sorted((max(0, spans[w][0] - window), min(length, spans[w + n - 1][1] + window))
                      for w, _ in hits)
     merged: list[list[int]] = []
     for a, b in windows:
@@ -128,8 +133,9 @@ class Decontaminator:
         self.config = config
         self.items = evalsets.load_eval_sets(config.against)
         self.ngrams = NgramIndex(self.items, config.ngram)
-        functions = [(name, unit) for name, unit in codesim.benchmark_functions(
-            [(item.name, item.code) for item in self.items if item.code]) if len(unit.tokens) >= config.min_ast_tokens]
+        code = [(item.name, item.code) for item in self.items if item.code]
+        functions = [(name, unit) for name, unit in codesim.benchmark_functions(code)
+                     if len(unit.tokens) >= config.min_ast_tokens]  # the rest match too much
         self.ast = codesim.AstIndex(functions, config.min_ast_tokens) if config.code_check and functions else None
         self.embedding = None
         if functions and (embedder is not None or config.embedder is not None):
@@ -159,8 +165,8 @@ class Decontaminator:
 
     def _cut(self, record: dict, words: list[str], found: list[tuple[int, int]], counts: Counts) -> dict | None:
         c, text = self.config, record["text"]
-        windows = cut(text, found, c.ngram, c.window)
         spans = word_spans(text)
+        windows = cut_windows(spans, len(text), found, c.ngram, c.window)
         details = []
         for a, b in windows:
             seen, matches = set(), []
@@ -199,8 +205,8 @@ class Decontaminator:
         for i, record in enumerate(records):
             for unit in codesim.function_units(record["text"]):
                 units.append((i, unit))
-                found = self.ast.best(unit.tokens, c.ast_threshold) if self.ast else None
-                if found is not None and i not in out:
+                found = self.ast.best(unit.tokens, c.ast_threshold) if self.ast and i not in out else None
+                if found is not None:
                     f, score = found
                     out[i] = ("code_ast_match", self._code_row(record, "ast", unit, self.ast.names[f], score))
         if self.embedding is not None:
