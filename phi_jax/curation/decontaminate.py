@@ -177,22 +177,24 @@ class Decontaminator:
                                     "ngram": " ".join(words[w:w + c.ngram])})
             details.append({"start": a, "end": b, "matches": matches})
         counts.add("ngram_matches", len(found))
-        row = {"id": record["id"], "cuts": details}
         if len(windows) > c.max_splits:
             counts.drop("contaminated_split_more_than_max")
-            counts.log({**row, "action": "dropped", "reason": f"split {len(windows)} times (> {c.max_splits})"})
+            counts.log({"id": record["id"], "action": "dropped",
+                        "reason": f"split {len(windows)} times (> {c.max_splits})", "cuts": details})
             return None
         edges = [0] + [x for w in windows for x in w] + [len(text)]
         pieces = [text[edges[i]:edges[i + 1]] for i in range(0, len(edges), 2)]
         pieces = [p for p in pieces if len(p) >= c.min_piece]
         if not pieces:
             counts.drop("contaminated_nothing_left")
-            counts.log({**row, "action": "dropped", "reason": f"no piece of {c.min_piece}+ characters left"})
+            counts.log({"id": record["id"], "action": "dropped",
+                        "reason": f"no piece of {c.min_piece}+ characters left", "cuts": details})
             return None
         new_text = "\n\n".join(pieces)
         counts.add("cut", 1)
         counts.add("chars_removed", len(text) - sum(map(len, pieces)))
-        counts.log({**row, "action": "cut", "chars_before": len(text), "chars_after": len(new_text)})
+        counts.log({"id": record["id"], "action": "cut", "chars_before": len(text),
+                    "chars_after": len(new_text), "cuts": details})
         meta = {**record["meta"], "decontamination": {
             "cuts": len(windows), "benchmarks": sorted({m["benchmark"] for d in details for m in d["matches"]})}}
         return {**record, "text": new_text, "meta": meta}
@@ -252,7 +254,8 @@ def decontaminate(records: Sequence[dict], against: Sequence[str] | str = ("huma
     `embedder` (an `Embedder`, or any texts -> [N, D] callable) turns on the embedding check."""
     config = DecontamConfig(tuple(evalsets.parse_specs(against)), **options)
     step, counts = Decontaminator(config, embedder), Counts()
-    kept = step([dict(r) for r in records], counts)
+    batch = [{**r, "id": str(r.get("id", i)), "meta": dict(r.get("meta") or {})} for i, r in enumerate(records)]
+    kept = step(batch, counts)
     return DecontamResult(kept, counts.rows, {"dropped": dict(counts.dropped), "stage": dict(counts.stage)})
 
 
