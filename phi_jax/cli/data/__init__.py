@@ -8,9 +8,9 @@ r"""`phi-jax data`: the data recipe, one subcommand per stage.
     phi-jax data dedup            --input=out/kept --threshold=0.8 --output=out/dedup
     phi-jax data decontaminate    --input=out/dedup --against=humaneval,evals.jsonl --output=out/clean
 
-Stages over records (annotate, score, filter, dedup, decontaminate) share the run flags (--input, --output,
---runner=local|beam, --workers, --shard-size, --overwrite, ...): a rerun of the same command
-resumes, finishing only the shards that were not done. Every output directory has a manifest.json.
+Stages over records (annotate, score, filter, dedup, decontaminate) share the run flags (--input,
+--output, --runner=local|beam, --workers, --shard-size, --overwrite, ...): a rerun of the same
+command resumes, finishing only the shards that were not done. Every output directory has a manifest.json.
 Adding a stage is one module here with `register(subparsers)` plus its name in STAGES.
 """
 
@@ -24,8 +24,8 @@ STAGES = ("annotate", "train_classifier", "score", "filter", "dedup", "decontami
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data", help="curate data: annotate, train a quality classifier, score, filter, "
-                              "dedup, decontaminate",
+    p = subparsers.add_parser("data", help="curate data: annotate, train a quality classifier, score, "
+                              "filter, dedup, decontaminate",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="data_stage", required=True, metavar="STAGE")
     for name in STAGES:
