@@ -8,7 +8,7 @@ passes, each resumable and bounded in memory, under OUTPUT/.work/dedup/:
      shard's bucket entries sorted by key (one per band, plus the exact digest), ids.json.
   2. edges/               for each range of keys (the top bits), every shard's entries in it are
      merged and sorted; each bucket of 2+ documents gives edges member -> smallest member
-     (local: range-RRRRR.npy; Beam: GroupByKey on the keys, beam-*.npy).
+     (local: range-RRRRR-of-PPPPP.npy; Beam: GroupByKey on the keys, beam-*.npy).
   3. components           min-label propagation over the edge files (streamed, several sweeps),
      so every document's label is the smallest document of its cluster: the one kept.
      decisions/part-NNNNN.npz (rows to drop, why) and OUTPUT/clusters.jsonl come from it.
