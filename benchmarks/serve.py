@@ -149,12 +149,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(directory: pathlib.Path, port: int, slots: int, max_len: int, log) -> subprocess.Popen:
+def _start_server(directory: pathlib.Path, port: int, slots: int, max_len: int, log, *, name: str = MODEL,
+                  warmup: bool = True) -> subprocess.Popen:
+    """`phi-jax serve` for the model at `directory` (any --model source) in a subprocess, once healthy."""
     import httpx
 
-    cmd = [sys.executable, "-m", "phi_jax.cli", "serve", f"--hf={directory}", "--host=127.0.0.1",
-           f"--port={port}", f"--num-slots={slots}", f"--max-len={max_len}", f"--served-model-name={MODEL}",
-           "--max-queue=1024", "--log-level=warning"]
+    cmd = [sys.executable, "-m", "phi_jax.cli", "serve", f"--model={directory}", "--host=127.0.0.1",
+           f"--port={port}", f"--num-slots={slots}", f"--max-len={max_len}", f"--served-model-name={name}",
+           "--max-queue=1024", "--log-level=warning"] + ([] if warmup else ["--no-warmup"])
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900  # loading + compiling every prefill bucket
     while time.monotonic() < deadline:

@@ -7,6 +7,7 @@ give each document; the records on disk must hold exactly those.
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -203,3 +204,14 @@ def test_builtin_rubrics_ask_for_the_score_line():
         rubric = load_rubric(name)
         assert "{text}" in rubric.template and '"Educational score: <total points>"' in rubric.template
     assert "basic coding concepts" in load_rubric("code").template
+
+
+def test_worker_processes_share_one_cache(tmp_path, capsys):
+    inputs, out = _write_inputs(tmp_path), tmp_path / "out"
+    teacher = FakeTeacher(score_of=lambda d: _expected_score(_index(d)))
+    with teacher:
+        argv = _command(inputs, out, teacher.url)[3:] + ["--workers=2"]
+        assert _main(argv, capsys)[0] == 0
+    assert sorted(r["id"] for r in records.iter_output(out)) == sorted(f"doc-{i}" for i in range(N_DOCS))
+    assert sum(teacher.answered.values()) == N_DOCS
+    assert sqlite3.connect(out / "teacher_cache.sqlite").execute("SELECT COUNT(*) FROM answers").fetchone()[0] == N_DOCS

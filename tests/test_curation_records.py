@@ -174,3 +174,14 @@ def test_a_stage_output_is_the_next_stage_input(tmp_path):
     manifest = run_stage(filter_stage(3), str(tmp_path / "a"), tmp_path / "b", progress=False)
     assert [i["path"] for i in manifest["inputs"]] == [str(tmp_path / "a" / f"part-0000{i}.jsonl") for i in range(4)]
     assert [r["meta"]["quality"] for r in records.iter_output(tmp_path / "b")] == [3, 4] * 4
+
+
+def test_max_records_takes_the_first_records_in_input_order(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", _rows(7))
+    b = _jsonl(tmp_path / "b.jsonl", _rows(7, start=7))
+    shards = records.plan_shards(f"{a},{b}", shard_size=3, max_records=8)
+    assert [(s.paths[0][-7:], s.start, s.stop) for s in shards] == [
+        ("a.jsonl", 0, 3), ("a.jsonl", 3, 6), ("a.jsonl", 6, 7), ("b.jsonl", 0, 1)]
+    assert [r["id"] for s in shards for r in s.read()] == [f"r{i}" for i in range(8)]
+    manifest = run_stage(filter_stage(0), f"{a},{b}", tmp_path / "out", max_records=8, progress=False)
+    assert manifest["counts"]["records_in"] == 8 and manifest["parameters"]["max_records"] == 8

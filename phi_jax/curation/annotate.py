@@ -80,7 +80,8 @@ def parse_score(answer: Answer) -> tuple[int | None, str | None]:
         return None, "empty answer"
     matches = _SCORE.findall(text)
     if not matches:
-        cut = " (the answer was cut at max_tokens; raise --max-tokens)" if answer.finish_reason == "length" else ""
+        cut = (" (the answer was cut at max_tokens; raise --max-tokens)"
+               if answer.finish_reason == "length" else "")
         return None, f"no 'Educational score: N' line in the answer{cut}"
     value = float(matches[-1])
     if not value.is_integer():
@@ -106,8 +107,9 @@ def annotate_stage(rubric: Rubric, teacher: TeacherConfig | None, *, cache: str 
     if max_chars < 1:
         raise InputError(f"--max-chars={max_chars}: must be >= 1")
     if teacher is None and rubric.name not in BUILTIN_RUBRICS:
-        raise InputError(f"--teacher={HEURISTIC} knows the built-in rubrics only ({', '.join(BUILTIN_RUBRICS)}), "
-                         f"not {rubric.name}; use a teacher endpoint for your own rubric")
+        raise InputError(f"--teacher={HEURISTIC} knows the built-in rubrics only "
+                         f"({', '.join(BUILTIN_RUBRICS)}), not {rubric.name}; use a teacher endpoint "
+                         "for your own rubric")
     spec = AnnotateSpec(rubric, teacher, None if cache is None else str(cache), max_chars)
     if teacher is None:
         teacher_params = {"kind": HEURISTIC, "note": "offline stand-in computed from the text itself, "

@@ -173,6 +173,7 @@ def train_classifier(annotations: Sequence[str], embedder, *, head: str, output:
     Writes output/{classifier.json, classifier.npz, report.json, report.png, manifest.json}
     (all at once: the directory appears complete or not at all). Returns the report.
     """
+    require("sklearn", extra="data", purpose="training a quality classifier")
     if head not in HEADS:
         raise InputError(f"--head={head!r}; choose one of {', '.join(HEADS)}")
     if not 0.0 < test_fraction < 1.0:
@@ -204,7 +205,8 @@ def train_classifier(annotations: Sequence[str], embedder, *, head: str, output:
         "score_histogram": {str(s): int(np.sum(y == s)) for s in range(MIN_SCORE, MAX_SCORE + 1)},
         "embedding": {"documents": len(kept), "tokens": embedder.tokens, "seconds": round(embed_seconds, 3),
                       "tokens_per_s": embedder.tokens / embed_seconds if embed_seconds > 0 else None},
-        "teacher": manifests[0]["parameters"].get("teacher"), "rubric": manifests[0]["parameters"].get("rubric"),
+        "teacher": manifests[0]["parameters"].get("teacher"),
+        "rubric": manifests[0]["parameters"].get("rubric"),
     }
     meta = {"head": head, "threshold": threshold, "dim": int(x.shape[1]), "embedder": embedder_info,
             "rubric": report["rubric"], "rubric_sha256": rubrics[0], "teacher": report["teacher"],

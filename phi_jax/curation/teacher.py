@@ -278,7 +278,8 @@ class TeacherClient:
                          f"body starts {snippet!r}); is --teacher an OpenAI-compatible /v1 endpoint?"
                          ) from None
         usage = data.get("usage") or {}
-        prompt_tokens, completion_tokens = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+        prompt_tokens = _int(usage.get("prompt_tokens"))
+        completion_tokens = _int(usage.get("completion_tokens"))
         self._count(answers=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     answers_without_usage=int(not usage))
         return Answer(text=text, finish_reason=choice.get("finish_reason"), prompt_tokens=prompt_tokens,

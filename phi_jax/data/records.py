@@ -1,8 +1,8 @@
 """One record schema for every curation stage, the shards that hold records, and the manifest.
 
 A record is `{"id": str, "text": str, "meta": {...}}`: every stage reads and writes exactly this,
-and adds what it learned under `meta` (`meta.annotation`, `meta.quality`, ...), so stages chain in
-any order and a record keeps its history. Shards are JSONL (one record per line, UTF-8) or
+and adds what it learned under its own key of `meta` (`meta.annotation`, `meta.quality`, ...),
+keeping the rest, so stages chain in any order and a record carries what earlier stages found. Shards are JSONL (one record per line, UTF-8) or
 ArrayRecord (one JSON-encoded record per entry).
 
 Inputs are planned as `InputShard`s, fixed slices of the inputs, so a run can resume per shard:
@@ -209,11 +209,14 @@ def _expand(spec: str) -> list[tuple[str, str]]:
     return [(_format_of(f), f) for f in files]
 
 
-def plan_shards(inputs: str | Sequence[str], shard_size: int = 1000, *,
-                text_field: str = "text") -> list[InputShard]:
-    """Cut the inputs (a comma-separated string or a list) into shards of at most `shard_size`."""
+def plan_shards(inputs: str | Sequence[str], shard_size: int = 1000, *, text_field: str = "text",
+                max_records: int = 0) -> list[InputShard]:
+    """Cut the inputs (a comma-separated string or a list) into shards of at most `shard_size`;
+    `max_records` > 0 keeps only the first that many records (in input order)."""
     if shard_size < 1:
         raise InputError(f"--shard-size={shard_size}: must be >= 1")
+    if max_records < 0:
+        raise InputError(f"--max-records={max_records}: must be >= 0 (0 = all)")
     specs = [s.strip() for s in inputs.split(",")] if isinstance(inputs, str) else list(inputs)
     specs = [s for s in specs if s]
     if not specs:
@@ -239,7 +242,19 @@ def plan_shards(inputs: str | Sequence[str], shard_size: int = 1000, *,
         stop = min(len(texts), start + shard_size)
         shards.append(InputShard(len(shards), "text", tuple(texts[start:stop]), start, stop,
                                  text_field))
-    return shards
+    return _first_records(shards, max_records) if max_records else shards
+
+
+def _first_records(shards: list[InputShard], count: int) -> list[InputShard]:
+    kept = []
+    for shard in shards:
+        if count <= 0:
+            break
+        take = min(shard.size, count)
+        paths = shard.paths[:take] if shard.kind == "text" else shard.paths
+        kept.append(dataclasses.replace(shard, paths=paths, stop=shard.start + take))
+        count -= take
+    return kept
 
 
 def file_sha256(path: str | os.PathLike) -> str:

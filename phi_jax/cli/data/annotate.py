@@ -26,9 +26,11 @@ def register(sub) -> None:
     p.add_argument("--teacher", required=True,
                    help="an OpenAI-compatible base URL (http://host:port/v1), or 'heuristic'")
     p.add_argument("--teacher-model", default="", help="the model name the endpoint serves")
-    p.add_argument("--rubric", default="edu", help="edu (FineWeb-Edu's 0-5 educational value), code "
-                                                  "(phi-1's value for learning to code), or a prompt file with {text}")
-    p.add_argument("--max-chars", type=int, default=4000, help="characters of each document shown to the teacher")
+    p.add_argument("--rubric", default="edu",
+                   help="edu (FineWeb-Edu's 0-5 educational value), code (phi-1's value for learning to "
+                        "code), or a prompt file with {text}")
+    p.add_argument("--max-chars", type=int, default=4000,
+                   help="characters of each document shown to the teacher")
     p.add_argument("--teacher-cache", default=None, help="answer cache (default: OUTPUT/teacher_cache.sqlite)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (per worker)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before retrying it")

@@ -24,6 +24,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="records per shard, the unit of resume (plain text: files per shard)")
     p.add_argument("--output-format", default="jsonl", choices=["jsonl", "arrayrecord"])
     p.add_argument("--text-field", default="text", help="the text key of JSON records")
+    p.add_argument("--max-records", type=int, default=0,
+                   help="only the first N input records (0 = all): a sample to try a teacher on")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output written with other arguments or inputs")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -35,7 +37,7 @@ def run(args, stage) -> int:
 
     manifest = run_stage(stage, args.input, args.output, runner=args.runner, workers=args.workers,
                          shard_size=args.shard_size, output_format=args.output_format,
-                         text_field=args.text_field, overwrite=args.overwrite,
+                         text_field=args.text_field, max_records=args.max_records, overwrite=args.overwrite,
                          beam_options=args.beam_options, progress=args.progress)
     print(summary(manifest, args.output))
     return 0

@@ -38,8 +38,8 @@ _LOCK = ".lock"
 
 def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLike, *,
               runner: str = "local", workers: int = 1, shard_size: int = 1000,
-              output_format: str = "jsonl", text_field: str = "text", overwrite: bool = False,
-              beam_options: str | Sequence[str] = (), progress: bool = True) -> dict:
+              output_format: str = "jsonl", text_field: str = "text", max_records: int = 0,
+              overwrite: bool = False, beam_options: str | Sequence[str] = (), progress: bool = True) -> dict:
     """Run `stage` over `inputs` into `output`; returns the completed manifest.
 
     Args:
@@ -51,6 +51,7 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
       shard_size: records per shard (plain-text inputs: files per shard).
       output_format: "jsonl" or "arrayrecord".
       text_field: the text key of foreign JSON records.
+      max_records: process only the first that many input records (0 = all).
       overwrite: replace an output written with other parameters or inputs.
       beam_options: Beam pipeline options (e.g. "--runner=DataflowRunner --project=p ...").
       progress: show a progress bar with ETA on stderr.
@@ -61,15 +62,16 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
         raise InputError(f"--workers={workers}: must be >= 1")
     fmt = records.output_format(output_format)
     output = Path(output)
-    shards = records.plan_shards(inputs, shard_size, text_field=text_field)
+    shards = records.plan_shards(inputs, shard_size, text_field=text_field, max_records=max_records)
     if not shards:
         raise InputError(f"--input={inputs}: no records to process")
     parameters = {**stage.parameters, "shard_size": shard_size, "output_format": fmt,
-                  "text_field": text_field}
+                  "text_field": text_field, "max_records": max_records}
     fingerprints = records.input_fingerprints(shards)
     started, clock = records.now(), time.perf_counter()
     with _locked(output):
         manifest = _prepare(output, stage, parameters, fingerprints, overwrite)
+        manifest["status"] = "running"
         manifest["settings"] = {**stage.settings, "runner": runner, "workers": workers}
         records.write_manifest(output, manifest)
         todo = [s for s in shards if finished(output, s, fmt) is None]
@@ -232,10 +234,12 @@ def summary(manifest: dict, output: str | os.PathLike = "") -> str:
              f"  records     {counts['records_in']:,} in, {counts['records_out']:,} out"]
     for reason, n in sorted(counts["dropped"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  dropped     {n:>10,}  {reason}")
+    whole = manifest.get("global", {}).get("counts", {})  # a whole-corpus stage's own counters
+    width = max((len(name) for name in [*counts["stage"], *whole]), default=0)
     for name, n in sorted(counts["stage"].items()):
-        lines.append(f"  {name:<28} {n:>12,}" if isinstance(n, int) else f"  {name:<28} {n}")
-    for name, n in manifest.get("global", {}).get("counts", {}).items():
-        lines.append(f"  {name:<28} {n:>12,}")
+        lines.append(f"  {name:<{width}}  {n:>12,}" if isinstance(n, int) else f"  {name:<{width}}  {n}")
+    for name, n in whole.items():
+        lines.append(f"  {name:<{width}}  {n:>12,}")
     rate = run["records_processed"] / run["seconds"] if run["seconds"] > 0 else 0.0
     lines.append(f"  time        {run['seconds']:.1f} s this run ({rate:,.1f} docs/s), "
                  f"{manifest.get('wall_seconds', 0):.1f} s in all")
