@@ -89,7 +89,7 @@ def _clusters(out) -> list[dict]:
 
 def test_normalisation_and_ngram_hashes_match_their_python_definitions():
     rng = random.Random(1)
-    alphabet = string.ascii_letters + string.digits + string.punctuation + " \t\n\u00a0\u3000\u2028éß√中"
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " \t\n\x00\x01\x1c\x85\u00a0\u3000\u2028éß√中"
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 120))) for _ in range(200)]
     texts += ["Don't  PANIC!\n42", "", "   ", "a"]
     normalized = [shingles.normalize(t) for t in texts]
@@ -216,6 +216,17 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, flags, error):
     assert _dedup(src, tmp_path / "out", *flags) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"phi-jax data: error: {error}") and "\n" not in err
+
+
+def test_a_corrupt_input_line_is_one_line_naming_file_and_line(tmp_path, capsys):
+    rows, _ = _planted_corpus(seed=7, pairs=10, singles=10)
+    lines = [json.dumps(r) for r in rows]
+    lines[13] = lines[13][:20]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    assert _dedup(str(tmp_path / "in.jsonl"), tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"phi-jax data: error: {tmp_path / 'in.jsonl'}:14 (part-00000): not valid JSON")
+    assert "\n" not in err
 
 
 # ---------------------------------------------------------------------------- runners and resume

@@ -49,10 +49,10 @@ def function_units(text: str) -> list[FunctionUnit]:
         if tree is None:
             continue
         lines = source.splitlines()
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                segment = "\n".join(lines[node.lineno - 1:node.end_lineno])
-                units.append(FunctionUnit(node.name, segment, tuple(ast_tokens(node))))
+        tokens, functions = _tokens(tree)
+        for node, start, end in functions:
+            segment = "\n".join(lines[node.lineno - 1:node.end_lineno])
+            units.append(FunctionUnit(node.name, segment, _numbered(tokens[start:end])))
     return units
 
 
@@ -70,40 +70,66 @@ def _parse(text: str) -> ast.AST | None:
 
 def ast_tokens(node: ast.AST) -> list[str]:
     """The normalised pre-order token sequence of `node` (see the module docstring)."""
-    names: dict[str, str] = {}
-    out: list[str] = []
+    return list(_numbered(_tokens(node)[0]))
 
-    def name(identifier: str) -> str:
-        return names.setdefault(identifier, f"#{len(names)}")
+
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_IDENTIFIER = "\x00"  # marks a raw identifier until `_numbered` replaces it
+_LABELS = {  # node type -> its tokens besides the type name
+    ast.Name: lambda n: (_IDENTIFIER + n.id,), ast.arg: lambda n: (_IDENTIFIER + n.arg,),
+    ast.FunctionDef: lambda n: (_IDENTIFIER + n.name,), ast.AsyncFunctionDef: lambda n: (_IDENTIFIER + n.name,),
+    ast.ClassDef: lambda n: (_IDENTIFIER + n.name,),
+    ast.Global: lambda n: tuple(_IDENTIFIER + x for x in n.names),
+    ast.Nonlocal: lambda n: tuple(_IDENTIFIER + x for x in n.names),
+    ast.Attribute: lambda n: ("." + n.attr,), ast.keyword: lambda n: (f"{n.arg}=",),
+    ast.Constant: lambda n: (type(n.value).__name__,),
+}
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _tokens(tree: ast.AST) -> tuple[list[str], list[tuple[ast.AST, int, int]]]:
+    """One pre-order pass: the tokens (identifiers raw) and each function's [start, end) in them
+    (a subtree's tokens are contiguous in pre-order)."""
+    out: list[str] = []
+    functions: list[tuple[ast.AST, int, int]] = []
 
     def visit(n: ast.AST) -> None:
-        out.append(type(n).__name__)
-        if isinstance(n, ast.Name):
-            out.append(name(n.id))
-        elif isinstance(n, ast.arg):
-            out.append(name(n.arg))
-        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            out.append(name(n.name))
-        elif isinstance(n, (ast.Global, ast.Nonlocal)):
-            out.extend(name(x) for x in n.names)
-        elif isinstance(n, ast.Attribute):
-            out.append("." + n.attr)
-        elif isinstance(n, ast.keyword):
-            out.append(f"{n.arg}=")
-        elif isinstance(n, ast.Constant):
-            out.append(type(n.value).__name__)
-        body = getattr(n, "body", None)
-        docstring = (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                     and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str))
-        for field, value in ast.iter_fields(n):
-            if field in _UNTYPED:
-                continue
-            for child in value if isinstance(value, list) else [value]:
-                if isinstance(child, ast.AST) and not isinstance(child, _SKIP) and not (docstring and child is body[0]):
-                    visit(child)
+        cls = type(n)
+        start = len(out)
+        out.append(cls.__name__)
+        label = _LABELS.get(cls)
+        if label is not None:
+            out.extend(label(n))
+        fields = _FIELDS.get(cls)
+        if fields is None:
+            fields = _FIELDS[cls] = tuple(f for f in cls._fields if f not in _UNTYPED)
+        for field in fields:
+            value = getattr(n, field, None)
+            if type(value) is list:
+                if field == "body" and value and _is_docstring(value[0]):
+                    value = value[1:]
+                for child in value:
+                    if isinstance(child, ast.AST) and not isinstance(child, _SKIP):
+                        visit(child)
+            elif isinstance(value, ast.AST) and not isinstance(value, _SKIP):
+                visit(value)
+        if cls in _FUNCTIONS:
+            functions.append((n, start, len(out)))
 
-    visit(node)
-    return out
+    visit(tree)
+    functions.sort(key=lambda f: f[1])
+    return out, functions
+
+
+def _is_docstring(node: ast.AST) -> bool:
+    return (type(node) is ast.Expr and type(node.value) is ast.Constant
+            and isinstance(node.value.value, str))
+
+
+def _numbered(tokens: Sequence[str]) -> tuple[str, ...]:
+    """Identifiers replaced by #0, #1, ... in order of first appearance."""
+    names: dict[str, str] = {}
+    return tuple(names.setdefault(t, f"#{len(names)}") if t[:1] == _IDENTIFIER else t for t in tokens)
 
 
 def levenshtein(a: Sequence, b: Sequence) -> int:

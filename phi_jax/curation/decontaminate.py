@@ -107,10 +107,15 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in _WORD.finditer(text) if m.group().translate(table)]
 
 
-def cut(text: str, hits: Sequence[tuple[int, int]], n: int, window: int) -> list[list[int]]:
-    """The merged [start, end) character windows cut around each n-gram match."""
-    spans = word_spans(text)
-    windows = sorted((max(0, spans[w][0] - window), min(len(text), spans[w + n - 1][1] + window))
+def cut_windows(spans: Sequence[tuple[int, int]], length: int, hits: Sequence[tuple[int, int]], n: int,
+                window: int) -> list[list[int]]:
+    """The merged [start, end) character windows cut around each n-gram match.
+
+    Args:
+      spans: `word_spans` of the text; length: its length in characters.
+      hits: (word position, item) of each matching n-gram; n: words per n-gram.
+    """
+    windows = sorted((max(0, spans[w][0] - window), min(length, spans[w + n - 1][1] + window))
                      for w, _ in hits)
     merged: list[list[int]] = []
     for a, b in windows:
@@ -128,8 +133,9 @@ class Decontaminator:
         self.config = config
         self.items = evalsets.load_eval_sets(config.against)
         self.ngrams = NgramIndex(self.items, config.ngram)
-        functions = [(name, unit) for name, unit in codesim.benchmark_functions(
-            [(item.name, item.code) for item in self.items if item.code]) if len(unit.tokens) >= config.min_ast_tokens]
+        code = [(item.name, item.code) for item in self.items if item.code]
+        functions = [(name, unit) for name, unit in codesim.benchmark_functions(code)
+                     if len(unit.tokens) >= config.min_ast_tokens]  # the rest match too much
         self.ast = codesim.AstIndex(functions, config.min_ast_tokens) if config.code_check and functions else None
         self.embedding = None
         if functions and (embedder is not None or config.embedder is not None):
@@ -159,8 +165,8 @@ class Decontaminator:
 
     def _cut(self, record: dict, words: list[str], found: list[tuple[int, int]], counts: Counts) -> dict | None:
         c, text = self.config, record["text"]
-        windows = cut(text, found, c.ngram, c.window)
         spans = word_spans(text)
+        windows = cut_windows(spans, len(text), found, c.ngram, c.window)
         details = []
         for a, b in windows:
             seen, matches = set(), []
@@ -171,22 +177,24 @@ class Decontaminator:
                                     "ngram": " ".join(words[w:w + c.ngram])})
             details.append({"start": a, "end": b, "matches": matches})
         counts.add("ngram_matches", len(found))
-        row = {"id": record["id"], "cuts": details}
         if len(windows) > c.max_splits:
             counts.drop("contaminated_split_more_than_max")
-            counts.log({**row, "action": "dropped", "reason": f"split {len(windows)} times (> {c.max_splits})"})
+            counts.log({"id": record["id"], "action": "dropped",
+                        "reason": f"split {len(windows)} times (> {c.max_splits})", "cuts": details})
             return None
         edges = [0] + [x for w in windows for x in w] + [len(text)]
         pieces = [text[edges[i]:edges[i + 1]] for i in range(0, len(edges), 2)]
         pieces = [p for p in pieces if len(p) >= c.min_piece]
         if not pieces:
             counts.drop("contaminated_nothing_left")
-            counts.log({**row, "action": "dropped", "reason": f"no piece of {c.min_piece}+ characters left"})
+            counts.log({"id": record["id"], "action": "dropped",
+                        "reason": f"no piece of {c.min_piece}+ characters left", "cuts": details})
             return None
         new_text = "\n\n".join(pieces)
         counts.add("cut", 1)
         counts.add("chars_removed", len(text) - sum(map(len, pieces)))
-        counts.log({**row, "action": "cut", "chars_before": len(text), "chars_after": len(new_text)})
+        counts.log({"id": record["id"], "action": "cut", "chars_before": len(text),
+                    "chars_after": len(new_text), "cuts": details})
         meta = {**record["meta"], "decontamination": {
             "cuts": len(windows), "benchmarks": sorted({m["benchmark"] for d in details for m in d["matches"]})}}
         return {**record, "text": new_text, "meta": meta}
@@ -199,8 +207,8 @@ class Decontaminator:
         for i, record in enumerate(records):
             for unit in codesim.function_units(record["text"]):
                 units.append((i, unit))
-                found = self.ast.best(unit.tokens, c.ast_threshold) if self.ast else None
-                if found is not None and i not in out:
+                found = self.ast.best(unit.tokens, c.ast_threshold) if self.ast and i not in out else None
+                if found is not None:
                     f, score = found
                     out[i] = ("code_ast_match", self._code_row(record, "ast", unit, self.ast.names[f], score))
         if self.embedding is not None:
@@ -246,7 +254,8 @@ def decontaminate(records: Sequence[dict], against: Sequence[str] | str = ("huma
     `embedder` (an `Embedder`, or any texts -> [N, D] callable) turns on the embedding check."""
     config = DecontamConfig(tuple(evalsets.parse_specs(against)), **options)
     step, counts = Decontaminator(config, embedder), Counts()
-    kept = step([dict(r) for r in records], counts)
+    batch = [{**r, "id": str(r.get("id", i)), "meta": dict(r.get("meta") or {})} for i, r in enumerate(records)]
+    kept = step(batch, counts)
     return DecontamResult(kept, counts.rows, {"dropped": dict(counts.dropped), "stage": dict(counts.stage)})
 
 

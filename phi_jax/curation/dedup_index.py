@@ -8,7 +8,7 @@ passes, each resumable and bounded in memory, under OUTPUT/.work/dedup/:
      shard's bucket entries sorted by key (one per band, plus the exact digest), ids.json.
   2. edges/               for each range of keys (the top bits), every shard's entries in it are
      merged and sorted; each bucket of 2+ documents gives edges member -> smallest member
-     (local: range-RRRRR.npy; Beam: GroupByKey on the keys, beam-*.npy).
+     (local: range-RRRRR-of-PPPPP.npy; Beam: GroupByKey on the keys, beam-*.npy).
   3. components           min-label propagation over the edge files (streamed, several sweeps),
      so every document's label is the smallest document of its cluster: the one kept.
      decisions/part-NNNNN.npz (rows to drop, why) and OUTPUT/clusters.jsonl come from it.
@@ -35,7 +35,7 @@ from phi_jax.data.records import InputShard, batched
 from phi_jax.errors import RunError
 from phi_jax.fileio import atomic_write_bytes, atomic_write_json
 
-RANGE_ENTRIES = 1 << 22  # bucket entries sorted at once in pass 2 (~100 MB with the sort's copies)
+RANGE_ENTRIES = 1 << 21  # bucket entries sorted at once in pass 2 (~80 MB with the sort's copies)
 GATHER = 1 << 15  # removed documents whose signatures are compared at once in pass 3 (~32 MB)
 EXACT, NEAR = 1, 0
 _SKETCH_BATCH = 1024
@@ -54,8 +54,12 @@ def sketch(texts: Sequence[str], config) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def bucket_edges(keys: np.ndarray, docs: np.ndarray) -> np.ndarray:
-    """[E, 2] int64 edges (doc, smallest doc of its bucket) of every bucket of 2+ documents."""
-    order = np.lexsort((docs, keys))
+    """[E, 2] int64 edges (doc, smallest doc of its bucket) of every bucket of 2+ documents.
+
+    Entries with equal keys must come in increasing doc order (so they do in documents' order, and
+    in key-sorted shard files concatenated in shard order): a stable sort by key then puts each
+    bucket's smallest document first."""
+    order = np.argsort(keys, kind="stable")
     keys, docs = keys[order], docs[order]
     first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, bool)
     head = docs[np.flatnonzero(first)][np.cumsum(first) - 1]  # smallest doc of each entry's bucket
@@ -170,7 +174,8 @@ def local_edges(work: Path, shards: Sequence[InputShard], on_progress: Callable[
                 k, doc = shard_entries(d)
                 a = np.searchsorted(k, np.uint64(lo)) if lo else 0
                 b = np.searchsorted(k, np.uint64(hi)) if hi < 1 << 64 else len(k)
-                keys.append(np.asarray(k[a:b])), docs.append(np.asarray(doc[a:b]))
+                keys.append(np.array(k[a:b])), docs.append(np.array(doc[a:b]))  # copies: the maps close
+                del k, doc
             save_npy(path, bucket_edges(np.concatenate(keys), np.concatenate(docs)))
         if on_progress is not None:
             on_progress(1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -61,25 +62,7 @@ class LshParams:
     def choose(cls, threshold: float, num_perm: int = 256, fp_weight: float = 0.2,
                fn_weight: float = 0.8) -> "LshParams":
         """bands x rows <= num_perm minimising fp_weight * FP area + fn_weight * FN area."""
-        if not 0.0 < threshold < 1.0:
-            raise InputError(f"--threshold={threshold}: a Jaccard similarity strictly between 0 and 1 "
-                             "(e.g. 0.8; exact duplicates are always removed)")
-        if not 2 <= num_perm <= 4096:
-            raise InputError(f"--num-perm={num_perm}: give 2..4096 permutations (e.g. 256)")
-        if min(fp_weight, fn_weight) < 0 or fp_weight + fn_weight <= 0:
-            raise InputError(f"false positive / negative weights {fp_weight}, {fn_weight}: give "
-                             "non-negative weights, not both 0 (e.g. 0.2 and 0.8)")
-        below, above = _GRID[_GRID <= threshold], _GRID[_GRID >= threshold]
-        best = None
-        for bands in range(1, num_perm + 1):
-            rows = np.arange(1, num_perm // bands + 1)[:, None]
-            fp = _integral(probability(below[None], bands, rows), below)
-            fn = _integral(1.0 - probability(above[None], bands, rows), above)
-            error = fp_weight * fp + fn_weight * fn
-            i = int(np.argmin(error))
-            if best is None or error[i] < best[0] - 1e-12:
-                best = (float(error[i]), bands, i + 1)
-        return cls(float(threshold), int(num_perm), best[1], best[2], float(fp_weight), float(fn_weight))
+        return _choose(cls, float(threshold), int(num_perm), float(fp_weight), float(fn_weight))
 
     def probability(self, j):
         return probability(j, self.bands, self.rows)
@@ -110,6 +93,29 @@ class LshParams:
         fp, fn = self.areas()
         return {**dataclasses.asdict(self), "curve": self.curve(), "fp_area": round(fp, 6),
                 "fn_area": round(fn, 6)}
+
+
+@functools.lru_cache(maxsize=64)
+def _choose(cls, threshold: float, num_perm: int, fp_weight: float, fn_weight: float) -> LshParams:
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"--threshold={threshold}: a Jaccard similarity strictly between 0 and 1 "
+                         "(e.g. 0.8; exact duplicates are always removed)")
+    if not 2 <= num_perm <= 4096:
+        raise InputError(f"--num-perm={num_perm}: give 2..4096 permutations (e.g. 256)")
+    if min(fp_weight, fn_weight) < 0 or fp_weight + fn_weight <= 0:
+        raise InputError(f"false positive / negative weights {fp_weight}, {fn_weight}: give "
+                         "non-negative weights, not both 0 (e.g. 0.2 and 0.8)")
+    below, above = _GRID[_GRID <= threshold], _GRID[_GRID >= threshold]
+    best = None
+    for bands in range(1, num_perm + 1):
+        rows = np.arange(1, num_perm // bands + 1)[:, None]
+        fp = _integral(probability(below[None], bands, rows), below)
+        fn = _integral(1.0 - probability(above[None], bands, rows), above)
+        error = fp_weight * fp + fn_weight * fn
+        i = int(np.argmin(error))
+        if best is None or error[i] < best[0] - 1e-12:
+            best = (float(error[i]), bands, i + 1)
+    return cls(threshold, num_perm, best[1], best[2], fp_weight, fn_weight)
 
 
 def signatures(grams: Ngrams, num_perm: int, seed: int = 0) -> np.ndarray:

@@ -68,26 +68,29 @@ def ngram_hashes(normalized: Sequence[str], n: int, unit: str = "word", *, short
         be n words long).
     """
     count = len(normalized)
-    joined = "\n".join(normalized) + "\n"  # "\n" ends every document (and never occurs inside one)
+    if count == 0:
+        return Ngrams(np.zeros(0, np.uint64), np.zeros(1, np.int64), np.zeros(0, np.int64))
+    # "\n" starts the buffer and ends every document (it never occurs inside a normalised one), so
+    # every unit starts at >= 1 and the prefix sums below need no leading zero.
+    joined = "\n" + "\n".join(normalized) + "\n"
     if unit == "word":
         buf = np.frombuffer(joined.encode("utf-8", "surrogatepass"), np.uint8)
-        sep = buf <= 32  # " " or "\n"
-        starts = np.flatnonzero(~sep & np.concatenate([[True], sep[:-1]]))
-        ends = np.flatnonzero(~sep[:-1] & sep[1:]) + 1
+        edge = np.diff(((buf == 32) | (buf == 10)).view(np.int8))  # -1: a word starts, +1: it ends
+        starts = np.flatnonzero(edge == -1) + 1
+        ends = np.flatnonzero(edge == 1) + 1
     elif unit == "char":
         buf = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32)
         starts = np.flatnonzero(buf != 10)
         ends = starts + 1
     else:
         raise ValueError(f"unit={unit!r}; choose one of {', '.join(UNITS)}")
-    doc_ends = np.flatnonzero(buf == 10)  # [N]
+    doc_ends = np.flatnonzero(buf == 10)[1:]  # [N]
     unit_doc = np.searchsorted(doc_ends, starts)  # the document of each unit
     units = np.bincount(unit_doc, minlength=count).astype(np.int64)  # [N]
     first = np.concatenate([[0], np.cumsum(units)[:-1]]).astype(np.int64)
     within = np.arange(len(starts), dtype=np.int64) - first[unit_doc]
     last_start = units - n if not short else np.maximum(units - n, 0)
-    keep = within <= last_start[unit_doc]  # an n-gram starts at this unit
-    w0 = np.flatnonzero(keep)
+    w0 = np.flatnonzero(within <= last_start[unit_doc])  # an n-gram starts at this unit
     w1 = np.minimum(w0 + n - 1, (first + units - 1)[unit_doc[w0]])
     hashes = _span_hashes(buf, starts[w0], ends[w1])
     per_doc = np.bincount(unit_doc[w0], minlength=count)
@@ -96,13 +99,15 @@ def ngram_hashes(normalized: Sequence[str], n: int, unit: str = "word", *, short
 
 
 def _span_hashes(buf: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """splitmix64(sum_{j in [s, e)} (buf[j] + 1) * B^(j - s)) for each span, all mod 2^64."""
+    """splitmix64(sum_{j in [s, e)} (buf[j] + 1) * B^(j - s)) for each span (s >= 1), mod 2^64."""
     length = len(buf)
-    powers, inverse = _powers("pow", _BASE, length), _powers("inv", _BASE_INV, length)
     with np.errstate(over="ignore"):
-        prefix = np.zeros(length + 1, np.uint64)
-        np.cumsum((buf.astype(np.uint64) + np.uint64(1)) * powers, out=prefix[1:])
-        h = (prefix[e] - prefix[s]) * inverse[s]
+        prefix = buf.astype(np.uint64)
+        prefix += np.uint64(1)
+        prefix *= _powers("pow", _BASE, length)
+        np.cumsum(prefix, out=prefix)  # prefix[i] = the sum over [0, i]
+        h = prefix[e - 1] - prefix[s - 1]
+        h *= _powers("inv", _BASE_INV, length)[s]
         return mix64(h)
 
 

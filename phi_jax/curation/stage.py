@@ -171,7 +171,7 @@ def process_shard(step: Step, stage: Stage, shard: InputShard, output: Path, fmt
         raise
     if stage.log_name:
         atomic_write_bytes(log_path(output, shard), b"".join(
-            json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n" for row in counts.rows))
+            json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n" for row in counts.rows))
     marker = {"shard": shard.name, "input": shard.describe(), "output": written,
               "records_in": records_in, "records_out": written["records"],
               "dropped": dict(counts.dropped), "stage": dict(counts.stage),

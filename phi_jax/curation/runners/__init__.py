@@ -244,10 +244,11 @@ def summary(manifest: dict, output: str | os.PathLike = "") -> str:
              f"  records     {counts['records_in']:,} in, {counts['records_out']:,} out"]
     for reason, n in sorted(counts["dropped"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  dropped     {n:>10,}  {reason}")
-    width = max((len(name) for name in counts["stage"]), default=0)
+    whole = manifest.get("global", {}).get("counts", {})  # a whole-corpus stage's own counters
+    width = max((len(name) for name in [*counts["stage"], *whole]), default=0)
     for name, n in sorted(counts["stage"].items()):
         lines.append(f"  {name:<{width}}  {n:>12,}" if isinstance(n, int) else f"  {name:<{width}}  {n}")
-    for name, n in manifest.get("global", {}).get("counts", {}).items():
+    for name, n in whole.items():
         lines.append(f"  {name:<{width}}  {n:>12,}")
     rate = run["records_processed"] / run["seconds"] if run["seconds"] > 0 else 0.0
     lines.append(f"  time        {run['seconds']:.1f} s this run ({rate:,.1f} docs/s), "

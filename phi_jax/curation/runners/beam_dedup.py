@@ -12,7 +12,6 @@ the two runners are byte-identical. The driver keeps one int64 per document ther
 
 from __future__ import annotations
 
-import logging
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -20,10 +19,10 @@ from typing import Sequence
 import numpy as np
 
 from phi_jax.curation import dedup_index as index
-from phi_jax.curation.runners.beam import beam, pipeline_options
-from phi_jax.curation.stage import record_shard_error, shard_error
+from phi_jax.curation.runners.beam import beam, run_pipeline
+from phi_jax.curation.stage import record_shard_error
 from phi_jax.data.records import InputShard
-from phi_jax.errors import PhiJaxError, RunError
+from phi_jax.errors import PhiJaxError
 from phi_jax.fileio import atomic_write_json
 
 
@@ -65,29 +64,16 @@ class _WriteEdges(beam.DoFn):
 def beam_edges(config, shards: Sequence[InputShard], starts: np.ndarray, work: Path, *,
                options: str | Sequence[str] = (), workers: int = 1) -> None:
     """Passes 1-2 as one Beam pipeline; then marks the edges done (a failed run leaves no mark)."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     output = Path(work).parents[1]
     index.edges_dir(work).mkdir(parents=True, exist_ok=True)
     offsets = {s.index: int(starts[i]) for i, s in enumerate(shards)}
-    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
-    try:
-        with beam.Pipeline(options=PipelineOptions(pipeline_options(options, workers))) as p:
-            _ = (p | "Shards" >> beam.Create(list(shards), reshuffle=False)
-                 | "Spread" >> beam.Reshuffle()
-                 | "Sketch" >> beam.ParDo(_SketchShard(config, str(work), offsets, str(output)))
-                 | "Buckets" >> beam.GroupByKey()
-                 | "Edges" >> beam.FlatMap(_bucket_edges)
-                 | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=1 << 16)
-                 | "Write" >> beam.ParDo(_WriteEdges(str(work))))
-    except Exception as e:  # noqa: BLE001 - Beam wraps a DoFn's error in its own exception types
-        recorded = shard_error(output, shards)
-        if recorded is not None:
-            raise recorded from None
-        if isinstance(e, PhiJaxError):
-            raise
-        text = " ".join(str(e).split())
-        raise RunError(f"the Beam dedup pipeline failed: {text[:500]}; sketched shards are kept, rerun "
-                       "the same command to resume") from e
+    run_pipeline(lambda p: (p | "Shards" >> beam.Create(list(shards), reshuffle=False)
+                            | "Spread" >> beam.Reshuffle()
+                            | "Sketch" >> beam.ParDo(_SketchShard(config, str(work), offsets, str(output)))
+                            | "Buckets" >> beam.GroupByKey()
+                            | "Edges" >> beam.FlatMap(_bucket_edges)
+                            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=1 << 16)
+                            | "Write" >> beam.ParDo(_WriteEdges(str(work)))),
+                 shards, output, options=options, workers=workers)
     atomic_write_json(index.edges_dir(work) / "done.json", {"runner": "beam",
                                                            "files": len(index.edge_files(work))})

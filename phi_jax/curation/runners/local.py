@@ -58,6 +58,7 @@ def map_shards(make_worker: Callable[[], Callable[[InputShard, Callable[[int], N
     progress = ctx.SimpleQueue()
     pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(shards)), mp_context=ctx,
                                                   initializer=_init_worker, initargs=(make_worker, progress))
+    pending: dict = {}
     try:
         pending = {pool.submit(_run_shard, shard): shard for shard in shards}
         while pending:
