@@ -477,3 +477,22 @@ def inference_layout(model: Phi, variables: dict) -> tuple[Phi, dict]:
     if decode_prefers_unstacked():
         return unstack_layers(model, variables)
     return model, variables
+
+
+def lm_head_logits(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
+    """The LM head of `Phi` applied to final-normed hidden states [..., D] -> float32 logits [..., V].
+
+    The same arithmetic as the head inside `Phi.__call__` (tied: the embedding transposed; else
+    the lm_head kernel and optional bias, in the compute dtype), for callers that hold hidden states
+    already: the chunked training loss runs the head one chunk at a time with it.
+    """
+    dtype = config.jnp_dtype
+    x = hidden.astype(dtype)
+    if config.tie_embeddings:
+        logits = jnp.dot(x, params["embed_tokens"]["embedding"].astype(dtype).T)
+    else:
+        head = params["lm_head"]
+        logits = jnp.einsum("...D,DV->...V", x, head["kernel"].astype(dtype))
+        if config.lm_head_bias:
+            logits = logits + head["bias"].astype(dtype)
+    return logits.astype(jnp.float32)
