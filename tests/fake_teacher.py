@@ -7,6 +7,9 @@ else the whole message), so a test decides per document what the teacher does on
                           faults=lambda doc, attempt: "500" if attempt == 0 else None)
     with teacher:  ... teacher.url ...; teacher.answered[doc] counts the valid answers served
 
+`answer_of(doc)` instead of `score_of` gives the whole answer text (synthesis: an exercise or a
+textbook section chosen from the prompt).
+
 Faults: "500", "429" (with Retry-After: `retry_after`), "stall" (nothing for `stall_s`, past the
 client's timeout), "malformed" (truncated JSON), "shape" (JSON that is not a chat completion),
 "400" (a refusal), "404". `hang_after(n)` makes every request after the n-th valid answer block
@@ -19,7 +22,9 @@ from __future__ import annotations
 import collections
 import http.server
 import json
+import os
 import re
+import signal
 import threading
 import time
 from typing import Callable
@@ -32,11 +37,28 @@ def document_of(prompt: str) -> str:
     return found.group(2) if found else prompt
 
 
+def kill_when_hung(teacher: "FakeTeacher", proc, threads: int, limit_s: float = 120.0) -> None:
+    """SIGKILL `proc`'s process group once `threads` of its requests hang on the teacher.
+
+    With every client thread waiting on the teacher, none is between receiving an answer and
+    caching it, so what the kill loses is exactly what was never answered.
+    """
+    deadline = time.monotonic() + limit_s
+    while teacher.hung < threads:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the client never reached the hang"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 class FakeTeacher:
-    def __init__(self, score_of: Callable[[str], int | None],
+    def __init__(self, score_of: Callable[[str], int | None] | None = None,
                  faults: Callable[[str, int], str | None] | None = None, *, retry_after: str = "0",
-                 stall_s: float = 1.5, delay_s: float = 0.0):
+                 stall_s: float = 1.5, delay_s: float = 0.0, answer_of: Callable[[str], str] | None = None):
         self.score_of, self.faults = score_of, faults or (lambda doc, attempt: None)
+        self.answer_of = answer_of
+        self.seeds: dict[str, int | None] = {}  # the sampling seed each document was last asked with
         self.retry_after, self.stall_s, self.delay_s = retry_after, stall_s, delay_s
         self.lock = threading.Lock()
         self.attempts: collections.Counter = collections.Counter()
@@ -109,6 +131,7 @@ class FakeTeacher:
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 doc = document_of(request["messages"][-1]["content"])
+                teacher.seeds[doc] = request.get("seed")
                 fault, _ = teacher._decide(doc)
                 try:
                     self._respond(request, doc, fault)
@@ -136,32 +159,21 @@ class FakeTeacher:
                     return self._send(200, b'{"choices": [{"message": {"content": "Educ')
                 if fault == "shape":
                     return self._send(200, json.dumps({"result": "ok"}).encode())
-                score = teacher.score_of(doc)
-                text = ("A fine file, I suppose." if score is None
-                        else f"Some reasons.\nEducational score: {score}")
+                if teacher.answer_of is not None:
+                    text = teacher.answer_of(doc)
+                else:
+                    score = teacher.score_of(doc)
+                    text = ("A fine file, I suppose." if score is None
+                            else f"Some reasons.\nEducational score: {score}")
+                completion = 5 if teacher.answer_of is None else len(text.split())
                 body = {"id": "x", "object": "chat.completion", "model": request["model"],
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": len(doc.split()) + 10, "completion_tokens": 5,
-                                  "total_tokens": len(doc.split()) + 15}}
+                        "usage": {"prompt_tokens": len(doc.split()) + 10, "completion_tokens": completion,
+                                  "total_tokens": len(doc.split()) + 10 + completion}}
                 with teacher.lock:
                     teacher.answered[doc] += 1
                 self._send(200, json.dumps(body).encode())
 
         return Handler
 
-
-def kill_when_hung(proc, teacher: FakeTeacher, threads: int, timeout_s: float = 120.0) -> None:
-    """SIGKILL `proc`'s process group once `threads` requests hang on the teacher (after
-    `teacher.hang_after(n)`): every client thread is waiting on the teacher, none is between
-    receiving an answer and caching it."""
-    import os
-    import signal
-
-    deadline = time.monotonic() + timeout_s
-    while teacher.hung < threads:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the client never reached the hang"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()

@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from benchmarks import common, decode, roofline, run, train_step  # noqa: E402
+from benchmarks import common, decode, dedup, roofline, run, train_step  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -88,6 +88,22 @@ def test_decode_smallest_equal_tokens(tmp_path):
     for s in case["tokens_per_s"].values():
         _check_stats(s, 1)
     assert case["weight_stream_bound_steps_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_dedup_smallest_same_pairs_both_sides(tmp_path):
+    pytest.importorskip("datasketch")
+    pytest.importorskip("rensa")
+    results = dedup.run(quick=True, docs=200, million_docs=3000, decon_docs=20, results_dir=tmp_path)
+    _check_written(tmp_path, "dedup_quick", results)
+    (e2e,) = results["end_to_end"]
+    assert len(e2e["pair_caught"]["phi_jax"]) == len(e2e["pair_caught"]["datasketch"]) == e2e["pairs"] == 50
+    for side in ("phi_jax", "datasketch"):  # both sides dedup the same planted pairs, with the same curve
+        assert e2e[side]["recall_above_t+0.05"] >= 0.9 and e2e[side]["false_positives_below_t-0.2"] <= 0.1
+        assert 0 < e2e[side]["docs_per_s"]["min"] <= e2e[side]["docs_per_s"]["max"]
+    dec = results["decontamination"]
+    assert {v["documents_changed"] for v in dec.values() if isinstance(v, dict)} == {dec["planted"]}
+    assert results["million"]["counts"]["records_in"] == 3000 and results["million"]["peak_rss_bytes"] > 0
 
 
 def test_unknown_case_names_the_choices():

@@ -64,7 +64,7 @@ def test_faults_and_a_kill_mid_run_then_restart_record_every_document_once(tmp_p
         teacher.hang_after(13)  # the 3rd answer of the second shard: then every request hangs
         proc = subprocess.Popen(_command(inputs, out, teacher.url), env=_env(), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        kill_when_hung(proc, teacher, threads=4)  # all 4 client threads wait: none is mid-cache-write
+        kill_when_hung(teacher, proc, threads=4)
         answered_before_kill = set(teacher.answered)
         in_second_shard = sum(teacher.answered.values()) - 10
         assert 3 <= in_second_shard < 10  # requests decided before the 13th answer may still answer

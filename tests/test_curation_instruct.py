@@ -215,7 +215,7 @@ def test_a_kill_mid_run_then_restart_pays_for_no_answer_twice(tmp_path):
         teacher.hang_after(dev_asks + 13)  # the 5th answer of the second shard (8 train tasks in the first)
         proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        kill_when_hung(proc, teacher, threads=4)  # every client thread waits on the teacher
+        kill_when_hung(teacher, proc, threads=4)  # every client thread waits on the teacher
         before = set(teacher.asked)
         in_second_shard = sum(teacher.answered.values()) - dev_asks - 8
         assert 5 <= in_second_shard < 10  # requests decided before the hang may still answer

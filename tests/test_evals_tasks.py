@@ -16,7 +16,7 @@ from phi_jax.data.tasks import GENERIC_SYSTEM_MESSAGE
 from phi_jax.evals.tasks import evaluate_tasks, tasks_report
 from phi_jax.inference import loader
 from phi_jax.inference.decode import generate
-from phi_jax.serve.chat import render_chat
+from phi_jax.chat import render_chat
 from train_helpers import save_tiny_hf
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "What does add(1, 2) return? Answer: 3",
@@ -30,7 +30,8 @@ def hf_dir(tmp_path_factory):
 
 def _alone(loaded, prompt: str, max_new_tokens: int = 6) -> str:
     messages = [{"role": "system", "content": GENERIC_SYSTEM_MESSAGE}, {"role": "user", "content": prompt}]
-    ids = loaded.tokenizer.encode(render_chat(messages, loaded.chat_template))
+    ids = loaded.tokenizer.encode(render_chat(messages, loaded.chat_template,
+                                              **loaded.tokenizer.special_tokens_map))
     eos = loaded.tokenizer.eos_id
     (new,) = generate(loaded.model, loaded.variables, [ids], max_new_tokens, stop_tokens=[eos])
     return loaded.tokenizer.decode([t for t in new if t != eos]).strip()
@@ -79,6 +80,6 @@ def test_evaluate_tasks_skips_tasks_without_a_reference_or_room_to_answer():
 
     tasks = [{"id": "a", "type": "t", "prompt": "p"},
              {"id": "b", "type": "t", "prompt": "x" * 30, "answer": "1"}]
-    result = evaluate_tasks(Model(), {}, Tok(), tasks, lambda m: m[-1]["content"], max_new_tokens=4,
+    result = evaluate_tasks(Model(), {}, Tok(), tasks, render=lambda m: m[-1]["content"], max_new_tokens=4,
                             generate_fn=never)
     assert result["skipped"] == {"no_reference": 1, "prompt_too_long": 1} and result["num_scored"] == 0

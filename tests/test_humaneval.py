@@ -60,7 +60,7 @@ TRICKS = {
     "timer_thread_exits_0": ("    import threading, os, time\n"
                              "    threading.Timer(0.0, lambda: os._exit(0)).start()\n"
                              "    time.sleep(5)\n"),
-    "forged_marker": ("    print('\\nPHI_JAX_HUMANEVAL_DONE ' + '0' * 32)\n"
+    "forged_marker": ("    print('\\nPHI_JAX_CHECK_DONE ' + '0' * 32)\n"
                       "    import os\n    os._exit(0)\n"),
     "check_redefined_is_too_late": "    return None\ndef check(candidate):\n    pass\n",
     "infinite_loop": "    while True:\n        pass\n",

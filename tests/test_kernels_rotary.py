@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from phi_jax.kernels import reference_rotary, rotary
+from phi_jax.kernels.rope import RopeScaling, inverse_frequencies
 from phi_jax.kernels.rotary_pallas import rotary_pallas
 
 TOL = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2}
@@ -39,6 +40,48 @@ def test_rotary_matches_reference_values_and_grads(head_dim, rotary_dim, dtype, 
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
     np.testing.assert_allclose(np.asarray(got_vjp(cot)[0], np.float32),
                                np.asarray(want_vjp(cot)[0], np.float32), atol=tol)
+
+
+LONGROPE = RopeScaling("longrope", factor=32.0, original_max_len=64,
+                       short_factor=tuple(1.0 + 0.05 * i for i in range(24)),
+                       long_factor=tuple(1.0 + 2.5 * i for i in range(24)), attention_factor=1.19)
+
+
+@pytest.mark.parametrize("max_position", [50, 4000])  # short factors, then long ones
+def test_scaled_rotary_kernel_matches_reference(max_position):
+    """Phi-4-mini's shape: head dim 64 here with R = 48 (factor 0.75), longrope with its
+    attention factor; the dims past R still pass through bit-exactly."""
+    ks = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(ks[0], (2, 10, 2, 64))
+    positions = jax.random.randint(ks[1], (2, 10), 0, max_position)
+    cot = jax.random.normal(ks[2], x.shape)
+    kernel = lambda x: rotary_pallas(x, positions, rotary_dim=48, scaling=LONGROPE, block_t=8,
+                                     interpret=True)
+    ref = lambda x: reference_rotary(x, positions, rotary_dim=48, scaling=LONGROPE)
+    got, got_vjp = jax.vjp(kernel, x)
+    want, want_vjp = jax.vjp(ref, x)
+    np.testing.assert_array_equal(np.asarray(got[..., 48:]), np.asarray(x[..., 48:]))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_vjp(cot)[0]), np.asarray(want_vjp(cot)[0]), atol=1e-5)
+    # the rotated pairs' norms grow by exactly the attention factor
+    pair = lambda y: jnp.hypot(y[..., :24], y[..., 24:48])
+    np.testing.assert_allclose(np.asarray(pair(got)), 1.19 * np.asarray(pair(x)), rtol=1e-5)
+
+
+def test_llama3_frequencies_known_answer():
+    """Llama 3.1's rule by hand: wavelengths under 8192/4 kept, over 8192/1 divided by 8, and a
+    linear blend of the two in between."""
+    scaling = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_len=8192)
+    plain = np.asarray(inverse_frequencies(128, 500000.0))
+    got = np.asarray(inverse_frequencies(128, 500000.0, scaling))
+    wavelen = 2 * np.pi / plain
+    np.testing.assert_array_equal(got[wavelen < 2048], plain[wavelen < 2048])
+    np.testing.assert_allclose(got[wavelen > 8192], plain[wavelen > 8192] / 8, rtol=1e-6)
+    mid = (wavelen >= 2048) & (wavelen <= 8192)
+    smooth = (8192 / wavelen[mid] - 1) / 3
+    np.testing.assert_allclose(got[mid], (1 - smooth) * plain[mid] / 8 + smooth * plain[mid], rtol=1e-5)
+    assert mid.any() and (wavelen < 2048).any() and (wavelen > 8192).any()
 
 
 def test_rotary_is_a_rotation_and_relative():

@@ -16,11 +16,11 @@ import numpy as np
 import openai
 import pytest
 
+from phi_jax.chat import render_chat
 from phi_jax.config import preset
 from phi_jax.inference.decode import generate
 from phi_jax.model import Phi, init_params
 from phi_jax.serve import Engine, SamplingParams, ServerConfig, ServerThread, create_app
-from phi_jax.serve.chat import render_chat
 from phi_jax.tokenizer import train_bpe
 
 TEXTS = ["def add(a, b):\n    return a + b\n" * 20, "class A:\n    pass\n" * 20,
@@ -91,9 +91,10 @@ def test_sse_wire_format_ends_with_done(served):
 
 def test_chat_completion_uses_default_template(served):
     s = served
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add"}]
-    ids = s.tokenizer.encode(render_chat(messages))
-    assert s.tokenizer.decode(ids) == "System: Be brief.\nUser: def add\nAssistant:"
+    messages = [{"role": "user", "content": "def add"}]  # ChatML's markers are long in a 300-token BPE
+    tok = s.tokenizer
+    ids = tok.encode(render_chat(messages, **tok.special_tokens_map))
+    assert tok.decode(ids) == "<|im_start|>user\ndef add<|im_end|>\n<|im_start|>assistant\n"
     want = _alone(s, ids, 10)
     r = s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     assert r.object == "chat.completion"

@@ -1,15 +1,11 @@
-"""Serving pieces without a model: streamed detokenization with stop strings, chat templates
-(against transformers' `apply_chat_template`), and request validation."""
+"""Serving pieces without a model: streamed detokenization with stop strings and request
+validation (chat templates: tests/test_chat.py)."""
 
 import pytest
 
 from phi_jax.serve import protocol
-from phi_jax.serve.chat import ChatTemplateError, render_chat
 from phi_jax.serve.text import TextAssembler
-from phi_jax.tokenizer import Tokenizer, train_bpe
-
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+from phi_jax.tokenizer import train_bpe
 
 
 @pytest.fixture(scope="module")
@@ -58,35 +54,6 @@ def test_text_that_only_looks_like_a_stop_is_released_at_the_end(tokenizer):
     assert not text.stopped
     assert "".join(deltas[:-1]) == "the quick brown "  # "fo" held back while it might become "fox"
     assert "".join(deltas) == "the quick brown fo"
-
-
-def test_default_chat_template():
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-                {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}]
-    assert render_chat(messages) == "System: Be brief.\nUser: 2+2?\nAssistant: 4\nUser: 3+3?\nAssistant:"
-    assert render_chat(messages[:2], add_generation_prompt=False) == "System: Be brief.\nUser: 2+2?\n"
-
-
-@pytest.mark.slow
-def test_tokenizer_chat_template_renders_like_transformers(tokenizer, tmp_path):
-    from transformers import AutoTokenizer
-
-    tokenizer.chat_template = CHATML
-    tokenizer.save(tmp_path)
-    ours = Tokenizer.from_pretrained(tmp_path)
-    assert ours.chat_template == CHATML
-    theirs = AutoTokenizer.from_pretrained(str(tmp_path))
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add"}]
-    want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert render_chat(messages, ours.chat_template) == want
-
-
-def test_template_errors_are_chat_template_errors():
-    with pytest.raises(ChatTemplateError, match="only user turns"):
-        render_chat([{"role": "system", "content": "x"}],
-                    "{% if messages[0]['role'] != 'user' %}{{ raise_exception('only user turns') }}{% endif %}")
-    with pytest.raises(ChatTemplateError):
-        render_chat([{"role": "user", "content": "x"}], "{{ messages[0].__class__.__mro__ }}{% for %}")
 
 
 def test_request_validation_normalises_and_names_nested_fields():

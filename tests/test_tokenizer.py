@@ -188,6 +188,24 @@ def test_errors(bpe, tmp_path):
         tokenizer_lib.train_bpe(["a"], vocab_size=100)
 
 
+def test_broken_files_are_named(bpe, tmp_path):
+    from phi_jax.errors import ConfigError, InputError
+
+    bpe.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="tokenizer_config.json is not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+    with pytest.raises(InputError, match=r"tokenizer.json is not a readable tokenizer.json \(") as e:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "broken.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(InputError, match="broken.model is not a readable sentencepiece model"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 def test_special_ids_without_tokenizer_config(bpe, tmp_path):
     """A bare tokenizer.json: <|endoftext|> is EOS and (GPT-2 convention) BOS, <|pad|> is PAD."""
     bpe.backend.save(str(tmp_path / "tokenizer.json"))

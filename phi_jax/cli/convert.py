@@ -46,9 +46,9 @@ def run(args) -> int:
     from phi_jax import checkpoint
     from phi_jax.errors import InputError
     from phi_jax.fileio import staged_directory
-    from phi_jax.inference.loader import load, source_kind
+    from phi_jax.inference.loader import load, resolve, source_kind
 
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = resolve(args.src), Path(args.dst)
     if args.max_shard_size_gb <= 0:
         raise InputError(f"--max-shard-size-gb={args.max_shard_size_gb}: must be > 0")
     kind = source_kind(src)

@@ -199,19 +199,16 @@ def _choice(args, model, variables, tokenizer, out: pathlib.Path) -> dict[str, A
 
 
 def _tasks(args, loaded, out: pathlib.Path) -> dict[str, Any]:
-    import functools
-
     from phi_jax.data.tasks import GENERIC_SYSTEM_MESSAGE, read_tasks, select_split
     from phi_jax.evals import tasks as task_eval
-    from phi_jax.serve.chat import render_chat
 
     tasks = select_split(read_tasks(args.tasks), args.split, dev_fraction=args.dev_fraction,
                          heldout_fraction=args.heldout_fraction)
     if args.limit:
         tasks = tasks[:args.limit]
     template = pathlib.Path(args.chat_template).read_text() if args.chat_template else loaded.chat_template
-    res = task_eval.evaluate_tasks(loaded.model, loaded.variables, loaded.tokenizer, tasks,
-                                   functools.partial(render_chat, template=template), scorer=args.scorer,
+    res = task_eval.evaluate_tasks(loaded.model, loaded.variables, loaded.tokenizer, tasks, template,
+                                   scorer=args.scorer,
                                    system_message=GENERIC_SYSTEM_MESSAGE if args.system_message else None,
                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     task_eval.write_examples(res, out / "tasks_examples.jsonl")

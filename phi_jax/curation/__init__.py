@@ -12,6 +12,12 @@
     heuristic.py   an offline stand-in teacher, computed from the text itself
     classify.py    embeddings -> a quality head (ridge / logistic / forest), `meta.quality`
     filter.py      keep what passes a threshold, count what does not
+    seeds.py       synthesis plans: topics x audiences x styles, scheduled to a target mix, a pure
+                   function of the seed (prompt templates and steering in prompts/)
+    synthesize.py  textbook sections and exercises from a teacher; exercises.py cuts an exercise
+                   into prompt / solution / check and keeps it only if it passes in the sandbox
+    gates.py       duplicates and benchmark overlap dropped, repetition flagged (whole-set)
+    diversity.py   the diversity report of a synthesis run (JSON + PNG)
     strategies.py  Orca-2 strategy prompt files (prompts/strategies/), the type -> strategy map,
                    the 13-word leak check
     instruct.py    Orca-2 instruction data: strategy answers stored under a generic system

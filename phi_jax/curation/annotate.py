@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.resources
 import re
 from pathlib import Path
 
 from phi_jax.curation import heuristic
 from phi_jax.curation.stage import Counts, Stage
-from phi_jax.curation.teacher import Answer, Prompt, TeacherClient, TeacherConfig, template_sha256
-from phi_jax.errors import InputError, MissingFileError
+from phi_jax.curation.teacher import Answer, Prompt, TeacherClient, TeacherConfig
+from phi_jax.curation.templates import PromptTemplate, load_template
+from phi_jax.errors import InputError
 
 BUILTIN_RUBRICS = ("edu", "code")
 HEURISTIC = "heuristic"
@@ -37,39 +37,13 @@ PLACEHOLDER = "{text}"
 _SCORE = re.compile(r"educational[ \t]+score[ \t]*[:=][ \t*_]*(-?[0-9]+(?:\.[0-9]+)?)", re.I)
 
 
-@dataclasses.dataclass(frozen=True)
-class Rubric:
-    """A prompt template: `name` (edu, code or the file's path) and its text with `{text}`."""
-
-    name: str
-    template: str
-
-    @property
-    def sha256(self) -> str:
-        return template_sha256(self.template)
-
-    def render(self, text: str) -> str:
-        return self.template.replace(PLACEHOLDER, text)
+Rubric = PromptTemplate  # `name` (edu, code or the file's path) and its text with `{text}`
 
 
 def load_rubric(spec: str) -> Rubric:
     """A built-in rubric by name, or a prompt file; a one-line error when it cannot be used."""
-    if spec in BUILTIN_RUBRICS:
-        text = (importlib.resources.files("phi_jax.curation") / "prompts" / f"{spec}.txt").read_text("utf-8")
-        return Rubric(spec, text)
-    path = Path(spec)
-    if not path.is_file():
-        raise MissingFileError(f"--rubric={spec}: no such file; pass {' or '.join(BUILTIN_RUBRICS)}, or "
-                               f"a prompt file containing {PLACEHOLDER} where the document goes")
-    try:
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"--rubric={spec}: cannot read it as UTF-8 text ({e}); save the prompt as a "
-                         "UTF-8 text file") from None
-    if PLACEHOLDER not in text:
-        raise InputError(f"--rubric={spec}: the prompt has no {PLACEHOLDER} placeholder, so the teacher "
-                         "would never see the document; put {text} where the document goes")
-    return Rubric(str(path), text)
+    return load_template(spec, builtin={name: f"{name}.txt" for name in BUILTIN_RUBRICS}, flag="--rubric",
+                         placeholders=(PLACEHOLDER,))
 
 
 def parse_score(answer: Answer) -> tuple[int | None, str | None]:
@@ -139,7 +113,7 @@ class _AnnotateStep:
             answers = [Answer(text=heuristic.answer(r["text"], spec.rubric.name)) for r in records]
             teacher = HEURISTIC
         else:
-            prompts = [Prompt([{"role": "user", "content": spec.rubric.render(t)}], spec.rubric.sha256)
+            prompts = [Prompt([{"role": "user", "content": spec.rubric.render(text=t)}], spec.rubric.sha256)
                        for t in texts]
             answers = self._client.ask(prompts, counts)
             teacher = spec.teacher.model

@@ -95,10 +95,16 @@ class TeacherConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """One request: chat messages, and the hash of the template they were rendered from."""
+    """One request: chat messages, and the hash of the template they were rendered from.
+
+    `seed`, when set, is this request's sampling seed instead of the config's: synthesis gives each
+    prompt its own (derived from the run's seed), so sampled answers are reproducible without every
+    request drawing the same random numbers.
+    """
 
     messages: list[dict[str, str]]
     template_sha256: str
+    seed: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +195,8 @@ class TeacherClient:
 
     def _answer(self, prompt: Prompt, stop: threading.Event) -> Answer:
         c = self.config
-        key = cache_key(template_sha256=prompt.template_sha256, model=c.model, sampling=c.sampling(),
+        sampling = c.sampling() if prompt.seed is None else {**c.sampling(), "seed": prompt.seed}
+        key = cache_key(template_sha256=prompt.template_sha256, model=c.model, sampling=sampling,
                         messages=prompt.messages)
         if self.cache is not None:
             hit = self.cache.get(key)
@@ -197,7 +204,7 @@ class TeacherClient:
                 self._count(cache_hits=1, cached_prompt_tokens=hit["prompt_tokens"],
                             cached_completion_tokens=hit["completion_tokens"])
                 return Answer(**hit, cached=True)
-        body = {"model": c.model, "messages": prompt.messages, **c.sampling()}
+        body = {"model": c.model, "messages": prompt.messages, **sampling}
         if body["seed"] is None:
             del body["seed"]
         last = ""

@@ -9,8 +9,8 @@ worker processes) and open their files lazily in whichever process reads.
 from __future__ import annotations
 
 import bisect
+import functools
 import glob
-import mmap
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -42,24 +42,46 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
+_SCAN_BLOCK = 1 << 24  # bytes read at a time while indexing lines
+
+
 def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Byte spans [start, end) and 1-based line numbers of the non-blank lines of a file."""
-    size = os.path.getsize(path)
+    """Byte spans [start, end) and 1-based line numbers of the non-blank lines of a file.
+
+    The file is read in blocks of _SCAN_BLOCK bytes, so indexing a file larger than memory holds
+    only its line offsets (24 bytes per line), never a copy or a mask of the whole file. The index
+    of the last few files is kept (read-only) per process and file version: the shards of one file
+    (curation reads a file as many slices) share one scan.
+    """
+    stat = os.stat(path)
+    return _indexed_lines(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed_lines(path: str, size: int, mtime_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if size == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        data = np.frombuffer(m, dtype=np.uint8)
-        ends = np.flatnonzero(data == ord("\n"))
-        if not len(ends) or ends[-1] != size - 1:
-            ends = np.append(ends, size)  # Last line without a trailing newline.
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        nonempty = ends > starts
-        carriage = np.zeros(len(ends), dtype=bool)
-        carriage[nonempty] = data[ends[nonempty] - 1] == ord("\r")
-        del data  # The mmap cannot close while a numpy view of it exists.
-    keep = ends - carriage > starts
-    return starts[keep].astype(np.int64), ends[keep].astype(np.int64), np.flatnonzero(keep) + 1
+    ends_parts, carriage_parts = [], []  # newline offsets, and whether "\r" stands before each
+    block, offset, last = bytearray(min(size, _SCAN_BLOCK)), 0, 0
+    with open(path, "rb") as f:
+        while n := f.readinto(block):
+            data = np.frombuffer(block, np.uint8, count=n)
+            local = np.flatnonzero(data == ord("\n"))
+            before = np.where(local > 0, data[np.maximum(local - 1, 0)], last)
+            ends_parts.append(local + offset)
+            carriage_parts.append(before == ord("\r"))
+            last, offset = int(data[n - 1]), offset + n
+    ends, carriage = np.concatenate(ends_parts), np.concatenate(carriage_parts)
+    if not len(ends) or ends[-1] != size - 1:
+        ends = np.append(ends, size)  # Last line without a trailing newline.
+        carriage = np.append(carriage, last == ord("\r"))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    keep = ends - (carriage & (ends > starts)) > starts
+    out = starts[keep].astype(np.int64), ends[keep].astype(np.int64), np.flatnonzero(keep) + 1
+    for array in out:
+        array.flags.writeable = False
+    return out
 
 
 class ConcatSource:

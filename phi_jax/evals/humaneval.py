@@ -5,56 +5,25 @@
     result = humaneval.check(problems["HumanEval/0"], completion, timeout_s=10.0)
     result.passed, result.reason
 
-A sample passes only when the test harness reports success from inside the run: the program is
-`prompt + completion + test + check(entry_point)`, executed by a small runner that reads a random
-nonce from stdin *before* running it and prints the nonce only after `check()` has returned. An
-early `os._exit(0)`, `sys.exit(0)`, an `atexit` hook or a crash therefore never passes. (Code that
-deliberately introspects the runner's frames could find the nonce; the sandbox, not the nonce, is
-what contains hostile code.)
+A sample passes only when its tests ran to the end: the program `prompt + completion + test +
+check(entry_point)` runs under the sandbox's nonce-guarded harness (`phi_jax.sandbox.harness`),
+so an early `os._exit(0)`, `sys.exit(0)`, an `atexit` hook or a crash never passes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
-import secrets
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from phi_jax import sandbox
+from phi_jax.sandbox import harness
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
-_MARK = b"PHI_JAX_HUMANEVAL_DONE "
-_RUNNER = r"""
-import os, sys
-def _run():
-    nonce = sys.stdin.buffer.readline().strip()
-    sys.stdin.close()
-    os.close(0)
-    os.open(os.devnull, os.O_RDONLY)  # fd 0 again: input() sees EOF, not a bad descriptor
-    with open("solution.py") as f:
-        program = compile(f.read(), "solution.py", "exec")
-    exec(program, {"__name__": "__main__", "__builtins__": __builtins__})
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.write(1, b"\n" + MARK + nonce + b"\n")
-    os._exit(0)  # skip atexit hooks and finalizers: the verdict is already written
-_run()
-""".replace("MARK", repr(_MARK))
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckResult:
-    """Verdict on one completion. `status`: passed | failed | timeout | error (see sandbox)."""
-
-    passed: bool
-    status: str
-    reason: str
-    wall_s: float
-    protections: str
+CheckResult = harness.CheckResult  # the verdict type, shared with executed synthetic exercises
 
 
 def load_problems() -> dict[str, dict[str, Any]]:
@@ -74,19 +43,7 @@ def check(problem: dict[str, Any], completion: str, timeout_s: float = 10.0, *,
           backend: str = "auto", limits: sandbox.Limits | None = None) -> CheckResult:
     """Run the problem's tests on `completion` in the sandbox."""
     limits = limits or sandbox.Limits(timeout_s=timeout_s)
-    nonce = secrets.token_hex(16).encode()
-    res = sandbox.run_python(_RUNNER, stdin=nonce + b"\n",
-                             files={"solution.py": program_text(problem, completion)},
-                             limits=limits, backend=backend)
-    verified = _MARK + nonce in res.stdout.encode(errors="replace")
-    if res.status == "passed" and verified:
-        reason, status = "passed", "passed"
-    elif res.status == "passed":
-        reason, status = "exited with status 0 before the tests completed", "failed"
-    else:
-        reason, status = res.reason, res.status
-    return CheckResult(passed=status == "passed", status=status, reason=reason, wall_s=res.wall_s,
-                       protections=res.protections.summary() if res.protections else "none")
+    return harness.run_checked(program_text(problem, completion), limits=limits, backend=backend)
 
 
 # ------------------------------------------------------------------------------ pass@k

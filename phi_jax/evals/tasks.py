@@ -3,28 +3,28 @@ Orca-2-style instruction tuning (the base and the tuned model on the same held-o
 
     from phi_jax.data.tasks import read_tasks, select_split
     tasks = select_split(read_tasks("out/tasks"), "heldout")
-    render = functools.partial(render_chat, template=loaded.chat_template)   # the chat renderer
-    result = evaluate_tasks(loaded.model, loaded.variables, loaded.tokenizer, tasks, render)
+    result = evaluate_tasks(loaded.model, loaded.variables, loaded.tokenizer, tasks, loaded.chat_template)
     result["score"], result["by_type"]["return_value"]["score"]
 
 Each task is asked as `[system: GENERIC_SYSTEM_MESSAGE, user: task.prompt]` (what the tuned model
-was trained with, `phi_jax.data.tasks`), rendered to a prompt by `render(messages)` (the model's
-chat template; evals may not import the server, and `phi_jax.chat` lands with the model-family
-work, so the caller passes it), answered greedily with `phi_jax.inference.decode.generate`, and
-scored with the same scorers that chose the strategies (`phi_jax.data.answers`: exact match,
-choice accuracy, or a user scorer). `tasks_report` puts several models' results side by side in
-one JSON and one PNG.
+was trained with, `phi_jax.data.tasks`), rendered with the model's chat template
+(`phi_jax.chat.render_chat`, the tokenizer's special tokens; ChatML when the model has no template),
+answered greedily with `phi_jax.inference.decode.generate`, and scored with the same scorers that
+chose the strategies (`phi_jax.data.answers`: exact match, choice accuracy, or a user scorer).
+`tasks_report` puts several models' results side by side in one JSON and one PNG.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from phi_jax.chat import render_chat
 from phi_jax.data.answers import checked_score, load_scorer
 from phi_jax.data.tasks import GENERIC_SYSTEM_MESSAGE, Task, task_from_json
 from phi_jax.errors import InputError
@@ -43,20 +43,24 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 def evaluate_tasks(model, variables, tokenizer, tasks: Iterable[Task | Mapping[str, Any]],
-                   render: Callable[[list[dict[str, str]]], str], *, scorer: str = "auto",
-                   system_message: str = GENERIC_SYSTEM_MESSAGE, max_new_tokens: int = 256,
-                   batch_size: int = 8, add_bos: bool = False, generate_fn: Callable | None = None) -> dict:
+                   chat_template: str | None = None, *, scorer: str = "auto",
+                   system_message: str | None = GENERIC_SYSTEM_MESSAGE, max_new_tokens: int = 256,
+                   batch_size: int = 8, add_bos: bool = False,
+                   render: Callable[[list[dict[str, str]]], str] | None = None,
+                   generate_fn: Callable | None = None) -> dict:
     """Answer and score every task that has a reference.
 
     Args:
       model, variables, tokenizer: as `phi_jax.inference.load` returns them.
       tasks: `Task`s or task JSON objects ({"id", "type", "prompt", "answer", ...}); tasks without
         an answer are skipped (counted in `skipped`).
-      render: chat messages -> prompt text (e.g. `render_chat` with the model's template).
+      chat_template: the Jinja chat template (`Loaded.chat_template`); None: the tokenizer's own,
+        else ChatML (`phi_jax.chat.DEFAULT_CHAT_TEMPLATE`).
       scorer: "auto" | "exact" | "choice" | "module:function" (see `phi_jax.data.answers`).
       system_message: the system turn (the generic one the tuned model saw; None: no system turn).
       max_new_tokens: the answer length limit; a task whose prompt leaves no room for it is skipped.
       add_bos: prepend BOS (when the template does not write it and the model expects it).
+      render: messages -> prompt text, replacing the chat template (a format of your own).
     Returns:
       {"score": mean, "num_scored", "by_type": {type: {"num_scored", "score"}}, "skipped": {reason: n},
        "examples": [{"id", "type", "reference", "answer", "score"}], "settings", "seconds"}.
@@ -66,6 +70,10 @@ def evaluate_tasks(model, variables, tokenizer, tasks: Iterable[Task | Mapping[s
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("batch_size and max_new_tokens must be >= 1")
     score = load_scorer(scorer)
+    if render is None:
+        template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+        special = getattr(tokenizer, "special_tokens_map", {"bos_token": "", "eos_token": ""})
+        render = functools.partial(render_chat, template=template, **special)
     start = time.perf_counter()
     skipped: collections.Counter = collections.Counter()
     jobs = []

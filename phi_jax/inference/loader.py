@@ -22,6 +22,17 @@ from phi_jax.errors import InputError, MissingFileError, PhiJaxError
 log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# Names that stand for an installed model file rather than a path: the offline teacher.
+ALIASES = ("smollm2", "smollm2-135m-instruct")
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A model path as given, or the installed file an alias names (`--model=smollm2`)."""
+    if str(path).lower() in ALIASES and not Path(path).exists():
+        from phi_jax import gguf
+
+        return gguf.find_smollm2()
+    return Path(path)
 
 
 @dataclasses.dataclass
@@ -49,7 +60,7 @@ class Loaded:
 
 def source_kind(path: str | os.PathLike) -> str:
     """"hf", "workdir" or "gguf" for a model path; a one-line error for anything else."""
-    p = Path(path)
+    p = resolve(path)
     if not p.exists():
         raise MissingFileError(f"model path {str(p)!r} does not exist; pass --model=PATH: an HF "
                                "checkpoint directory, a phi_jax training workdir or a .gguf file")
@@ -113,7 +124,7 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
         raise ValueError(f"layout={layout!r}; use 'inference' or 'training'")
     dtype = dtype_name(dtype)
     kind = source_kind(path)
-    path = Path(path)
+    path = resolve(path)
     unstacked = layout == "inference" and decode_prefers_unstacked()
     meta: dict[str, Any] = {"source": kind, "path": str(path)}
     if kind == "hf":
@@ -140,7 +151,13 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
             model, variables = inference_layout(model, variables)
         found = _tokenizer_beside(path / "tokenizer")
     else:
-        raise InputError(f"{path}: loading GGUF files is not supported yet")
+        from phi_jax import gguf
+
+        file = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))))
+        config, variables, found, info = gguf.load_gguf(file, dtype=dtype, scan_layers=not unstacked,
+                                                        tokenizer=tokenizer)
+        meta.update(info, path=str(file))
+        model = Phi(config)
     if step is not None and kind != "workdir":
         raise InputError(f"--step={step} applies to phi_jax workdirs only; {path} is an {kind} source")
     tok = load_tokenizer(tokenizer) if tokenizer else found

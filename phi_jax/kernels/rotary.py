@@ -1,9 +1,10 @@
-"""Partial rotary position embedding (GPT-NeoX "rotate half" layout, as HF Phi uses).
+"""Partial rotary position embedding (GPT-NeoX "rotate half" layout, as HF Phi, Llama and Phi-3 use).
 
 Letters: B batch, T length, N heads, H head dim, R rotary dim (the first R of H dims rotate).
 
 The angle table is computed in float32 from integer positions and the rotation is applied in
-float32, then cast back: a bf16 model gets bf16 activations but not bf16-rounded angles.
+float32, then cast back: a bf16 model gets bf16 activations but not bf16-rounded angles. The
+frequencies, and their long-context scalings, come from `phi_jax.kernels.rope`.
 """
 
 from __future__ import annotations
@@ -12,36 +13,24 @@ import jax
 import jax.numpy as jnp
 
 from phi_jax.kernels import backend
-
-
-def inverse_frequencies(rotary_dim: int, theta: float) -> jax.Array:
-    """[R/2] float32 angular frequency of each rotated pair (shared with the Pallas kernel)."""
-    exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
-    return 1.0 / (jnp.float32(theta) ** exponents)
-
-
-def rotary_angles(positions: jax.Array, rotary_dim: int,
-                  theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [B,T,R/2] in float32 for integer positions [B,T]."""
-    inv_freq = inverse_frequencies(rotary_dim, theta)  # [R/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,R/2]
-    return jnp.cos(angles), jnp.sin(angles)
+from phi_jax.kernels.rope import RopeScaling, check_rotary_dim, rotary_angles
 
 
 def reference_rotary(x: jax.Array, positions: jax.Array, *, rotary_dim: int,
-                     theta: float = 10000.0) -> jax.Array:
+                     theta: float = 10000.0, scaling: RopeScaling | None = None) -> jax.Array:
     """Rotate the first `rotary_dim` dims of every head; the rest pass through untouched.
 
     Args:
       x: [B,T,N,H] queries or keys.
       positions: [B,T] integer positions (they restart at 0 for each packed document).
       rotary_dim: R, even, <= H.
+      theta: the rotary base.
+      scaling: None or a `RopeScaling` (linear, llama3, longrope).
     Returns:
       [B,T,N,H] in x's dtype.
     """
-    if rotary_dim % 2 or not 0 < rotary_dim <= x.shape[-1]:
-        raise ValueError(f"rotary_dim must be even and in (0, {x.shape[-1]}], got {rotary_dim}")
-    cos, sin = rotary_angles(positions, rotary_dim, theta)
+    check_rotary_dim(x.shape[-1], rotary_dim)
+    cos, sin = rotary_angles(positions, rotary_dim, theta, scaling)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B,T,1,R/2]
     half = rotary_dim // 2
     x1 = x[..., :half].astype(jnp.float32)
@@ -51,11 +40,13 @@ def reference_rotary(x: jax.Array, positions: jax.Array, *, rotary_dim: int,
 
 
 def rotary(x: jax.Array, positions: jax.Array, *, rotary_dim: int, theta: float = 10000.0,
-           impl: str = "xla", interpret: bool | None = None) -> jax.Array:
+           scaling: RopeScaling | None = None, impl: str = "xla",
+           interpret: bool | None = None) -> jax.Array:
     """Partial rotary through the implementation named by `impl` (see `reference_rotary`).
 
     Args:
-      x: [B,T,N,H]; positions: [B,T] int; rotary_dim: R (even, <= H).
+      x: [B,T,N,H]; positions: [B,T] int; rotary_dim: R (even, <= H); scaling: as for
+        `reference_rotary`.
       impl: "xla" (any backend) or "pallas" (TPU; CPU in interpret mode). On GPUs XLA already
         fuses this elementwise rotation into its neighbours, so there is no GPU kernel: "pallas"
         there is an error that says so.
@@ -66,10 +57,11 @@ def rotary(x: jax.Array, positions: jax.Array, *, rotary_dim: int, theta: float 
     """
     where = backend.platform()
     if impl == "xla":
-        return reference_rotary(x, positions, rotary_dim=rotary_dim, theta=theta)
+        return reference_rotary(x, positions, rotary_dim=rotary_dim, theta=theta, scaling=scaling)
     if impl == "pallas":
         mode = backend.interpret_mode(interpret)
         if mode is not False or where == "tpu":
             from phi_jax.kernels.rotary_pallas import rotary_pallas
-            return rotary_pallas(x, positions, rotary_dim=rotary_dim, theta=theta, interpret=mode)
+            return rotary_pallas(x, positions, rotary_dim=rotary_dim, theta=theta, scaling=scaling,
+                                 interpret=mode)
     raise backend.unsupported("rotary", impl, where)

@@ -25,11 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from phi_jax.chat import ChatTemplateError, render_chat
 from phi_jax.errors import InputError
 from phi_jax.inference import scoring
 from phi_jax.inference.sampling import SamplingParams
 from phi_jax.serve import protocol
-from phi_jax.serve.chat import ChatTemplateError, render_chat
 from phi_jax.serve.engine import Engine, EngineStoppedError, QueueFullError, TokenEvent
 from phi_jax.serve.protocol import APIError
 from phi_jax.serve.text import TextAssembler, TokenRecord
@@ -340,8 +340,7 @@ class _Server:
     async def chat_completions(self, request: Request) -> Response:
         req = await self.read(request, protocol.ChatCompletionRequest)
         tok = self.tokenizer
-        special = {name: tok.id_to_token(i) if i is not None else ""
-                   for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id))}
+        special = tok.special_tokens_map  # bos/eos/unk/pad strings, as transformers passes them
         messages = [{"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
                     for m in req.messages]
         try:

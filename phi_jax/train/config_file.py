@@ -190,6 +190,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
            "must be >= 1 (or None to keep every checkpoint)")
     _check(t.stop_at_step >= 0, "train.stop_at_step", t.stop_at_step, "must be >= 0 (0 = off)")
     _check(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    _check(t.loss_chunk >= 0, "train.loss_chunk", t.loss_chunk, "must be >= 0 (0 = no chunking)")
     if "eval_batches" in t:
         _check(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0 (0 = no eval)")
 

@@ -35,6 +35,7 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     t.log_every = 10
     t.max_nonfinite_streak = 5  # stop after this many skipped (NaN/inf) steps in a row
     t.stop_at_step = 0  # >0: checkpoint and stop once this step is done (time-sliced jobs)
+    t.loss_chunk = 0  # >0: LM head + loss over chunks of this many positions (saves [B,T,V] memory)
     t.eval_every = 0  # held-out loss every N steps (0 = at each checkpoint) and at the end
     t.eval_batches = 8  # batches of the held-out split per evaluation (0 = no held-out eval)
     t.init_from_hf = ""  # start from an HF checkpoint dir (fine-tuning)

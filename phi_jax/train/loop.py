@@ -214,7 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
     # ------------------------------------------------------------------------ the step
     step_fn = make_train_step(model, optimizer, accum_steps=accum, schedule=schedule,
-                              nan_steps=_faults.nan_steps())
+                              nan_steps=_faults.nan_steps(), loss_chunk=tc.loss_chunk)
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     meta = {"model_config": model_config.to_dict(), "data": pipeline.describe(config.data),

@@ -12,6 +12,7 @@ loop stops the run after too many skips in a row, so a NaN never reaches paramet
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -19,19 +20,10 @@ import jax.numpy as jnp
 import optax
 
 from phi_jax.model import Phi
+from phi_jax.train.loss import loss_sums
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
-
-
-def loss_sums(params, batch: Batch, model: Phi, rng: jax.Array | None, deterministic: bool):
-    """(sum of masked token cross-entropies, number of target tokens) for one (micro-)batch."""
-    rngs = None if deterministic else {"dropout": rng}
-    logits, _ = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                            segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B,T]
-    weights = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * weights), jnp.sum(weights)
 
 
 def _split_micro(batch: Batch, accum_steps: int) -> Batch:
@@ -53,14 +45,16 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_train_step(model: Phi, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
-                    schedule: Callable | None = None, nan_steps: tuple[int, ...] = ()):
+                    schedule: Callable | None = None, nan_steps: tuple[int, ...] = (),
+                    loss_chunk: int = 0):
     """The un-jitted step function (state, batch) -> (state, metrics); the caller jits it.
 
-    `nan_steps` is fault injection for tests of the non-finite guard (`train._faults`): the
-    loss and gradients of those steps are multiplied by NaN.
+    `loss_chunk` > 0 computes the LM head and loss over chunks of that many positions (see
+    train/loss.py). `nan_steps` is fault injection for tests of the non-finite guard
+    (`phi_jax._faults`): the loss and gradients of those steps are multiplied by NaN.
     """
     deterministic = model.config.resid_pdrop == 0.0 and model.config.embd_pdrop == 0.0
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(loss_sums, chunk=loss_chunk), has_aux=True)
 
     def step_fn(state: State, batch: Batch):
         params = state["params"]

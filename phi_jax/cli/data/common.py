@@ -29,8 +29,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, inputs: bool = True) -> Non
     p.add_argument("--output-format", default="jsonl", choices=["jsonl", "arrayrecord"])
     if inputs:
         p.add_argument("--text-field", default="text", help="the text key of JSON records")
-    p.add_argument("--max-records", type=int, default=0,
-                   help="only the first N input records (0 = all): a sample to try a teacher on")
+        p.add_argument("--max-records", type=int, default=0,
+                       help="only the first N input records (0 = all): a sample to try a teacher on")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output written with other arguments or inputs")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

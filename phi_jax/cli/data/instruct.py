@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--tasks", required=True,
                    help="task JSONL files or globs (comma-separated), or an output of `phi-jax data tasks`")
     add_run_arguments(p, inputs=False)
+    p.add_argument("--max-records", type=int, default=0,
+                   help="only the first N tasks (0 = all): a sample to try a teacher on")
     add_teacher_arguments(p, max_tokens=1024)
     p.add_argument("--strategies", default="",
                    help="strategy files or directories of *.txt (comma-separated), added to the built-in "

@@ -9,8 +9,11 @@
     the same (finished shards are kept, the rest are redone) and *refused* when they differ,
     naming what differs, unless `overwrite=True`;
   * one process at a time writes an output (a lock file; a second run gets a clear error);
+  * a whole-corpus stage's `prepare` pass (dedup: signatures, buckets, components) runs first
+    when any shard is unfinished, its result kept in the manifest as `global`;
   * the runner (`local`: processes over shards; `beam`: an Apache Beam pipeline) processes the
-    unfinished shards; then the manifest is completed from the shard markers.
+    unfinished shards; then the manifest is completed from the shard markers, a stage's log rows
+    are gathered into one file (`Stage.log_name`) and the `.work/` scratch directory is removed.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import fcntl
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from phi_jax.curation.stage import MARKERS, Stage, finished
+from phi_jax.curation.stage import MARKERS, WORK, PlannedInputs, Prepare, Stage, finished, log_path
 from phi_jax.data import records
 from phi_jax.errors import InputError, RunError
 
@@ -32,7 +36,7 @@ RUNNERS = ("local", "beam")
 _LOCK = ".lock"
 
 
-def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLike, *,
+def run_stage(stage: Stage, inputs: str | Sequence[str] | PlannedInputs, output: str | os.PathLike, *,
               runner: str = "local", workers: int = 1, shard_size: int = 1000,
               output_format: str = "jsonl", text_field: str = "text", max_records: int = 0,
               overwrite: bool = False, beam_options: str | Sequence[str] = (), progress: bool = True) -> dict:
@@ -40,7 +44,8 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
 
     Args:
       stage: the step and its parameters (`phi_jax.curation.stage.Stage`).
-      inputs: comma-separated string or list: files, globs, stage output dirs, "default".
+      inputs: comma-separated string or list: files, globs, stage output dirs, "default"; or
+        `PlannedInputs` (a generator stage's plan, e.g. synthesis prompts).
       output: the output directory (created; resumed if it holds this stage's unfinished run).
       runner: "local" or "beam".
       workers: local worker processes (1 = in this process); Beam DirectRunner workers.
@@ -58,12 +63,21 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
         raise InputError(f"--workers={workers}: must be >= 1")
     fmt = records.output_format(output_format)
     output = Path(output)
-    shards = records.plan_shards(inputs, shard_size, text_field=text_field, max_records=max_records)
-    if not shards:
-        raise InputError(f"--input={inputs}: no records to process")
+    if isinstance(inputs, (str, list, tuple)):
+        shards = records.plan_shards(inputs, shard_size, text_field=text_field, max_records=max_records)
+        if not shards:
+            raise InputError(f"--input={inputs}: no records to process")
+        fingerprints = records.input_fingerprints(shards)
+    else:
+        if shard_size < 1:
+            raise InputError(f"--shard-size={shard_size}: must be >= 1")
+        if max_records:
+            raise InputError("--max-records applies to record inputs; a plan has its own count")
+        shards, fingerprints = inputs.plan_shards(shard_size), inputs.fingerprints()
+        if not shards:
+            raise InputError(f"stage {stage.name!r}: its plan is empty; nothing to generate")
     parameters = {**stage.parameters, "shard_size": shard_size, "output_format": fmt,
                   "text_field": text_field, "max_records": max_records}
-    fingerprints = records.input_fingerprints(shards)
     started, clock = records.now(), time.perf_counter()
     with _locked(output):
         manifest = _prepare(output, stage, parameters, fingerprints, overwrite)
@@ -72,7 +86,11 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
         records.write_manifest(output, manifest)
         todo = [s for s in shards if finished(output, s, fmt) is None]
         _clean_partial(output)
-        bar = _progress_bar(stage.name, sum(s.size for s in shards), sum(s.size for s in todo),
+        if todo and stage.prepare is not None:
+            manifest["global"] = stage.prepare(Prepare(tuple(shards), output, runner, workers,
+                                                       beam_options, progress))
+            records.write_manifest(output, manifest)
+        bar = progress_bar(stage.name, sum(s.size for s in shards), sum(s.size for s in todo),
                             enabled=progress)
         try:
             if runner == "local":
@@ -97,7 +115,11 @@ def run_stage(stage: Stage, inputs: str | Sequence[str], output: str | os.PathLi
                                  "shards_resumed": len(shards) - len(todo),
                                  "records_processed": sum(s.size for s in todo)})
         _complete(manifest, markers)
+        if stage.log_name:
+            _gather_log(output, shards, stage.log_name)
+            manifest["log"] = stage.log_name
         records.write_manifest(output, manifest)
+        shutil.rmtree(output / WORK, ignore_errors=True)
     return manifest
 
 
@@ -128,16 +150,37 @@ def _prepare(output: Path, stage: Stage, parameters: dict, inputs: list[dict], o
         raise InputError(f"--output={output} holds a {old.get('stage')} run with other settings "
                          f"({'; '.join(problems)[:400]}); rerun with its settings to resume, choose "
                          "another --output, or pass --overwrite to replace it")
-    _remove_outputs(output)
+    _remove_outputs(output, old)
     return new
 
 
-def _remove_outputs(output: Path) -> None:
+def _remove_outputs(output: Path, old: dict) -> None:
     """What run_stage wrote before (a teacher cache is kept: its answers are keyed by prompt)."""
     for path in output.glob("part-*"):
         path.unlink()
+    for name in [old.get("log")] + list(old.get("global", {}).get("files", [])):
+        if name and "/" not in name:
+            (output / name).unlink(missing_ok=True)
     shutil.rmtree(output / MARKERS, ignore_errors=True)
+    shutil.rmtree(output / WORK, ignore_errors=True)
     (output / records.MANIFEST).unlink(missing_ok=True)
+
+
+def _gather_log(output: Path, shards, name: str) -> None:
+    """Every shard's log rows, in shard order, into one file published atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=output)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for shard in shards:
+                with open(log_path(output, shard), "rb") as f:
+                    shutil.copyfileobj(f, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _clean_partial(output: Path) -> None:
@@ -183,7 +226,7 @@ class _NoBar:
         pass
 
 
-def _progress_bar(name: str, total: int, todo: int, *, enabled: bool):
+def progress_bar(name: str, total: int, todo: int, *, enabled: bool):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
@@ -201,9 +244,12 @@ def summary(manifest: dict, output: str | os.PathLike = "") -> str:
              f"  records     {counts['records_in']:,} in, {counts['records_out']:,} out"]
     for reason, n in sorted(counts["dropped"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  dropped     {n:>10,}  {reason}")
-    width = max((len(name) for name in counts["stage"]), default=0)
+    whole = manifest.get("global", {}).get("counts", {})  # a whole-corpus stage's own counters
+    width = max((len(name) for name in [*counts["stage"], *whole]), default=0)
     for name, n in sorted(counts["stage"].items()):
         lines.append(f"  {name:<{width}}  {n:>12,}" if isinstance(n, int) else f"  {name:<{width}}  {n}")
+    for name, n in whole.items():
+        lines.append(f"  {name:<{width}}  {n:>12,}")
     rate = run["records_processed"] / run["seconds"] if run["seconds"] > 0 else 0.0
     lines.append(f"  time        {run['seconds']:.1f} s this run ({rate:,.1f} docs/s), "
                  f"{manifest.get('wall_seconds', 0):.1f} s in all")

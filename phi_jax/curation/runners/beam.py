@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 import shlex
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from phi_jax.curation.stage import (Stage, close_step, process_shard, record_shard_error,
                                     shard_error)
 from phi_jax.data.records import InputShard
 from phi_jax.errors import PhiJaxError, RunError, require
-
 
 
 def _import_beam():
@@ -77,17 +76,25 @@ class _ProcessShards(beam.DoFn):
 
 def run_beam(stage: Stage, shards: Sequence[InputShard], output: Path, fmt: str, *,
              options: str | Sequence[str] = (), workers: int = 1) -> None:
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     if not shards:
         return
+    run_pipeline(lambda p: (p | "Shards" >> beam.Create(list(shards), reshuffle=False)
+                            | "Spread" >> beam.Reshuffle()
+                            | stage.name >> beam.ParDo(_ProcessShards(stage, str(output), fmt))),
+                 shards, output, options=options, workers=workers)
+
+
+def run_pipeline(build: Callable, shards: Sequence[InputShard], output: Path, *,
+                 options: str | Sequence[str] = (), workers: int = 1) -> None:
+    """Run the pipeline `build(p)` lays out; a shard's recorded error (or a Beam failure) is
+    raised as one phi_jax error."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     # Beam logs a failing DoFn's traceback at ERROR; the error reaches the user once, from here.
     logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
     try:
         with beam.Pipeline(options=PipelineOptions(pipeline_options(options, workers))) as p:
-            _ = (p | "Shards" >> beam.Create(list(shards), reshuffle=False)
-                 | "Spread" >> beam.Reshuffle()
-                 | stage.name >> beam.ParDo(_ProcessShards(stage, str(output), fmt)))
+            build(p)
     except Exception as e:  # noqa: BLE001 - Beam wraps a DoFn's error in its own exception types
         recorded = shard_error(output, shards)
         if recorded is not None:
