@@ -32,7 +32,7 @@ import numpy as np
 
 from phi_jax.errors import InputError
 from phi_jax.inference.sampling import sample_logits
-from phi_jax.model import Phi, init_cache
+from phi_jax.model import Phi, cache_rows, init_cache, put_cache_rows, scatter_cache_rows
 
 MIN_BUCKET = 16
 TOP_LOGPROBS = 5  # W: the most alternatives a caller may ask for (OpenAI's limit for completions)
@@ -90,12 +90,13 @@ def _prefill(model: Phi, with_logprobs: bool, variables, cache, last_tokens, tok
     Returns (cache, last_tokens with the picked tokens at `slots`, picked tuple of [N] arrays).
     """
     n, bucket = tokens.shape
-    rows = init_cache(model.config, n, bucket, dtype=cache["k"].dtype)
+    dtype = jax.tree.leaves(cache["k"])[0].dtype
+    rows = init_cache(model.config, n, bucket, dtype=dtype)
     segment_ids = (jnp.arange(bucket)[None, :] < lengths[:, None]).astype(jnp.int32)  # [N,P]
     logits, rows = model.apply(variables, tokens, segment_ids=segment_ids, cache=rows)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [N,V]
     picked = _pick(last, seeds, jnp.zeros_like(lengths), temperature, top_k, top_p, with_logprobs)
-    new_cache = {name: cache[name].at[:, slots, :, :bucket].set(rows[name].astype(cache[name].dtype))
+    new_cache = {name: scatter_cache_rows(cache[name], slots, rows[name])
                  for name in ("k", "v")}  # [layers,B,K,S,H] <- [layers,N,K,P,H] at rows `slots`
     new_cache["lengths"] = cache["lengths"].at[slots].set(lengths)
     return new_cache, last_tokens.at[slots].set(picked[0]), picked
@@ -116,7 +117,7 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, variab
     top ids and [C,R,W] top log-probs; columns from `count` on are unused.
     """
     width = min(TOP_LOGPROBS, model.config.vocab_size)
-    sub = {name: cache[name][:, :rows] for name in ("k", "v")}
+    sub = {name: cache_rows(cache[name], rows) for name in ("k", "v")}
     sub["lengths"] = cache["lengths"][:rows]
     outs = [jnp.full((chunk, rows), -1, jnp.int32)]
     if with_logprobs:
@@ -142,9 +143,7 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, variab
 
     count, sub, tokens, active, outs = jax.lax.while_loop(
         cond, body, (jnp.int32(0), sub, last_tokens[:rows], active, outs))
-    zero = jnp.zeros((), jnp.int32)
-    new_cache = {name: jax.lax.dynamic_update_slice(cache[name], sub[name], (zero,) * 5)
-                 for name in ("k", "v")}
+    new_cache = {name: put_cache_rows(cache[name], sub[name]) for name in ("k", "v")}
     new_cache["lengths"] = cache["lengths"].at[:rows].set(sub["lengths"])
     return new_cache, last_tokens.at[:rows].set(tokens), active, count, tuple(outs)
 
