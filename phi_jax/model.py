@@ -428,9 +428,12 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
     return {"k": make(), "v": make(), "lengths": jnp.zeros((batch,), jnp.int32)}
 
 
-def cache_rows(kv, rows: int):
-    """The first `rows` sequences of a cache's k or v (stacked array or per-layer tuple)."""
-    return tuple(x[:rows] for x in kv) if isinstance(kv, tuple) else kv[:, :rows]
+def cache_rows(kv, rows: int, slots: int | None = None):
+    """The first `rows` sequences (and first `slots` positions) of a cache's k or v, stacked array or
+    per-layer tuple. A copy on XLA:CPU: decoding a chunk on it reads only what is in use."""
+    if isinstance(kv, tuple):
+        return tuple(x[:rows, :, :slots] for x in kv)
+    return kv[:, :rows, :, :slots]
 
 
 def put_cache_rows(kv, sub):

@@ -191,3 +191,24 @@ def test_multi_step_decode_gives_the_events_of_one_step_per_call():
 def _alone_tokens(model, variables, prompt, params):
     return generate(model, variables, [prompt], max_new_tokens=params.max_tokens,
                     stop_tokens=list(params.stop_token_ids))[0]
+
+
+def test_decode_attends_over_the_slots_in_use_and_crosses_span_buckets():
+    """A cache of 600 slots is decoded over 256-slot spans while requests are short, then 512, then
+    600: tokens equal `generate` on each prompt alone, also for requests that cross a bucket."""
+    config = preset("test", vocab_size=VOCAB, eos_token_id=EOS, max_len=600)
+    model, variables = Phi(config), init_params(config, jax.random.key(3))
+    engine = Engine(model, variables, num_slots=2, max_len=600, decode_chunk=8).start()
+    assert engine.span_buckets() == [256, 512, 600]
+    rng = np.random.default_rng(7)
+    try:
+        requests = [([int(t) for t in rng.integers(1, VOCAB, n)], SamplingParams(max_tokens=m, seed=n,
+                                                                              temperature=0.7))
+                    for n, m in [(240, 40), (20, 10), (500, 60)]]
+        results = _run(engine, requests)
+    finally:
+        engine.stop()
+    for (prompt, params), got in zip(requests, results):
+        want = generate(model, variables, [prompt], max_new_tokens=params.max_tokens, seed=params.seed,
+                        temperature=0.7, stop_tokens=[])[0]
+        assert got.tokens == want

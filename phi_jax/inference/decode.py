@@ -44,6 +44,15 @@ def prompt_bucket(length: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, (length - 1).bit_length()))
 
 
+MIN_SPAN = 256
+
+
+def span_bucket(needed: int, capacity: int) -> int:
+    """Slots a decode call attends over: the next power of two >= needed (at least MIN_SPAN),
+    capped at the cache's capacity."""
+    return min(capacity, max(MIN_SPAN, 1 << max(0, (needed - 1).bit_length())))
+
+
 def stop_id_width(count: int) -> int:
     """E for `count` stop ids: 8, or the next power of two beyond (bounds the compiled variants)."""
     return max(8, 1 << max(0, (count - 1).bit_length()))
@@ -102,10 +111,15 @@ def _prefill(model: Phi, with_logprobs: bool, variables, cache, last_tokens, tok
     return new_cache, last_tokens.at[slots].set(picked[0]), picked
 
 
-def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, variables, cache,
-                  last_tokens, active, seeds, steps, budgets, stop_ids, temperature, top_k, top_p,
-                  num_steps):
-    """Up to min(chunk, num_steps) decode steps over cache rows [0, rows) (R).
+def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: int, variables,
+                  cache, last_tokens, active, seeds, steps, budgets, stop_ids, temperature, top_k,
+                  top_p, num_steps):
+    """Up to min(chunk, num_steps) decode steps over cache rows [0, rows) (R) and slots [0, span).
+
+    Attention reads every slot it is given, so the caller passes the smallest `span` (a static
+    bucket) that holds each active row's length plus the chunk: a server whose cache rows hold
+    4096 slots but whose requests use 300 reads 512 per step, not 4096. The rows and slots in
+    use are copied out once per call and written back after the loop.
 
     Args (per-row arrays are [R]):
       active: rows that decode; the others are neither advanced nor written.
@@ -117,7 +131,7 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, variab
     top ids and [C,R,W] top log-probs; columns from `count` on are unused.
     """
     width = min(TOP_LOGPROBS, model.config.vocab_size)
-    sub = {name: cache_rows(cache[name], rows) for name in ("k", "v")}
+    sub = {name: cache_rows(cache[name], rows, span) for name in ("k", "v")}
     sub["lengths"] = cache["lengths"][:rows]
     outs = [jnp.full((chunk, rows), -1, jnp.int32)]
     if with_logprobs:
@@ -156,9 +170,9 @@ def compiled_prefill(model: Phi, with_logprobs: bool = False) -> Callable:
 
 @functools.lru_cache(maxsize=32)
 def compiled_decode_chunk(model: Phi, with_logprobs: bool = False) -> Callable:
-    """`_decode_chunk` jitted once per (model, with_logprobs); rows and chunk are static."""
-    return jax.jit(functools.partial(_decode_chunk, model), static_argnums=(0, 1, 2),
-                   donate_argnums=(4, 5))
+    """`_decode_chunk` jitted once per (model, with_logprobs); rows, chunk and span are static."""
+    return jax.jit(functools.partial(_decode_chunk, model), static_argnums=(0, 1, 2, 3),
+                   donate_argnums=(5, 6))
 
 
 def padded_stop_ids(stop_tokens: Sequence[Sequence[int]]) -> np.ndarray:
@@ -253,7 +267,7 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
     while not done.all():
         produced = len(outputs[int(np.flatnonzero(~done)[0])])
         cache, last, _, count, outs = decode(
-            batch, chunk_size, False, variables, cache, last, ~done, seeds,
+            batch, chunk_size, False, slots, variables, cache, last, ~done, seeds,
             np.full(batch, produced, np.int32), np.full(batch, max_new_tokens - produced, np.int32),
             stop_ids, *sampling, np.int32(max_new_tokens - produced))
         new = np.asarray(outs[0])

@@ -165,6 +165,11 @@ class Engine:
         return [r for r in (1 << i for i in range(self.num_slots.bit_length())) if r < self.num_slots] \
             + [self.num_slots]
 
+    def span_buckets(self) -> list[int]:
+        """Every number of cache slots a decode call can attend over (see `decode.span_bucket`)."""
+        spans = {decode.span_bucket(n, self.max_len) for n in (1 << i for i in range(31))}
+        return sorted(s for s in spans if s <= self.max_len)
+
     def rows_for(self, highest_slot: int) -> int:
         """The decode batch that covers slots 0..highest_slot."""
         return next(r for r in self.row_buckets() if r > highest_slot)
@@ -237,8 +242,9 @@ class Engine:
         for bucket in self.prefill_buckets() if buckets is None else buckets:
             self._run_prefill(0, [0], bucket, SamplingParams(max_tokens=1))
         for rows in self.row_buckets():
-            self._run_decode(rows, np.zeros(rows, bool), np.zeros(rows, np.int32),
-                             np.ones(rows, np.int32), 1)
+            for span in self.span_buckets():
+                self._run_decode(rows, np.zeros(rows, bool), np.zeros(rows, np.int32),
+                                 np.ones(rows, np.int32), 1, span)
         jax.block_until_ready(self._cache)
 
     def running_requests(self) -> list[RequestHandle]:
@@ -312,8 +318,9 @@ class Engine:
         return picked
 
     def _run_decode(self, rows: int, active: np.ndarray, steps: np.ndarray, budgets: np.ndarray,
-                    many: int):
-        """Up to `many` decode steps over the first `rows` slots in one device call.
+                    many: int, span: int):
+        """Up to `many` decode steps over the first `rows` slots (and `span` cache positions) in one
+        device call.
 
         Returns (count of steps run, outputs: [C,R] tokens, log-probs, [C,R,W] top ids, top lps).
         """
@@ -321,7 +328,7 @@ class Engine:
         chunk = self.decode_chunk
         _faults.engine_decode(self.stats.decode_steps + 1)
         self._cache, self._last_tokens, _, count, outs = self._decode_fn(
-            rows, chunk, True, self.variables, self._cache, self._last_tokens, active,
+            rows, chunk, True, span, self.variables, self._cache, self._last_tokens, active,
             self._seeds[:rows], steps, budgets, self._stop_ids[:rows], *sampling, np.int32(many))
         self.stats.decode_steps += 1
         return count, outs
@@ -350,7 +357,9 @@ class Engine:
         budgets = np.array([1 if h is None else h.params.max_tokens - h.num_generated for h in handles],
                            np.int32)
         many = 1 if self._pending else self.decode_chunk  # someone waits: admit them next step
-        count, outs = jax.device_get(self._run_decode(rows, active, steps, budgets, many))
+        used = max(len(h.prompt) + h.num_generated for h in handles if h is not None)
+        span = decode.span_bucket(used + many, self.max_len)
+        count, outs = jax.device_get(self._run_decode(rows, active, steps, budgets, many, span))
         tokens, logprobs, top_ids, top_lps = outs
         for i in range(int(count)):
             for slot in np.flatnonzero(active):
