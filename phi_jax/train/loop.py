@@ -307,6 +307,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                "nonfinite_total": int(jax.device_get(state["nonfinite_total"])),
                "data_stats": pipeline.data_stats(data_iter).as_dict(),
                "checkpoints": sorted(manager.all_steps()), "workdir": str(workdir),
+               "allocator": allocator.current(),
                "finished": datetime.datetime.now().isoformat(timespec="seconds")}
     return summary
 

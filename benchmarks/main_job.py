@@ -1,0 +1,73 @@
+"""README command 1, measured: `phi-jax train --config=configs/tiny.py` then `phi-jax sample`.
+
+    python -m benchmarks.main_job     # ~5-10 min on 2 cores; writes benchmarks/results/main_job.json
+
+Runs the two commands exactly as the README gives them (in a fresh temporary workdir, through the
+installed CLI of this interpreter), records their wall time, the per-stage lines, the held-out and
+smoothed losses and the sample, then reruns the training command to show it resumes (and, being
+finished, trains nothing). `python -m benchmarks.readme` quotes the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.common import RESULTS, machine_info
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPT = "def fibonacci(n):"
+
+
+def _phi_jax(*args: str, cwd: pathlib.Path) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "phi_jax.cli", *args], cwd=cwd, text=True,
+                            capture_output=True, env=dict(os.environ))
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"phi-jax {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result, seconds
+
+
+def run() -> dict:
+    from phi_jax.train.summary import smoothed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = pathlib.Path(tmp) / "runs" / "tiny"
+        train, train_s = _phi_jax("train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}",
+                                  cwd=ROOT)
+        sample, sample_s = _phi_jax("sample", f"--model={workdir}", f"--prompt={PROMPT}", cwd=ROOT)
+        rerun, rerun_s = _phi_jax("train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}",
+                                  cwd=ROOT)
+        metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        allocator = json.loads(train.stdout.strip().splitlines()[-1]).get("allocator", "")
+    summary = json.loads(train.stdout.strip().splitlines()[-1])
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    lines = train.stdout.strip().splitlines()
+    stages = [line.strip() for line in lines if "->" in line and not line.startswith("  train loss")
+              and not line.startswith("{")]
+    tokens_per_s = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
+    result = {
+        "benchmark": "main_job", "machine": machine_info(), "allocator": allocator,
+        "command": f"phi-jax train --config=configs/tiny.py --workdir=runs/tiny && phi-jax sample "
+                   f"--model=runs/tiny --prompt=\"{PROMPT}\"",
+        "train_seconds": train_s, "sample_seconds": sample_s, "rerun_seconds": rerun_s,
+        "rerun_first_line": next((l for l in rerun.stdout.splitlines() if l.strip()), ""),
+        "stages": stages, "summary": summary, "smoothed_loss": smoothed(losses),
+        "tokens_per_s": sorted(tokens_per_s)[len(tokens_per_s) // 2] if tokens_per_s else 0.0,
+        "sample": sample.stdout,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "main_job.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    out = run()
+    print(f"train {out['train_seconds']:.0f} s, sample {out['sample_seconds']:.0f} s; held-out "
+          f"{out['summary']['heldout'][-1]['loss']:.3f}")

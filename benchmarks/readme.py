@@ -1,0 +1,153 @@
+"""The README's numbers, written by this script from the committed results — never by hand.
+
+    python -m benchmarks.readme            # rewrite every generated block of README.md
+    python -m benchmarks.readme --check    # exit 1 if a block is stale (a test runs this)
+
+A generated block sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`:
+  * `benchmarks`: one table of every benchmark's `summary` rows in benchmarks/results/ (phi_jax,
+    the reference measured in the same run, the ratio, the machine and date of the run);
+  * `main-job`: README command 1 as measured by `python -m benchmarks.main_job`;
+  * `tests`: the test count and CI time of the last `bash .ci/run` (copied into
+    benchmarks/results/ci.json with `python -m benchmarks.readme --ci-report=ci_report.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import re
+import sys
+from typing import Any, Callable
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+_BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)",
+                    re.S)
+
+
+def _number(x: float) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+def _when(data: dict) -> str:
+    machine = data.get("machine", {})
+    date = str(machine.get("date", ""))[:10]
+    load = machine.get("load_average_1min")
+    return f"{date}, load {load:.1f}" if isinstance(load, (int, float)) else date
+
+
+def benchmark_rows(results: pathlib.Path = RESULTS) -> list[dict[str, Any]]:
+    """Every summary row of every result file, full runs before `_quick` ones of the same name."""
+    rows = []
+    files = sorted(results.rglob("*.json"))
+    full = {f.name.replace(".json", "") for f in files if not f.stem.endswith("_quick")}
+    for file in files:
+        if file.stem.endswith("_quick") and file.stem[:-len("_quick")] in full:
+            continue  # a full run of this benchmark is committed: quote that one
+        try:
+            data = json.loads(file.read_text())
+        except ValueError:
+            continue
+        for row in data.get("summary") or []:
+            rows.append(dict(row, file=str(file.relative_to(ROOT)), when=_when(data)))
+    return rows
+
+
+def benchmarks_block() -> str:
+    lines = ["| benchmark | case | phi_jax | reference (same run) | ratio | note | run |",
+             "|---|---|---|---|---|---|---|"]
+    for r in benchmark_rows():
+        ratio = r.get("ratio")
+        ratio_text = f"**{ratio:.2f}×**" if isinstance(ratio, (int, float)) else "-"
+        lines.append(f"| {r['benchmark']} | {r['case']} | {_number(r.get('phi_jax'))} {r.get('metric', '')} "
+                     f"| {_number(r.get('reference'))} ({r.get('reference_name', '-')}) | {ratio_text} "
+                     f"| {r.get('note', '')} | [{r['when']}]({r['file']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main_job_block() -> str:
+    file = RESULTS / "main_job.json"
+    if not file.exists():
+        return "_not measured yet: run `python -m benchmarks.main_job`_\n"
+    d = json.loads(file.read_text())
+    s = d["summary"]
+    lines = [f"Measured by `python -m benchmarks.main_job` ({_when(d)}, {d['machine'].get('cpu', '')}, "
+             f"allocator {d.get('allocator', '?')}): install excluded, **{d['train_seconds'] / 60:.1f} min** "
+             f"for `phi-jax train` and {d['sample_seconds']:.0f} s for `phi-jax sample`."]
+    for stage in d.get("stages", []):
+        lines.append(f"- `{stage}`")
+    lines.append(f"- training: {s['total_steps']} steps; smoothed train loss {d['smoothed_loss'][0]:.2f} ± "
+                 f"{d['smoothed_loss'][1]:.2f} (last {d['smoothed_loss'][2]} steps); held-out loss "
+                 f"**{s['heldout'][-1]['loss']:.2f}** (perplexity {math.exp(s['heldout'][-1]['loss']):.0f}) "
+                 f"on {s['heldout_tokens']:,} held-out tokens; {d['tokens_per_s']:,.0f} tokens/s")
+    lines.append(f"- a rerun of the same command trains nothing ({d['rerun_seconds']:.0f} s): "
+                 f"`{d['rerun_first_line']}`")
+    lines.append("- the sample (temperature 0.8, seed 0):")
+    lines.append("")
+    lines.append("```python")
+    lines.append(d["sample"].rstrip())
+    lines.append("```")
+    return "\n".join(lines) + "\n"
+
+
+def tests_block() -> str:
+    file = RESULTS / "ci.json"
+    if not file.exists():
+        return "_not measured yet: run `bash .ci/run`_\n"
+    d = json.loads(file.read_text())
+    return (f"The last `bash .ci/run` from a fresh clone ({d['date']}, {d['machine']}): **{d['passed']} passed**"
+            + (f", {d['skipped']} skipped" if d.get("skipped") else "")
+            + f"; install {d['install_seconds'] / 60:.1f} min, tests {d['test_seconds'] / 60:.1f} min, "
+            f"{d['total_seconds'] / 60:.1f} min in all.\n")
+
+
+BLOCKS: dict[str, Callable[[], str]] = {"benchmarks": benchmarks_block, "main-job": main_job_block,
+                                        "tests": tests_block}
+
+
+def render(text: str) -> str:
+    def one(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in BLOCKS:
+            raise SystemExit(f"README.md has a generated block {name!r} this script does not know")
+        return m.group(1) + BLOCKS[name]() + m.group(4)
+
+    return _BLOCK.sub(one, text)
+
+
+def import_ci_report(path: str) -> None:
+    """Copy the numbers of a `.ci/run` report into benchmarks/results/ci.json."""
+    report = json.loads(pathlib.Path(path).read_text())
+    (RESULTS / "ci.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.readme", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    parser.add_argument("--ci-report", help="a ci_report.json written by .ci/run to import first")
+    args = parser.parse_args(argv)
+    if args.ci_report:
+        import_ci_report(args.ci_report)
+    text = README.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print("README.md's generated blocks are stale: run `python -m benchmarks.readme`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
