@@ -45,6 +45,11 @@ def versions(names: Iterable[str] = _VERSIONED) -> dict[str, str]:
     return out
 
 
+def _allocator() -> str:
+    from phi_jax import allocator
+    return allocator.current()
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on, including how busy the machine was when they started."""
     info: dict[str, Any] = {
@@ -55,6 +60,8 @@ def machine_info() -> dict[str, Any]:
         "env": {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS",
                                            "MKL_NUM_THREADS") if k in os.environ},
         "versions": versions(),
+        # Both sides of every comparison run in this process or its children, so under the same one.
+        "allocator": _allocator(),
     }
     try:
         import jax

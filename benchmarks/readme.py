@@ -40,24 +40,39 @@ def _number(x: float) -> str:
 
 def _when(data: dict) -> str:
     machine = data.get("machine", {})
-    date = str(machine.get("date", ""))[:10]
-    load = machine.get("load_average_1min")
-    return f"{date}, load {load:.1f}" if isinstance(load, (int, float)) else date
+    parts = [str(machine.get("date", ""))[:10]]
+    load = (machine.get("load_average_start") or [None])[0]
+    if isinstance(load, (int, float)):
+        parts.append(f"load {load:.1f}")
+    if machine.get("allocator"):
+        parts.append(machine["allocator"])
+    return ", ".join(parts)
+
+
+def _date(data: dict) -> str:
+    return str(data.get("machine", {}).get("date", ""))
 
 
 def benchmark_rows(results: pathlib.Path = RESULTS) -> list[dict[str, Any]]:
-    """Every summary row of every result file, full runs before `_quick` ones of the same name."""
-    rows = []
-    files = sorted(results.rglob("*.json"))
-    full = {f.name.replace(".json", "") for f in files if not f.stem.endswith("_quick")}
-    for file in files:
-        if file.stem.endswith("_quick") and file.stem[:-len("_quick")] in full:
-            continue  # a full run of this benchmark is committed: quote that one
+    """Every summary row of the newest result of each benchmark (a full or a `_quick` run, whichever
+    ran last) in each folder; `run*.json` (the runner's roll-up) adds only rows no module file has."""
+    latest: dict[tuple[pathlib.Path, str], tuple[str, pathlib.Path, dict]] = {}
+    for file in sorted(results.rglob("*.json")):
         try:
             data = json.loads(file.read_text())
         except ValueError:
             continue
-        for row in data.get("summary") or []:
+        if not isinstance(data, dict) or not data.get("summary"):
+            continue
+        key = (file.parent, file.stem.removesuffix("_quick"))
+        if key not in latest or _date(data) >= latest[key][0]:
+            latest[key] = (_date(data), file, data)
+    rows, seen = [], set()
+    for (folder, stem), (_, file, data) in sorted(latest.items(), key=lambda kv: (kv[0][1] == "run", kv[0])):
+        for row in data["summary"]:
+            if (folder, row.get("benchmark"), row.get("case")) in seen:
+                continue
+            seen.add((folder, row.get("benchmark"), row.get("case")))
             rows.append(dict(row, file=str(file.relative_to(ROOT)), when=_when(data)))
     return rows
 

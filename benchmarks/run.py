@@ -1,6 +1,10 @@
 """Run every benchmark, then print one table of phi_jax against the reference measured beside it.
 
     python -m benchmarks.run [--quick] [--only train_step decode ...] [--skip serve ...]
+    python -m benchmarks.run --allocator=system --results-dir=benchmarks/results/glibc ...
+
+Both sides run under one allocator: by default the retaining one the `phi-jax` CLI uses
+(tcmalloc when installed; see phi_jax/allocator.py), recorded in each result's `machine`.
 
 Each benchmark module in `BENCHMARKS` has `run(quick) -> dict` and writes its own
 `benchmarks/results/<name>.json` + `.png` (`<name>_quick.*` for most in --quick mode). A module
@@ -143,7 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help=f"run just these of {list(BENCHMARKS)}")
     parser.add_argument("--skip", nargs="*", help="run all but these")
     parser.add_argument("--results-dir", help="write here instead of benchmarks/results")
+    parser.add_argument("--allocator", choices=("auto", "tcmalloc", "jemalloc", "system"),
+                        default="auto", help="run both sides under this allocator (re-executes the "
+                        "runner with LD_PRELOAD, as the phi-jax CLI does; `system` = glibc's)")
     args = parser.parse_args(argv)
+    if argv is None:  # as a program: pick the allocator before jax and torch start
+        from phi_jax import allocator
+        if args.allocator != "auto":
+            os.environ[allocator.ENV] = args.allocator
+        allocator.reexec_with_retaining_allocator(sys.argv[1:], module="benchmarks.run")
     results = run_all(args.quick, args.only, args.skip, args.results_dir)
     return 1 if any(e["status"] == "error" for e in results["benchmarks"].values()) else 0
 

@@ -2,6 +2,7 @@
 requests run one by one through `phi_jax.generate`.
 
     python -m benchmarks.serve [--quick]
+    python -m benchmarks.serve --model=smollm2      # the offline teacher: concurrency 1 and 16
 
 The model is the "tiny" preset with random weights and a byte-level BPE trained in a second on a
 few standard-library sources, saved as an HF directory and served by a real `phi-jax serve`
@@ -10,7 +11,11 @@ request is greedy with its own prompt length; all runs send the same requests, s
 same tokens and differ only in how they are scheduled. Requests are streamed, which gives the time
 to first token as well as the end-to-end latency.
 
-Writes benchmarks/results/serve.json and serve.png (serve_quick.* for --quick).
+With `--model` (any `--model` source: the SmolLM2 GGUF alias, an HF dir, a workdir) the served model
+is that one instead, at concurrency 1 and 16 — the teacher endpoint the curation stages talk to.
+
+Writes benchmarks/results/serve.json and serve.png (serve_quick.* for --quick; serve_<name>.* with
+--model).
 """
 
 from __future__ import annotations
@@ -172,12 +177,29 @@ def _start_server(directory: pathlib.Path, port: int, slots: int, max_len: int, 
     raise RuntimeError("the server did not become healthy within 900 s")
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def _load_model(source: str):
+    """A real model as `phi-jax serve --model=source` loads it: (model, variables, tokenizer)."""
+    from phi_jax.inference import loader
+    from phi_jax.model import inference_layout
+
+    loaded = loader.load(source)
+    model, variables = inference_layout(loaded.model, loaded.variables)
+    return model, variables, loader.require_tokenizer(loaded, source)
+
+
+def run(quick: bool = False, model_source: str | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns (and writes) the results dict."""
     count, max_tokens, slots, max_len = (32, 32, 8, 256) if quick else (128, 64, 8, 256)
+    concurrency = CONCURRENCY
+    if model_source:  # a real model: fewer, longer-context requests; the teacher's concurrencies
+        count, max_tokens, slots, max_len, concurrency = 32, 64, 16, 512, (1, 16)
     with tempfile.TemporaryDirectory() as tmp:
         directory = pathlib.Path(tmp) / "model"
-        model, variables, tokenizer = _build(directory, vocab=1024 if quick else 4096)
+        if model_source:
+            directory = model_source
+            model, variables, tokenizer = _load_model(model_source)
+        else:
+            model, variables, tokenizer = _build(directory, vocab=1024 if quick else 4096)
         requests = _requests(tokenizer, count, max_tokens)
         reference = _reference(model, variables, requests, tokenizer.eos_id)
         port = _free_port()
@@ -186,12 +208,12 @@ def run(quick: bool = False) -> dict[str, Any]:
             try:
                 url = f"http://127.0.0.1:{port}"
                 asyncio.run(_load(url, requests[:slots], slots))  # warm the HTTP path
-                rows = {c: asyncio.run(_load(url, requests, c)) for c in CONCURRENCY}
+                rows = {c: asyncio.run(_load(url, requests, c)) for c in concurrency}
             finally:
                 proc.terminate()
                 proc.wait(60)
     results = {"benchmark": "serve", "quick": quick, "machine": _machine(),
-               "setup": {"model": "tiny preset, random weights", "vocab": tokenizer.vocab_size,
+               "setup": {"model": model_source or "tiny preset, random weights", "vocab": tokenizer.vocab_size,
                          "requests": count, "prompt_tokens": "8..120", "max_tokens": max_tokens,
                          "decode_slots": slots, "max_len": max_len, "greedy": True},
                "reference_generate_one_by_one": reference,
@@ -199,7 +221,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                "speedup_vs_reference": {str(c): row["tokens_per_s"] / reference["tokens_per_s"]
                                         for c, row in rows.items()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "serve_quick" if quick else "serve"
+    stem = f"serve_{pathlib.Path(model_source).stem.lower()}" if model_source else (
+        "serve_quick" if quick else "serve")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot(results, RESULTS / f"{stem}.png")
     _print_table(results)
@@ -244,7 +267,10 @@ def _print_table(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 requests of 32 tokens (a few minutes)")
-    run(quick=parser.parse_args(argv).quick)
+    parser.add_argument("--model", help="serve this model (any --model source, e.g. smollm2) instead "
+                        "of a random tiny one; concurrency 1 and 16")
+    args = parser.parse_args(argv)
+    run(quick=args.quick, model_source=args.model)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ def choose() -> tuple[str, str, dict[str, str]] | None:
     return None
 
 
-def reexec_with_retaining_allocator(argv: list[str]) -> None:
-    """Replace this process with one running `python -m phi_jax.cli argv` under the allocator.
+def reexec_with_retaining_allocator(argv: list[str], module: str = "phi_jax.cli") -> None:
+    """Replace this process with one running `python -m <module> argv` under the allocator.
+
+    `module` lets other programs (the benchmark runner) do what the CLI does.
 
     Returns (does nothing) when opted out, when none is installed, when this process already runs
     under one, or when it already re-executed once (never loops).
@@ -82,4 +84,4 @@ def reexec_with_retaining_allocator(argv: list[str]) -> None:
     new_env["LD_PRELOAD"] = ":".join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "phi_jax.cli", *argv], new_env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], new_env)
