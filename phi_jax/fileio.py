@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -65,6 +66,7 @@ def as_path(path: AnyPath):
         raise InputError(f"{text}: {scheme}:// paths are not supported; use a local path or "
                          f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
     _require_client(scheme)
+    _configure_clients()
     from etils import epath
 
     return epath.Path(text)
@@ -83,6 +85,17 @@ def _require_client(scheme: str) -> None:
                               f"installed; install it with: {how}")
 
 
+@functools.cache
+def _configure_clients() -> None:
+    """No cached directory listings: other processes (the other hosts of a run, a resumed run, a
+    curation worker) change a bucket under this one, and a stale listing would hide their steps,
+    shards and markers. Set before the first client is made (they are cached per settings)."""
+    import fsspec.config
+
+    for scheme in REMOTE_SCHEMES:
+        fsspec.config.conf.setdefault(scheme, {}).setdefault("use_listings_cache", False)
+
+
 def bucket_of(path: AnyPath) -> str:
     return os.fspath(path).split("://", 1)[1].split("/", 1)[0]
 
@@ -90,6 +103,7 @@ def bucket_of(path: AnyPath) -> str:
 def _fs(path: AnyPath):
     import fsspec
 
+    _configure_clients()
     return fsspec.filesystem(os.fspath(path).split("://", 1)[0])
 
 
@@ -102,7 +116,7 @@ def check_bucket(path: AnyPath, flag: str = "") -> None:
     bucket = bucket_of(path)
     where = f"{flag}={os.fspath(path)}" if flag else os.fspath(path)
     try:
-        found = _fs(path).exists(bucket)
+        found = _bucket_visible(_fs(path), os.fspath(path).split("://", 1)[0], bucket)
     except Exception as e:  # noqa: BLE001 - auth, network: report, not a traceback
         raise MissingFileError(f"{where}: cannot reach bucket {bucket!r} ({type(e).__name__}: "
                                f"{' '.join(str(e).split())[:160]}); check the bucket name and your "
@@ -111,6 +125,22 @@ def check_bucket(path: AnyPath, flag: str = "") -> None:
         raise MissingFileError(f"{where}: bucket {bucket!r} does not exist or these credentials "
                                f"cannot see it; create it (gcloud storage buckets create gs://{bucket}) "
                                "or fix the path and your credentials (gcloud auth application-default login)")
+
+
+def _bucket_visible(fs, scheme: str, bucket: str) -> bool:
+    if fs.exists(bucket):
+        return True
+    if scheme != "gs":
+        return False
+    # Reading a bucket's metadata needs storage.buckets.get, which object-only roles (a VM's
+    # service account, often) lack: listing one object is the question that matters here.
+    from fsspec.asyn import sync
+
+    try:
+        sync(fs.loop, fs._call, "GET", "b/{}/o", bucket, maxResults=1, json_out=True)  # noqa: SLF001
+        return True
+    except Exception:  # noqa: BLE001 - 404, 403: not a bucket these credentials can use
+        return False
 
 
 def missing(path: AnyPath, what: str = "path", fix: str = "check the path") -> MissingFileError:
@@ -352,6 +382,7 @@ def local_copy(path: AnyPath, only: tuple[str, ...] = ()) -> Path:
     try:
         if is_dir:
             prefix = fs._strip_protocol(url)  # noqa: SLF001 - fsspec's own name normalisation
+            (tmp / p.name).mkdir()
             for name in listing:
                 rel = fs._strip_protocol(name)[len(prefix):].lstrip("/")  # noqa: SLF001
                 (tmp / p.name / rel).parent.mkdir(parents=True, exist_ok=True)

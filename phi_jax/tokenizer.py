@@ -171,7 +171,7 @@ class Tokenizer(abc.ABC):
         if fileio.is_remote(path):  # gs://...: the tokenizer files only, fetched to a local cache
             if not fileio.as_path(path).exists():
                 raise fileio.missing(path, "tokenizer path", fix)
-            path = fileio.local_copy(path, only=(_HF_FILE, _CONFIG_FILE, "*.model", "*.gguf"))
+            path = fileio.local_copy(path, only=(_HF_FILE, _CONFIG_FILE, "*.model"))
         path = pathlib.Path(path)
         if not path.exists():
             raise MissingFileError(f"tokenizer path {str(path)!r} does not exist; {fix}")

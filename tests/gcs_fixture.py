@@ -61,7 +61,7 @@ class FakeGCS:
 
 
 @pytest.fixture(scope="session")
-def gcs():
+def gcs(tmp_path_factory):
     binary = _binary()
     if not os.access(binary, os.X_OK):
         os.chmod(binary, 0o755)
@@ -85,7 +85,8 @@ def gcs():
                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",      # no gRPC bucket-type probes
                "TENSORSTORE_GCS_HTTP_URL": endpoint,              # TensorStore (Orbax's arrays)
                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
-               "CLOUD_STORAGE_EMULATOR_ENDPOINT": endpoint}       # array_record's reader
+               "CLOUD_STORAGE_EMULATOR_ENDPOINT": endpoint,       # array_record's reader
+               "PHI_JAX_CACHE": str(tmp_path_factory.mktemp("phi_jax_cache"))}  # local copies
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         fake = FakeGCS(endpoint, BUCKET)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import fsspec
 import pytest
 
 from phi_jax import checkpoint, fileio
@@ -22,7 +21,7 @@ from train_helpers import ROOT, params_equal, save_tiny_hf
 
 
 def _fs():
-    return fsspec.filesystem("gs")
+    return fileio._fs("gs://")  # the client phi_jax uses (no cached listings: subprocesses write too)
 
 
 def _put_text(url: str, text: str) -> str:
@@ -122,10 +121,11 @@ def test_train_killed_mid_save_on_gcs_resumes_bit_exact_from_committed_steps(gcs
     assert committed and max(committed) <= KILL_AT
     # A step directory without its commit marker (a save killed earlier, whatever it holds) is
     # neither listed nor restored: copy a committed step to step 15, minus the marker.
-    src = f"{ckpts}/{max(committed)}"
+    src = f"{ckpts}/{max(committed)}".split("://", 1)[1]
+    dst = f"{ckpts}/15".split("://", 1)[1]
     for name in _fs().find(src):
         if not name.endswith("commit_success.txt"):
-            _fs().copy(name, name.replace(f"{src}/", f"{ckpts}/15/", 1))
+            _fs().copy(name, name.replace(f"{src}/", f"{dst}/", 1))
     manager = checkpoint.make_manager(workdir, read_only=True)
     assert 15 not in manager.all_steps() and set(manager.all_steps()) <= committed | {KILL_AT}
 

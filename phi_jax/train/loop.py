@@ -286,9 +286,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 if due and metrics["nonfinite_streak"] > 0 and done != tc.steps:
                     log.warning("step %d: not checkpointing during a run of skipped steps", done)
                 elif due and save(done, force=True):
+                    writer.sync()  # a bucket workdir's metrics, up to this checkpoint
                     _faults.after_save_started(done)
                     last_saved = done
-                    writer.sync()
                 if held.enabled and (done % eval_every == 0 or done == tc.steps or stopping):
                     evaluate(done)
                 if stopping:
