@@ -69,6 +69,20 @@ def test_paths_globs_atomic_writes_and_local_copies(gcs, tmp_path, monkeypatch):
     assert not fileio.as_path(f"{root}/hf2").exists()
 
 
+def test_gguf_and_tokenizer_files_in_a_bucket(gcs, tmp_path):
+    from gguf_fixtures import write_gguf
+
+    from phi_jax.inference.loader import source_kind
+    from phi_jax.tokenizer import Tokenizer
+
+    path = write_gguf(tmp_path / "t.gguf", "llama", {}, {}, vocab_size=256)
+    root = gcs.url("gguf")
+    fileio.upload_file(path, f"{root}/t.gguf")
+    assert source_kind(f"{root}/t.gguf") == "gguf" and source_kind(root) == "gguf"
+    text = "def f(x):\n    return 12345"
+    assert Tokenizer.from_pretrained(f"{root}/t.gguf").encode(text) == Tokenizer.from_pretrained(path).encode(text)
+
+
 # --------------------------------------------------------------------------------- training
 STEPS, EVERY, KILL_AT = 20, 5, 10
 
