@@ -69,6 +69,24 @@ def test_paths_globs_atomic_writes_and_local_copies(gcs, tmp_path, monkeypatch):
     assert not fileio.as_path(f"{root}/hf2").exists()
 
 
+def test_gs_goes_through_gcsfs_even_when_tensorflow_is_importable(monkeypatch):
+    """epath picks TensorFlow's gfile whenever tensorflow is importable; `import phi_jax` sets
+    EPATH_USE_TF=false so phi_jax and Orbax share one client (gcsfs) either way."""
+    import importlib.util
+
+    from etils.epath import backend, gpath
+
+    assert os.environ["EPATH_USE_TF"] == "false"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tensorflow" else real(name, *a))
+    gpath._is_tf_installed.cache_clear()
+    try:
+        assert fileio.as_path("gs://bucket/x")._backend is backend.fsspec_backend
+    finally:
+        gpath._is_tf_installed.cache_clear()
+
+
 def test_gguf_and_tokenizer_files_in_a_bucket(gcs, tmp_path):
     from gguf_fixtures import write_gguf
 
