@@ -306,8 +306,10 @@ def glob(pattern: str) -> list[str]:
     body = pattern.split("://", 1)[1]
     # The static prefix (up to the first wildcard's directory) is listed once, recursively.
     static = body.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0].rsplit("/", 1)[0]
+    # Without `**` only as many levels as the pattern has are listed, not the whole bucket.
+    depth = None if "**" in body else body[len(static):].strip("/").count("/") + 1
     try:
-        listed = fs.find(static) if "/" in body else []
+        listed = fs.find(static, maxdepth=depth) if "/" in body else []
     except FileNotFoundError:
         listed = []
     regex = _glob_regex(body)

@@ -37,6 +37,7 @@ def test_paths_globs_atomic_writes_and_local_copies(gcs, tmp_path, monkeypatch):
     _put_text(f"{root}/a/b/z.txt", "3\n")
     assert fileio.glob(f"{root}/**/*.jsonl") == [f"{root}/a/b/y.jsonl", f"{root}/a/x.jsonl"]
     assert fileio.glob(f"{root}/a/*.jsonl") == [f"{root}/a/x.jsonl"]
+    assert fileio.glob(f"{root}/*/b/*.txt") == [f"{root}/a/b/z.txt"]
     assert fileio.as_path(f"{root}/a").is_dir() and fileio.size(f"{root}/a/x.jsonl") == 2
     assert fileio.as_path(f"{root}/a/x.jsonl").read_text() == "1\n"
 
@@ -62,6 +63,9 @@ def test_paths_globs_atomic_writes_and_local_copies(gcs, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="already exists"):
         with fileio.staged_directory(f"{root}/hf"):
             pass
+    with fileio.staged_directory(f"{root}/hf", overwrite=True) as tmp:  # replaced whole
+        (tmp / "config.json").write_text('{"new": 1}')
+    assert [p.name for p in fileio.as_path(f"{root}/hf").iterdir()] == ["config.json"]
     with pytest.raises(RuntimeError):  # a failure while filling it publishes nothing
         with fileio.staged_directory(f"{root}/hf2") as tmp:
             (tmp / "config.json").write_text("{}")
