@@ -8,8 +8,9 @@ One step directory holds everything a resume needs, saved together:
   meta         corpus hash, versions, ModelConfig     (JsonSave)
 Orbax writes each step into a temporary directory and renames it when complete (on a bucket,
 which has no rename: into the step's directory, then `commit_success.txt` last, and a step without
-it is neither listed nor restored), so a kill mid-save leaves only finished steps visible. A checkpoint that still fails to restore (disk corruption, a
-deleted file) is reported with its step and path, and the previous one is used.
+it is neither listed nor restored), so a kill mid-save leaves only finished steps visible. A
+checkpoint that still fails to restore (disk corruption, a deleted file) is reported with its step
+and path, and the previous one is used.
 
 Inference needs only `params` and `meta`, so `load_params_for_inference` restores just those.
 """

@@ -3,11 +3,12 @@
 One path abstraction: `as_path(p)` is a `pathlib.Path` for a local path and an `etils.epath.Path`
 for a URL (`gs://`, `s3://`, `az://`), so code that joins, lists, reads and writes paths runs
 unchanged on either. gs:// goes through gcsfs (fsspec), the same client Orbax's directory handling
-uses: `EPATH_USE_TF=false` is set by `import phi_jax` (before Orbax imports etils; unless the user set it) because epath otherwise switches
-to TensorFlow's gfile whenever tensorflow is importable (tensorflow-datasets can pull it in), and
-then phi_jax and Orbax would talk to the bucket through two clients with different credentials,
-retries and emulator support. Credentials are Google's usual ones (Application Default
-Credentials); nothing here is phi_jax-specific.
+uses: `import phi_jax` sets `EPATH_USE_TF=false` (unless the user set it), because epath otherwise
+switches to TensorFlow's gfile whenever tensorflow is importable (tensorflow-datasets can pull it
+in), and then phi_jax and Orbax would talk to the bucket through two clients with different
+credentials, retries and emulator support. Credentials are Google's usual ones (Application
+Default Credentials); nothing here is phi_jax-specific. Directory listings are never cached
+(`_configure_clients`): other processes write the same bucket.
 
 Every command that writes an output goes through these, so the same guarantees hold everywhere:
   * `atomic_write_text` / `atomic_write_json`: a reader sees the old file or the new one, never

@@ -9,7 +9,7 @@ place; an existing non-empty DST is refused unless --overwrite, and then replace
 one is complete. SRC and DST may be in a bucket (gs://...): an HF directory is uploaded with its
 config.json last (a loader takes it for an HF checkpoint only once that exists), a workdir is
 written by Orbax straight to the bucket, where a step counts only once its commit_success.txt is
-there (see `phi_jax.fileio`).
+there (see `phi_jax.fileio`). A bucket has no rename, so there --overwrite removes the old DST first.
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ def copy_tokenizer_files(src, dst: Path) -> None:
 
 def run(args) -> int:
     import phi_jax
-    from phi_jax import checkpoint
+    from phi_jax import checkpoint, fileio
     from phi_jax.errors import InputError
-    from phi_jax import fileio
     from phi_jax.fileio import staged_directory
     from phi_jax.inference.loader import load, resolve, source_kind
 

@@ -37,9 +37,10 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     for pattern in paths:
         if fileio.is_remote(pattern):
             fileio.check_bucket(pattern)
-            magic = fileio.has_magic(pattern)
-            matches = fileio.glob(pattern) if magic else [pattern]
-            matches = matches if magic else [m for m in matches if fileio.as_path(m).is_file()]
+            if fileio.has_magic(pattern):
+                matches = fileio.glob(pattern)  # objects only
+            else:
+                matches = [pattern] if fileio.as_path(pattern).is_file() else []
             is_dir = not matches and fileio.as_path(pattern).is_dir()
         else:
             pattern = os.path.expanduser(pattern)
