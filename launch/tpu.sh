@@ -4,8 +4,8 @@
 # Multi-host start-up is JAX's own: PHI_JAX_DISTRIBUTED=1 makes phi-jax call
 # jax.distributed.initialize(), which finds the other workers from the TPU metadata.
 #
-#   launch/tpu.sh --name phi2 --zone us-west4-a --type v5litepod-16 run -- \
-#       train --config=configs/phi-2.py --workdir=/mnt/runs/phi-2
+#   launch/tpu.sh --name phi2 --zone us-west4-a --type v5litepod-16 --bucket gs://my-bucket run -- \
+#       train --config=configs/phi-2.py                  # workdir: gs://my-bucket/runs/phi2
 #   launch/tpu.sh --name phi2 --zone us-west4-a logs      # re-attach to the log
 #   launch/tpu.sh --name phi2 --zone us-west4-a stop      # kill the run on every worker
 #   launch/tpu.sh --name phi2 --zone us-west4-a delete    # delete the TPU (and queued resource)
@@ -21,12 +21,18 @@
 #   --queued             create through a queued resource (waits until it is ACTIVE)
 #   --spot               spot capacity
 #   --delete-after       delete the TPU when the log stream ends (the run finished, or Ctrl-C)
+#   --bucket URL         gs://BUCKET[/PREFIX] (default: $PHI_JAX_BUCKET); a `train` command
+#                        without --workdir gets --workdir=URL/runs/NAME
+#   --max-restarts N     when the log stream ends because the TPU was preempted (spot, or a
+#                        reclaimed queued resource), recreate it, reinstall and rerun the same
+#                        command, up to N times: `train` resumes from the bucket's last checkpoint
 #   --dry-run            print the exact commands, run nothing
-# The workdir must be on storage every worker sees (a Filestore/NFS mount), since all workers
+# The workdir must be storage every worker, and a recreated VM, sees: a gs:// bucket (the
+# default; the VM's service account needs read/write on it) or a Filestore/NFS mount. All workers
 # write their shards of each checkpoint.
 set -euo pipefail
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 name=""
 zone=""
@@ -37,6 +43,8 @@ queued=0
 spot=0
 delete_after=0
 dry_run=0
+bucket="${PHI_JAX_BUCKET:-}"
+max_restarts=0
 action=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -48,6 +56,8 @@ while [[ $# -gt 0 ]]; do
     --queued) queued=1; shift ;;
     --spot) spot=1; shift ;;
     --delete-after) delete_after=1; shift ;;
+    --bucket) bucket="$2"; shift 2 ;;
+    --max-restarts) max_restarts="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage 0 ;;
     run|create|install|start|logs|stop|delete) action="$1"; shift ;;
@@ -57,6 +67,19 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$action" ]] || { echo "tpu.sh: give an action (run, create, install, start, logs, stop, delete)" >&2; exit 2; }
 [[ -n "$name" && -n "$zone" ]] || { echo "tpu.sh: --name and --zone are required" >&2; exit 2; }
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || { echo "tpu.sh: --max-restarts must be a number >= 0" >&2; exit 2; }
+if [[ -n "$bucket" && "$bucket" != gs://* ]]; then
+  echo "tpu.sh: --bucket must be a gs:// URL (gs://BUCKET or gs://BUCKET/PREFIX)" >&2; exit 2
+fi
+# `train` without --workdir: the bucket's runs/NAME, so a recreated VM finds the checkpoints.
+if [[ "${1:-}" == train ]]; then
+  has_workdir=0
+  for arg in "$@"; do [[ "$arg" == --workdir* ]] && has_workdir=1; done
+  if [[ "$has_workdir" == 0 ]]; then
+    [[ -n "$bucket" ]] || { echo "tpu.sh: give --bucket gs://BUCKET (or \$PHI_JAX_BUCKET) for the run's workdir, or --workdir=... after --" >&2; exit 2; }
+    set -- "$@" "--workdir=${bucket%/}/runs/$name"
+  fi
+fi
 if [[ -z "$version" ]]; then
   if [[ "$type" == v5litepod* ]]; then version="v2-alpha-tpuv5-lite"; else version="v2-alpha-tpuv5"; fi
 fi
@@ -132,7 +155,7 @@ do_install() {
   fi
   run_cmd gcloud compute tpus tpu-vm scp "$tarball" "$name:phi_jax_src.tar.gz" "${common[@]}" --worker=all
   on_workers all "mkdir -p $remote_dir && tar -xzf phi_jax_src.tar.gz -C $remote_dir && \
-python3 -m pip install -q -U 'jax[tpu]' -e $remote_dir"
+python3 -m pip install -q -U 'jax[tpu]' -e '${remote_dir}[gcs]'"
 }
 
 do_start() {
@@ -150,6 +173,18 @@ do_logs() { on_workers 0 "tail -n +1 -F --pid=\$(cat $pidfile) $log"; }
 
 # SIGTERM: the trainer checkpoints at the next step boundary and exits.
 do_stop() { on_workers all "kill -TERM \$(cat $pidfile) 2>/dev/null || true"; }
+
+# Whether the TPU was taken back (spot preemption, or a queued resource reclaimed).
+preempted() {
+  local state
+  if [[ "$dry_run" == 1 ]]; then
+    echo "# after the log stream ends, restart only if this says PREEMPTED:"
+    run_cmd gcloud compute tpus tpu-vm describe "$name" "${common[@]}" --format='value(state)'
+    return 1
+  fi
+  state=$(gcloud compute tpus tpu-vm describe "$name" "${common[@]}" --format='value(state)' 2>/dev/null || echo GONE)
+  [[ "$state" == PREEMPTED || "$state" == TERMINATED || "$state" == GONE ]]
+}
 
 do_delete() {
   if [[ "$queued" == 1 ]]; then
@@ -175,6 +210,16 @@ case "$action" in
       trap do_delete EXIT
     fi
     do_logs || true
+    restarts=0
+    while (( restarts < max_restarts )) && preempted; do
+      restarts=$((restarts + 1))
+      echo "tpu.sh: $name was preempted; recreating it and resuming (restart $restarts of $max_restarts)" >&2
+      do_delete || true
+      do_create
+      do_install
+      do_start "$@"
+      do_logs || true
+    done
     if [[ "$delete_after" == 1 && "$dry_run" == 1 ]]; then do_delete; fi
     ;;
 esac

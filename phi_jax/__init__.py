@@ -18,6 +18,10 @@ from typing import Any
 
 from phi_jax import _lazy
 
+# gs:// goes through gcsfs even when tensorflow is importable (phi_jax.fileio says why); set before
+# anything imports etils, which reads it once.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -6,9 +6,11 @@ One step directory holds everything a resume needs, saved together:
   data         the Grain iterator's position          (grain.checkpoint.CheckpointSave)
   config       the run's full ConfigDict as JSON      (JsonSave)
   meta         corpus hash, versions, ModelConfig     (JsonSave)
-Orbax writes each step into a temporary directory and renames it when complete, so a kill mid-save
-leaves only finished steps visible. A checkpoint that still fails to restore (disk corruption, a
-deleted file) is reported with its step and path, and the previous one is used.
+Orbax writes each step into a temporary directory and renames it when complete (on a bucket,
+which has no rename: into the step's directory, then `commit_success.txt` last, and a step without
+it is neither listed nor restored), so a kill mid-save leaves only finished steps visible. A
+checkpoint that still fails to restore (disk corruption, a deleted file) is reported with its step
+and path, and the previous one is used.
 
 Inference needs only `params` and `meta`, so `load_params_for_inference` restores just those.
 """
@@ -23,6 +25,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from phi_jax import fileio
 from phi_jax.config import ModelConfig
 from phi_jax.errors import MissingFileError, RunError
 
@@ -44,7 +47,8 @@ def _grain_handler():
 
 def make_manager(workdir: str | os.PathLike, *, max_to_keep: int | None = 3,
                  async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
-    directory = Path(workdir).absolute() / CHECKPOINT_DIR
+    root = fileio.as_path(workdir)
+    directory = (root.absolute() if isinstance(root, Path) else root) / CHECKPOINT_DIR
     if read_only:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                                save_interval_steps=0, enable_async_checkpointing=False)
@@ -110,7 +114,7 @@ def restore_latest(manager: ocp.CheckpointManager, *, params_target, train_state
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-            path = Path(str(manager.directory)) / str(step)
+            path = fileio.as_path(str(manager.directory)) / str(step)
             log.error("checkpoint step %d at %s does not restore (%s: %s); trying the previous one",
                       step, path, type(e).__name__, e)
             errors.append((step, e))
@@ -132,13 +136,13 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
 
     Newer broken steps would otherwise block saving those step numbers again on the resumed run.
     """
-    root = Path(str(manager.directory))
+    root = fileio.as_path(str(manager.directory))
     if jax.process_index() == 0:
         aside = root.parent / f"{root.name}_broken"
         aside.mkdir(exist_ok=True)
         for step in steps:
             target = aside / f"{step}-{os.getpid()}"
-            os.replace(root / str(step), target)
+            fileio.move(root / str(step), target)
             log.error("moved unrestorable checkpoint step %d to %s", step, target)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -148,7 +152,7 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
 
 
 def _items_on_disk(manager: ocp.CheckpointManager, step: int) -> list[str]:
-    step_dir = Path(str(manager.directory)) / str(step)
+    step_dir = fileio.as_path(str(manager.directory)) / str(step)
     return [p.name for p in step_dir.iterdir() if p.is_dir()] if step_dir.exists() else []
 
 
@@ -156,7 +160,7 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict | None:
     """The JSON `meta` item of a step, read directly (cheap; no arrays touched), or None."""
     import json
 
-    file = Path(str(manager.directory)) / str(step) / "meta" / "metadata"
+    file = fileio.as_path(str(manager.directory)) / str(step) / "meta" / "metadata"
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError):
@@ -177,7 +181,8 @@ def load_params_for_inference(workdir: str | os.PathLike, *, step: int | None = 
     The optimizer state is not read, so this works on a machine with a fraction of the memory
     the run needed.
     """
-    if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
+    if not (fileio.as_path(workdir) / CHECKPOINT_DIR).is_dir():
+        fileio.check_bucket(workdir)
         raise MissingFileError(f"{workdir} is not a phi_jax workdir (no {CHECKPOINT_DIR}/ in it); "
                                "train first or convert an HF checkpoint with `phi-jax convert`")
     manager = make_manager(workdir, read_only=True, async_save=False)
@@ -187,7 +192,7 @@ def load_params_for_inference(workdir: str | os.PathLike, *, step: int | None = 
                                f"{sorted(available)}")
     steps = available if step is None else [step]
     if not steps:
-        raise CheckpointError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}; train first or "
+        raise CheckpointError(f"no checkpoint in {fileio.as_path(workdir) / CHECKPOINT_DIR}; train first or "
                               "convert an HF checkpoint with `phi-jax convert`")
     errors = []
     for s in steps:

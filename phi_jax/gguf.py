@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from phi_jax import gguf_file, hf
+from phi_jax import fileio, gguf_file, hf
 from phi_jax.config import ModelConfig, dtype_name
 from phi_jax.errors import InputError, MissingFileError
 from phi_jax.hf_config import FAMILY_SWITCHES
@@ -226,7 +226,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = "float32", scan_layers: b
       InputError / MissingFileError naming the file: missing, truncated, unsupported architecture
       or tensor type, missing metadata or tokenizer.
     """
-    path = Path(path)
+    path = fileio.local_copy(path)  # a file in a bucket (gs://...) is read from a local copy
     name = dtype_name(dtype)
     reader, md, tensors, config = _read(path, dtype=name, param_dtype=name, scan_layers=scan_layers)
     tokenizer = _tokenizer(path, md, tokenizer)
@@ -246,7 +246,7 @@ def convert_to_hf(src_gguf: str | os.PathLike, out_dir: str | os.PathLike, *, dt
     the dequantized float32 values exactly; "bfloat16" / "float16" halve the size. `tokenizer`: as
     for `load_gguf`.
     """
-    src, out = Path(src_gguf), Path(out_dir)
+    src, out = fileio.local_copy(src_gguf), Path(out_dir)
     if not out.is_dir() or any(out.iterdir()):
         raise InputError(f"convert_to_hf writes into an existing empty directory; {out} "
                          f"{'is not empty' if out.is_dir() else 'is not a directory'}: create a new one")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,6 +28,7 @@ from safetensors.numpy import save_file
 
 from phi_jax.config import ModelConfig, dtype_name
 from phi_jax.errors import ConfigError, InputError, MissingFileError
+from phi_jax.fileio import as_path, local_copy, staged_directory
 from phi_jax.hf_config import from_hf_config, to_hf_config
 
 SINGLE_FILE = "model.safetensors"
@@ -357,35 +356,16 @@ def write_hf_files(directory: str | os.PathLike, config: ModelConfig, tensors: d
 
 def write_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, np.ndarray],
                         *, max_shard_size: int = 5 * 2**30, torch_dtype: str | None = None,
-                        legacy_config: bool = False, extra_files: dict[str, str] | None = None) -> Path:
-    """Write config.json and safetensors shards atomically: into a temp dir, then renamed into place.
-
-    A crash mid-write leaves the previous checkpoint (if any) untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+                        legacy_config: bool = False, extra_files: dict[str, str] | None = None):
+    """Write config.json and safetensors shards whole (`fileio.staged_directory`: a temp dir renamed
+    into place; in a bucket, config.json uploaded last). A crash mid-write leaves the previous
+    checkpoint (if any) untouched locally, and never a directory that loads as a checkpoint."""
+    with staged_directory(path, overwrite=True) as tmp:
         write_hf_files(tmp, config, tensors, max_shard_size=max_shard_size, torch_dtype=torch_dtype,
                        legacy_config=legacy_config)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` is renamed aside first and removed only afterwards."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    return as_path(path)
 
 
 # ------------------------------------------------------------------------------- public API
@@ -394,6 +374,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, **config_override
     llama, mistral, qwen2, phi3); params and compute in `dtype`. `config_overrides` set
     ModelConfig fields config.json does not hold (attention_impl, scan_layers, ...)."""
     name = dtype_name(dtype)
+    path = local_copy(path)  # a bucket's checkpoint (gs://...) is read from a local copy
     config = from_hf_config(read_hf_config(path), source=str(Path(path) / "config.json"), dtype=name,
                             param_dtype=name, **config_overrides)
     variables = hf_to_params(read_hf_tensors(path), config, source=str(path))

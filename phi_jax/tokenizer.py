@@ -22,6 +22,7 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from phi_jax import fileio
 from phi_jax.errors import ConfigError, InputError, MissingFileError
 
 _PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt")
@@ -166,10 +167,14 @@ class Tokenizer(abc.ABC):
         In a directory tokenizer.json wins over tokenizer.model; tokenizer_config.json beside the file
         supplies the BOS/EOS/PAD strings and the chat template (a GGUF carries its own).
         """
+        fix = f"pass a directory with {_HF_FILE} or {_SP_FILE}, the file itself, or a .gguf file"
+        if fileio.is_remote(path):  # gs://...: the tokenizer files only, fetched to a local cache
+            if not fileio.as_path(path).exists():
+                raise fileio.missing(path, "tokenizer path", fix)
+            path = fileio.local_copy(path, only=(_HF_FILE, _CONFIG_FILE, "*.model"))
         path = pathlib.Path(path)
         if not path.exists():
-            raise MissingFileError(f"tokenizer path {str(path)!r} does not exist; pass a directory with "
-                                   f"{_HF_FILE} or {_SP_FILE}, the file itself, or a .gguf file")
+            raise MissingFileError(f"tokenizer path {str(path)!r} does not exist; {fix}")
         if path.is_dir():
             candidates = [path / _HF_FILE, path / _SP_FILE] + sorted(path.glob("*.model"))
             found = [p for p in candidates if p.is_file()]

@@ -12,3 +12,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from gcs_fixture import gcs  # noqa: E402,F401  (the session's fake GCS: `def test_x(gcs)`)

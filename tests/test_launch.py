@@ -153,6 +153,25 @@ def test_tpu_dry_run_queued_resource_and_delete():
     assert "kill -TERM" in _remote(_commands(out)[0])
 
 
+def test_tpu_train_workdir_defaults_to_the_bucket_and_preemption_restarts_resume_there():
+    out = _run("tpu.sh", "--dry-run", "--name", "phi2", "--zone", "z", "--type", "v5litepod-16",
+               "--bucket", "gs://my-bucket/team", "--spot", "--max-restarts", "3", "run", "--", "train",
+               "--config=configs/phi-2.py").stdout
+    gcloud = [c for c in _commands(out) if c[0] == "gcloud"]
+    start = next(c for c in gcloud if "phi_jax.cli" in " ".join(c))
+    remote = shlex.split(_remote(start))
+    assert "--workdir=gs://my-bucket/team/runs/phi2" in remote  # a recreated VM finds the checkpoints
+    assert "[gcs]" in _remote(next(c for c in gcloud if "pip install" in " ".join(c)))
+    assert gcloud[-1][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "describe"]  # preempted?
+    assert "--format=value(state)" in gcloud[-1]
+    result = _run("tpu.sh", "--dry-run", "--name", "n", "--zone", "z", "run", "--", "train",
+                  "--config=c.py", check=False, env={"PHI_JAX_BUCKET": ""})
+    assert result.returncode == 2 and "--bucket gs://BUCKET" in result.stderr
+    result = _run("tpu.sh", "--dry-run", "--name", "n", "--zone", "z", "--bucket", "/mnt/x", "logs",
+                  check=False)
+    assert result.returncode == 2 and "gs:// URL" in result.stderr
+
+
 def test_tpu_usage_errors():
     result = _run("tpu.sh", "--dry-run", "--zone", "z", "run", "--", "train", check=False)
     assert result.returncode == 2 and "--name and --zone" in result.stderr

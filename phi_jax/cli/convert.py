@@ -6,7 +6,10 @@
 
 The direction follows from SRC. DST is written whole into a temporary sibling and renamed into
 place; an existing non-empty DST is refused unless --overwrite, and then replaced only once the new
-one is complete.
+one is complete. SRC and DST may be in a bucket (gs://...): an HF directory is uploaded with its
+config.json last (a loader takes it for an HF checkpoint only once that exists), a workdir is
+written by Orbax straight to the bucket, where a step counts only once its commit_success.txt is
+there (see `phi_jax.fileio`). A bucket has no rename, so there --overwrite removes the old DST first.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
+def copy_tokenizer_files(src, dst: Path) -> None:
+    from phi_jax import fileio
+
+    if fileio.is_remote(src):
+        if not fileio.as_path(src).is_dir():
+            return
+        src = fileio.local_copy(src, only=_TOKENIZER_FILES)
     for name in _TOKENIZER_FILES:
         if (src / name).is_file():
             dst.mkdir(parents=True, exist_ok=True)
@@ -43,29 +52,33 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 def run(args) -> int:
     import phi_jax
-    from phi_jax import checkpoint
+    from phi_jax import checkpoint, fileio
     from phi_jax.errors import InputError
     from phi_jax.fileio import staged_directory
     from phi_jax.inference.loader import load, resolve, source_kind
 
-    src, dst = resolve(args.src), Path(args.dst)
+    src, dst = resolve(args.src), fileio.as_path(args.dst)
     if args.max_shard_size_gb <= 0:
         raise InputError(f"--max-shard-size-gb={args.max_shard_size_gb}: must be > 0")
     kind = source_kind(src)
-    if dst.resolve() == src.resolve():
+    if _same(src, dst):
         raise InputError(f"DST {dst} is SRC; choose a separate output directory")
     if kind == "hf":
         if args.step is not None:
             raise InputError("--step applies to a workdir SRC only")
         loaded = load(src, dtype=args.dtype or "float32", layout="training")
-        with staged_directory(dst, overwrite=args.overwrite) as out:
-            manager = checkpoint.make_manager(out, async_save=False)
-            checkpoint.save(manager, 0, params=loaded.variables["params"],
-                            meta={"model_config": loaded.model.config.to_dict(),
-                                  "converted_from": str(src.absolute())})
-            manager.wait_until_finished()
-            manager.close()
-            copy_tokenizer_files(src, out / "tokenizer")
+        meta = {"model_config": loaded.model.config.to_dict(),
+                "converted_from": str(src) if fileio.is_remote(src) else str(src.absolute())}
+        if fileio.is_remote(dst):  # Orbax commits the step on the bucket itself (commit_success.txt)
+            fileio.check_writable_output(dst, overwrite=args.overwrite)
+            fileio.rmtree(dst)
+            with staged_directory(dst / "tokenizer") as tok:
+                copy_tokenizer_files(src, tok)
+            _save_step0(dst, loaded.variables["params"], meta)
+        else:
+            with staged_directory(dst, overwrite=args.overwrite) as out:
+                _save_step0(out, loaded.variables["params"], meta)
+                copy_tokenizer_files(src, out / "tokenizer")
         print(f"converted HF checkpoint {src} -> phi_jax workdir {dst} (step 0)")
         return 0
     if kind == "workdir":
@@ -82,7 +95,24 @@ def run(args) -> int:
     from phi_jax import gguf
 
     with staged_directory(dst, overwrite=args.overwrite) as out:
-        gguf.convert_to_hf(src, out, dtype=args.dtype,
+        gguf.convert_to_hf(fileio.local_copy(src), out, dtype=args.dtype,
                            max_shard_size=int(args.max_shard_size_gb * 2**30))
     print(f"converted GGUF {src} -> HF checkpoint {dst}")
     return 0
+
+
+def _same(a, b) -> bool:
+    from phi_jax import fileio
+
+    if fileio.is_remote(a) or fileio.is_remote(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _save_step0(workdir, params, meta: dict) -> None:
+    from phi_jax import checkpoint
+
+    manager = checkpoint.make_manager(workdir, async_save=False)
+    checkpoint.save(manager, 0, params=params, meta=meta)
+    manager.wait_until_finished()
+    manager.close()

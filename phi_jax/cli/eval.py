@@ -86,14 +86,21 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Handler of `phi-jax eval ...`: load, evaluate, write results; returns the exit status."""
+    from phi_jax import fileio
     from phi_jax.errors import InputError
     from phi_jax.fileio import atomic_write_json
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size={args.batch_size}: must be >= 1")
-    out = pathlib.Path(args.output)
+    fileio.check_bucket(args.output, "--output")
+    out = fileio.as_path(args.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output={out} is a file; give a directory")
+    remote = out if fileio.is_remote(out) else None
+    if remote is not None:  # a bucket: results are written here first, then uploaded
+        import tempfile
+
+        out = pathlib.Path(tempfile.mkdtemp(prefix="phi_jax-eval-"))
     loaded = load_model(args)
     model, variables, tokenizer = loaded
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +120,9 @@ def run(args) -> int:
     result = {"task": task, "model": args.model, "metrics": metrics, "settings": settings,
               "seconds": round(time.time() - start, 2)}
     path = atomic_write_json(out / f"{task}_results.json", result)
+    if remote is not None:  # written locally, then uploaded with the results JSON last
+        fileio.upload_tree(out, remote, last=(path.name,))
+        path = remote / path.name
     print(json.dumps({"task": task, **{k: v for k, v in metrics.items()
                                        if isinstance(v, (int, float, str))}}))
     log.info("wrote %s", path)

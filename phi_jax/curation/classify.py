@@ -29,6 +29,7 @@ from phi_jax.curation.annotate import MAX_SCORE, MIN_SCORE
 from phi_jax.curation.stage import Counts, Stage
 from phi_jax.data import records
 from phi_jax.errors import InputError, MissingFileError, require
+from phi_jax import fileio
 from phi_jax.fileio import atomic_write_json, staged_directory
 
 HEADS = ("ridge", "logistic", "forest")
@@ -301,13 +302,13 @@ class ClassifierSpec:
 
 def load_classifier(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(classifier.json, parameters) of a train-classifier output."""
-    directory = Path(directory)
+    directory = fileio.as_path(directory)
     meta_path, npz_path = directory / CLASSIFIER_JSON, directory / CLASSIFIER_NPZ
     if not meta_path.is_file() or not npz_path.is_file():
         raise MissingFileError(f"--classifier={directory}: no {CLASSIFIER_JSON} and {CLASSIFIER_NPZ}; pass the "
                                "output directory of `phi-jax data train-classifier`")
     meta = json.loads(meta_path.read_text())
-    with np.load(npz_path, allow_pickle=False) as data:
+    with np.load(fileio.local_copy(npz_path), allow_pickle=False) as data:
         params = {k: data[k] for k in data.files}
     return meta, params
 

@@ -196,9 +196,9 @@ class _DedupStep:
         self._row = 0
 
     def begin_shard(self, shard: InputShard, output: Path) -> None:
-        from phi_jax.curation.stage import WORK
+        from phi_jax.curation.stage import work_dir
 
-        self._drop, self._row = index.load_decisions(Path(output) / WORK / "dedup", shard), 0
+        self._drop, self._row = index.load_decisions(work_dir(output) / "dedup", shard), 0
 
     def __call__(self, records: list[dict], counts: Counts) -> list[dict]:
         kept = []

@@ -33,6 +33,7 @@ import numpy as np
 from phi_jax.curation import minhash, shingles
 from phi_jax.data.records import InputShard, batched
 from phi_jax.errors import RunError
+from phi_jax import fileio
 from phi_jax.fileio import atomic_write_bytes, atomic_write_json
 
 RANGE_ENTRIES = 1 << 21  # bucket entries sorted at once in pass 2 (~80 MB with the sort's copies)
@@ -252,7 +253,7 @@ def cluster(work: Path, shards: Sequence[InputShard], output: Path, clusters_nam
         buffer = io.BytesIO()
         np.savez(buffer, rows=removed[a:b] - starts[i], kept=kept[a:b], exact=exact[a:b])
         atomic_write_bytes(decisions_path(work, shard), buffer.getvalue())
-    clusters = _write_clusters(Path(output) / clusters_name, removed, kept, exact, jaccard, rows)
+    clusters = _write_clusters(fileio.as_path(output) / clusters_name, removed, kept, exact, jaccard, rows)
     counts = {"clusters": clusters, "documents_in_clusters": clusters + len(removed),
               "exact_duplicates": int(exact.sum()), "near_duplicates": int(len(removed) - exact.sum())}
     atomic_write_json(marker, counts)
@@ -276,7 +277,8 @@ def _write_clusters(path: Path, removed, kept, exact, jaccard, rows: _ShardRows)
     """clusters.jsonl, in order of the kept document, GATHER removed documents' ids at a time."""
     order = np.lexsort((removed, kept))
     removed, kept, exact, jaccard = removed[order], kept[order], exact[order], jaccard[order]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remote = fileio.is_remote(path)  # a bucket: written locally, published as one object upload
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=None if remote else path.parent)
     clusters, at = 0, 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -294,7 +296,11 @@ def _write_clusters(path: Path, removed, kept, exact, jaccard, rows: _ShardRows)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        if remote:
+            fileio.upload_file(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -46,6 +46,7 @@ from phi_jax.data.answers import checked_score, load_scorer
 from phi_jax.data.tasks import (DEV_FRACTION, GENERIC_SYSTEM_MESSAGE, HELDOUT_FRACTION, Task,
                                 check_fractions, read_tasks, task_from_json, task_split)
 from phi_jax.errors import InputError
+from phi_jax import fileio
 from phi_jax.fileio import atomic_write_json
 
 SELECT_MODES = ("map", "dev")
@@ -256,7 +257,7 @@ def run_instruct(tasks: str | Sequence[str], output: str | Path, *, teacher: Tea
     stage = instruct_stage(spec, selection, select, strategy_map)
     manifest = run_stage(stage, tasks, output, text_field="prompt", **run_options)
     if details is not None:
-        atomic_write_json(Path(output) / SELECTION_FILE, {"scorer": scorer, "types": selection,
+        atomic_write_json(fileio.as_path(output) / SELECTION_FILE, {"scorer": scorer, "types": selection,
                                                           "answers": details})
         manifest["strategy_selection"] = {"file": SELECTION_FILE, "dev_answers": len(details),
                                           **{f"teacher_{k}": v for k, v in sorted(usage.items())}}

@@ -18,7 +18,10 @@ a run killed at any point redoes exactly the shards without a marker.
 
 Whole-corpus stages (dedup) add `Stage.prepare`: a pass over all shards that `run_stage` runs
 before the per-shard one, keeping its intermediate files under `OUTPUT/.work/` (resumable in its
-own steps, removed once the output is complete).
+own steps, removed once the output is complete). An output in a bucket (gs://...) keeps the same
+files and the same order of publication (each is one object upload, whole or absent); only
+`.work/`, which whole-corpus passes need on a real disk, is then a local scratch directory
+(`work_dir`), so those passes resume only on the machine that started them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from phi_jax import fileio
 from phi_jax.data.records import InputShard, ShardWriter, batched, shard_filename
 from phi_jax.errors import RunError
 from phi_jax.fileio import atomic_write_bytes, atomic_write_json
@@ -118,15 +122,22 @@ class Prepare:
 
     @property
     def work(self) -> Path:
-        return Path(self.output) / WORK
+        return work_dir(self.output)
 
 
-def log_path(output: Path, shard: InputShard) -> Path:
-    return Path(output) / MARKERS / f"{shard.name}.log.jsonl"
+def work_dir(output) -> Path:
+    """OUTPUT/.work; for an output in a bucket, a local scratch directory keyed by its URL."""
+    if fileio.is_remote(output):
+        return fileio.scratch_dir(output) / WORK
+    return Path(output) / WORK
 
 
-def marker_path(output: Path, shard: InputShard) -> Path:
-    return Path(output) / MARKERS / f"{shard.name}.json"
+def log_path(output, shard: InputShard):
+    return fileio.as_path(output) / MARKERS / f"{shard.name}.log.jsonl"
+
+
+def marker_path(output, shard: InputShard):
+    return fileio.as_path(output) / MARKERS / f"{shard.name}.json"
 
 
 def finished(output: Path, shard: InputShard, fmt: str) -> dict | None:
@@ -134,8 +145,8 @@ def finished(output: Path, shard: InputShard, fmt: str) -> dict | None:
     path = marker_path(output, shard)
     try:
         marker = json.loads(path.read_text())
-        out = Path(output) / shard_filename(shard.name, fmt)
-        if out.stat().st_size == marker["output"]["bytes"]:
+        out = fileio.as_path(output) / shard_filename(shard.name, fmt)
+        if fileio.size(out) == marker["output"]["bytes"]:
             return marker
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -149,8 +160,8 @@ def process_shard(step: Step, stage: Stage, shard: InputShard, output: Path, fmt
     counts = Counts()
     begin = getattr(step, "begin_shard", None)
     if begin is not None:
-        begin(shard, Path(output))
-    writer = ShardWriter(Path(output) / shard_filename(shard.name, fmt), fmt)
+        begin(shard, output)
+    writer = ShardWriter(fileio.as_path(output) / shard_filename(shard.name, fmt), fmt)
     records_in = 0
     try:
         for batch in batched(shard.read(), stage.batch_size):
@@ -188,7 +199,7 @@ def close_step(step: Step) -> None:
 
 def record_shard_error(output: Path, shard: InputShard, error: Exception) -> None:
     """Leave a user-facing error where the driver finds it (runners whose workers are elsewhere)."""
-    atomic_write_json(Path(output) / MARKERS / f"{shard.name}.error.json",
+    atomic_write_json(fileio.as_path(output) / MARKERS / f"{shard.name}.error.json",
                       {"type": type(error).__name__, "message": str(error)})
 
 
@@ -197,7 +208,7 @@ def shard_error(output: Path, shards) -> Exception | None:
     from phi_jax import errors
 
     for shard in shards:
-        path = Path(output) / MARKERS / f"{shard.name}.error.json"
+        path = fileio.as_path(output) / MARKERS / f"{shard.name}.error.json"
         try:
             found = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from phi_jax.curation.stage import Counts, Stage
 from phi_jax.curation.teacher import Prompt, TeacherClient, TeacherConfig, default_cache_path
 from phi_jax.data import records
 from phi_jax.errors import InputError, RunError
+from phi_jax import fileio
 from phi_jax.fileio import atomic_write_json, atomic_write_text
 
 GENERATED, GATED, TRAIN, REPORT_JSON, REPORT_PNG = "generated", "data", "train.jsonl", "report.json", "report.png"
@@ -171,7 +171,8 @@ def run_synthesis(plan, teacher: TeacherConfig, output: str | Path, *, cache: st
     from phi_jax.curation.runners import run_stage
     from phi_jax.sandbox import default_backend
 
-    output = Path(output)
+    fileio.check_bucket(output, "--output")
+    output = fileio.as_path(output)  # local, or a bucket (gs://...)
     if output.exists() and not output.is_dir():
         raise InputError(f"--output={output} is a file; give a directory")
     ours = (GENERATED, GATED, TRAIN, REPORT_JSON, REPORT_PNG)
@@ -193,7 +194,7 @@ def run_synthesis(plan, teacher: TeacherConfig, output: str | Path, *, cache: st
                           shard_size=max(shard_size, 1000), overwrite=True, **{**run, "progress": False})
         kept = list(records.iter_output(output / GATED))
     else:  # nothing to gate (every answer was dropped): no data/ at all, rather than a stale one
-        shutil.rmtree(output / GATED, ignore_errors=True)
+        fileio.rmtree(output / GATED)
         gated, kept = {"counts": {"records_in": 0, "records_out": 0, "dropped": {}, "stage": {}}}, []
     if plan.kind == "exercises":
         atomic_write_text(output / TRAIN, "".join(json.dumps(exercises.training_pair(r), ensure_ascii=False)
@@ -208,7 +209,14 @@ def run_synthesis(plan, teacher: TeacherConfig, output: str | Path, *, cache: st
                                         embedder=embedder, embedder_name=embedder_name, sandbox=sandbox)
     for path in [output / REPORT_JSON] + ([Path(report_copy)] if report_copy else []):
         atomic_write_json(path, report)
-        diversity.plot_report(report, path.with_suffix(".png"))
+        if fileio.is_remote(path):  # matplotlib writes local files: plot here, then upload
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                diversity.plot_report(report, Path(tmp) / "report.png")
+                fileio.upload_file(Path(tmp) / "report.png", path.with_suffix(".png"))
+        else:
+            diversity.plot_report(report, path.with_suffix(".png"))
     return SynthesisResult(generated, gated, report, output)
 
 

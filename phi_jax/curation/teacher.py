@@ -335,4 +335,10 @@ def template_sha256(text: str) -> str:
 
 
 def default_cache_path(output: str | os.PathLike) -> Path:
+    """OUTPUT/teacher_cache.sqlite; for an output in a bucket (SQLite needs a real disk) a local
+    scratch directory keyed by its URL, so a resume on this machine still pays nothing twice."""
+    from phi_jax import fileio
+
+    if fileio.is_remote(output):
+        return fileio.scratch_dir(output) / "teacher_cache.sqlite"
     return Path(output) / "teacher_cache.sqlite"

@@ -20,10 +20,8 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import sysconfig
 import time
-import uuid
 from typing import Any, Iterator
 
 from phi_jax.errors import InputError
@@ -130,7 +128,8 @@ def get_or_train_tokenizer(workdir: str | os.PathLike, vocab_size: int = 8192):
     the workdir depend on it.
     """
     from phi_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-    workdir = pathlib.Path(workdir)
+    from phi_jax import fileio  # pylint: disable=g-import-not-at-top
+    workdir = fileio.as_path(workdir)  # local, or a bucket (gs://...)
     target = workdir / "tokenizer"
     if not target.exists():
         workdir.mkdir(parents=True, exist_ok=True)
@@ -138,17 +137,16 @@ def get_or_train_tokenizer(workdir: str | os.PathLike, vocab_size: int = 8192):
         names = document_names()
         tok = tokenizer_lib.train_bpe(iter_documents(), vocab_size, length=len(names))
         seconds = time.perf_counter() - start
-        tmp = workdir / f".tokenizer.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tok.save(tmp)
         meta = {"vocab_size": vocab_size, "corpus": "default", "corpus_sha256": corpus_hash(),
                 "documents": len(names), "train_seconds": round(seconds, 2)}
-        (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         try:
-            os.rename(tmp, target)
+            with fileio.staged_directory(target) as tmp:
+                tok.save(tmp)
+                (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             _LOG.info("trained %d-token BPE on the default corpus in %.1f s -> %s", vocab_size, seconds,
                       target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # Another process won the race; use its tokenizer.
+        except (OSError, InputError):
+            pass  # Another process won the race; use its tokenizer.
     tok = tokenizer_lib.Tokenizer.from_pretrained(target)
     meta_file = target / _META_FILE
     cached = json.loads(meta_file.read_text()).get("vocab_size") if meta_file.is_file() else None

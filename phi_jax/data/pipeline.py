@@ -19,7 +19,6 @@ Everything is deterministic given the seed and the number of workers.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import grain
@@ -27,6 +26,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from phi_jax import fileio
 from phi_jax.data import corpus, packing, sources
 from phi_jax.data.documents import BadDataError, DataStats, DocumentTokenizer, RecordFormat
 from phi_jax.errors import ConfigError, InputError
@@ -107,7 +107,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict | dict[str, Any]) -> Non
     cfg = _resolve(cfg)
     if cfg.source in ("text", "jsonl", "arrayrecord"):
         files = sources.expand_paths(cfg.paths)
-        empty = [f for f in files if os.path.getsize(f) == 0]
+        empty = [f for f in files if fileio.size(f) == 0]
         if empty and cfg.bad_data == "error":
             raise BadDataError(f"{empty[0]}: empty file (no records); remove it, or set "
                                "data.bad_data='skip' to skip and count empty files")

@@ -16,6 +16,9 @@ Inputs are planned as `InputShard`s, fixed slices of the inputs, so a run can re
 Each input file is cut into slices of `shard_size` records (text files: `shard_size` files per
 shard), so one shard never spans two JSONL files and a shard's content never depends on others.
 
+Inputs and outputs may be in a bucket (gs://...; `phi_jax.fileio`): a shard is written to a local
+temporary file and published as one object upload, which the store shows whole or not at all.
+
 Every output directory has one `manifest.json` (see `new_manifest`): inputs with their hashes,
 the parameters that determine the output, counts in/out (and dropped, by reason), the shards
 written, versions and wall time, so every output says where it came from.
@@ -34,6 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from phi_jax import fileio
 from phi_jax.errors import InputError, MissingFileError
 from phi_jax.fileio import atomic_write_json
 
@@ -165,10 +169,10 @@ def _text_record(data: bytes, where: str, rid: str) -> dict:
 
 def _read_bytes(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with fileio.as_path(path).open("rb") as f:
             return f.read()
     except OSError as e:
-        raise MissingFileError(f"{path}: cannot read ({e.strerror}); check the --input path") from None
+        raise MissingFileError(f"{path}: cannot read ({e.strerror or e}); check the --input path") from None
 
 
 def _open_source(kind: str, path: str):
@@ -195,7 +199,7 @@ def _expand(spec: str) -> list[tuple[str, str]]:
 
     if spec == "default":
         return [("default", "")]
-    if os.path.isdir(spec):
+    if fileio.as_path(spec).is_dir():
         manifest = read_manifest(spec)
         if manifest is None:
             raise InputError(f"--input={spec} is a directory without {MANIFEST}; give files or a glob "
@@ -203,7 +207,7 @@ def _expand(spec: str) -> list[tuple[str, str]]:
         if manifest.get("status") != "complete":
             raise InputError(f"--input={spec}: that stage's run has not finished (status "
                              f"{manifest.get('status')!r}); rerun its command to complete it first")
-        return [(_format_of(o["path"]), str(Path(spec) / o["path"])) for o in manifest["outputs"]]
+        return [(_format_of(o["path"]), str(fileio.as_path(spec) / o["path"])) for o in manifest["outputs"]]
     try:
         files = sources.expand_paths([spec])
     except FileNotFoundError as e:
@@ -262,7 +266,7 @@ def _first_records(shards: list[InputShard], count: int) -> list[InputShard]:
 
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fileio.as_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -279,7 +283,7 @@ def input_fingerprints(shards: Sequence[InputShard]) -> list[dict[str, Any]]:
                                "python": platform.python_version()}
         for path in shard.paths:
             if path not in seen:
-                seen[path] = {"path": path, "sha256": file_sha256(path), "bytes": os.path.getsize(path)}
+                seen[path] = {"path": path, "sha256": file_sha256(path), "bytes": fileio.size(path)}
     return list(seen.values())
 
 
@@ -299,14 +303,18 @@ class ShardWriter:
     """Writes one output shard to a temporary sibling; `commit()` fsyncs and renames it into place.
 
     Until the rename nothing is visible under the final name, so a killed run leaves either a
-    complete shard or none (the temporary file is removed on the next run). The sha256 of the
-    bytes written is kept for the manifest.
+    complete shard or none (the temporary file is removed on the next run). In a bucket the
+    temporary file is local and `commit()` uploads it as one object. The sha256 of the bytes
+    written is kept for the manifest.
     """
 
     def __init__(self, path: str | os.PathLike, fmt: str):
-        self.path, self.fmt = Path(path), output_format(fmt)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
+        self.path, self.fmt = fileio.as_path(path), output_format(fmt)
+        self._remote = not isinstance(self.path, Path)
+        if not self._remote:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-",
+                                         dir=None if self._remote else self.path.parent)
         os.chmod(self._tmp, 0o644)  # mkstemp's 0600 would hide shared data from other users
         self._digest, self.records = hashlib.sha256(), 0
         if fmt == "jsonl":
@@ -332,9 +340,14 @@ class ShardWriter:
         if self.fmt != "jsonl":
             with open(self._tmp, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(self._tmp, self.path)
+        size = os.path.getsize(self._tmp)
+        if self._remote:
+            fileio.upload_file(self._tmp, self.path)
+            os.unlink(self._tmp)
+        else:
+            os.replace(self._tmp, self.path)
         return {"path": self.path.name, "records": self.records, "sha256": self._digest.hexdigest(),
-                "bytes": self.path.stat().st_size}
+                "bytes": size}
 
     def abort(self) -> None:
         try:
@@ -391,7 +404,7 @@ def new_manifest(stage: str, parameters: dict, inputs: list[dict], *, settings: 
 
 
 def read_manifest(directory: str | os.PathLike) -> dict | None:
-    path = Path(directory) / MANIFEST
+    path = fileio.as_path(directory) / MANIFEST
     if not path.is_file():
         return None
     try:
@@ -405,7 +418,7 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
-    return atomic_write_json(Path(directory) / MANIFEST, manifest)
+    return atomic_write_json(fileio.as_path(directory) / MANIFEST, manifest)
 
 
 def parameter_differences(old: dict, new: dict) -> list[str]:

@@ -3,7 +3,9 @@
 Every source yields raw records `{"origin": str, "data": bytes | str | dict}`; nothing is decoded or
 parsed here, so that bad bytes surface in `documents.py` with the record's origin ("file:line") and
 are handled by the one bad-data policy. Sources are plain picklable objects (Grain sends them to
-worker processes) and open their files lazily in whichever process reads.
+worker processes) and open their files lazily in whichever process reads. Paths may be URLs
+(gs://...): ArrayRecord files are read from the bucket directly; a JSONL file is fetched once into
+the local cache (`phi_jax.fileio.local_copy`) and indexed there; its records keep the URL as origin.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from phi_jax import fileio
 from phi_jax.errors import ConfigError, MissingFileError
 
 
@@ -32,11 +35,20 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
                          "(comma-separated files or globs)")
     files: list[str] = []
     for pattern in paths:
-        pattern = os.path.expanduser(pattern)
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if os.path.isfile(m)]
+        if fileio.is_remote(pattern):
+            fileio.check_bucket(pattern)
+            if fileio.has_magic(pattern):
+                matches = fileio.glob(pattern)  # objects only
+            else:
+                matches = [pattern] if fileio.as_path(pattern).is_file() else []
+            is_dir = not matches and fileio.as_path(pattern).is_dir()
+        else:
+            pattern = os.path.expanduser(pattern)
+            matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+            matches = [m for m in matches if os.path.isfile(m)]
+            is_dir = os.path.isdir(pattern)
         if not matches:
-            hint = " (it is a directory: use a glob such as dir/**/*.txt)" if os.path.isdir(pattern) else ""
+            hint = " (it is a directory: use a glob such as dir/**/*.txt)" if is_dir else ""
             raise MissingFileError(f"data path {pattern!r} matches no file{hint}")
         files.extend(matches)
     return list(dict.fromkeys(files))
@@ -111,7 +123,7 @@ class TextFileSource:
         return 1
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        with open(self._path, "rb") as f:
+        with fileio.as_path(self._path).open("rb") as f:
             return {"origin": self._path, "data": f.read()}
 
 
@@ -124,7 +136,8 @@ class JsonlFileSource:
 
     def __init__(self, path: str):
         self._path = path
-        self._starts, self._ends, self._line_numbers = _line_spans(path)
+        self._local = str(fileio.local_copy(path))  # the file itself when local
+        self._starts, self._ends, self._line_numbers = _line_spans(self._local)
         self._fd = None
         self._fd_pid = None
 
@@ -138,7 +151,7 @@ class JsonlFileSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self._fd is None or self._fd_pid != os.getpid():
-            self._fd, self._fd_pid = os.open(self._path, os.O_RDONLY), os.getpid()
+            self._fd, self._fd_pid = os.open(self._local, os.O_RDONLY), os.getpid()
         start, end = int(self._starts[index]), int(self._ends[index])
         data = os.pread(self._fd, end - start, start)
         return {"origin": f"{self._path}:{int(self._line_numbers[index])}", "data": data}

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from phi_jax import fileio
 from phi_jax.errors import InputError, MissingFileError
 from phi_jax.inference import scoring
 
@@ -24,9 +25,9 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     """Examples from a JSONL file, validated; errors name the line and the fix."""
     examples = []
     try:
-        f = open(path, encoding="utf-8")
+        f = fileio.as_path(path).open("r", encoding="utf-8")  # local or gs://
     except OSError as e:
-        raise MissingFileError(f"{path}: cannot read the choice data ({e.strerror})") from None
+        raise MissingFileError(f"{path}: cannot read the choice data ({e.strerror or e})") from None
     with f:
         for n, line in enumerate(f, start=1):
             if not line.strip():

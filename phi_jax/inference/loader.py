@@ -6,7 +6,9 @@ Sources, told apart by what is on disk:
     optimizer state is never read, so inference needs a fraction of training's memory);
   * a GGUF file (llama.cpp's format; weights dequantized, tokenizer and chat template rebuilt).
 Every command that needs a model (`sample`, `serve`, `eval`, `convert`, `data`, `finetune`) goes
-through `load`, and so does library code that wants "a model from a path".
+through `load`, and so does library code that wants "a model from a path". Any of them may be in
+a bucket (gs://...): a workdir's checkpoint is restored from it directly (Orbax, TensorStore); an HF
+directory or GGUF file is fetched once into the local cache (`phi_jax.fileio.local_copy`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from phi_jax import fileio
 from phi_jax.errors import InputError, MissingFileError, PhiJaxError
 
 log = logging.getLogger(__name__)
@@ -26,13 +29,14 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 ALIASES = ("smollm2", "smollm2-135m-instruct")
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A model path as given, or the installed file an alias names (`--model=smollm2`)."""
+def resolve(path: str | os.PathLike):
+    """A model path as given (a `Path`, or an `epath.Path` for gs://...), or the installed file an
+    alias names (`--model=smollm2`)."""
     if str(path).lower() in ALIASES and not Path(path).exists():
         from phi_jax import gguf
 
         return gguf.find_smollm2()
-    return Path(path)
+    return fileio.as_path(path)
 
 
 @dataclasses.dataclass
@@ -62,8 +66,8 @@ def source_kind(path: str | os.PathLike) -> str:
     """"hf", "workdir" or "gguf" for a model path; a one-line error for anything else."""
     p = resolve(path)
     if not p.exists():
-        raise MissingFileError(f"model path {str(p)!r} does not exist; pass --model=PATH: an HF "
-                               "checkpoint directory, a phi_jax training workdir or a .gguf file")
+        raise fileio.missing(p, "model path", "pass --model=PATH: an HF checkpoint directory, a "
+                                              "phi_jax training workdir or a .gguf file")
     if p.is_file():
         if p.suffix.lower() == ".gguf":
             return "gguf"
@@ -127,6 +131,8 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
     path = resolve(path)
     unstacked = layout == "inference" and decode_prefers_unstacked()
     meta: dict[str, Any] = {"source": kind, "path": str(path)}
+    if kind != "workdir":  # a bucket's HF directory or GGUF file: read from a local copy
+        path = fileio.local_copy(path)
     if kind == "hf":
         from phi_jax import hf
 
@@ -156,7 +162,7 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
         file = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))))
         config, variables, found, info = gguf.load_gguf(file, dtype=dtype, scan_layers=not unstacked,
                                                         tokenizer=tokenizer)
-        meta.update(info, path=str(file))
+        meta.update(info, path=meta["path"] if fileio.is_remote(meta["path"]) else str(file))
         model = Phi(config)
     if step is not None and kind != "workdir":
         raise InputError(f"--step={step} applies to phi_jax workdirs only; {path} is an {kind} source")
@@ -171,7 +177,8 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
 def require_tokenizer(loaded: Loaded, path: str | os.PathLike):
     """The loaded tokenizer, or a one-line error saying where one should be."""
     if loaded.tokenizer is None:
-        where = Path(path) / "tokenizer" if loaded.metadata["source"] == "workdir" else Path(path)
+        where = fileio.as_path(path)
+        where = where / "tokenizer" if loaded.metadata["source"] == "workdir" else where
         raise MissingFileError(f"no tokenizer.json or tokenizer.model in {where}; copy the tokenizer "
                                "files there or pass --tokenizer=PATH")
     return loaded.tokenizer

@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -26,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from phi_jax import _faults, allocator, checkpoint, sharding
+from phi_jax import _faults, allocator, checkpoint, fileio, sharding
 from phi_jax.config import ModelConfig
-from phi_jax.errors import ConfigError, RunError
+from phi_jax.errors import ConfigError, InputError, RunError
 from phi_jax.model import Phi
 from phi_jax.train import heldout
 from phi_jax.train.config_file import validate_training
@@ -47,7 +46,7 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(config.model.to_dict())
 
 
-def _tokenizer(config, workdir: Path):
+def _tokenizer(config, workdir):
     from phi_jax.data import corpus
     from phi_jax.tokenizer import Tokenizer
 
@@ -57,16 +56,13 @@ def _tokenizer(config, workdir: Path):
     if config.tokenizer.path:
         tokenizer = _load_tokenizer(config.tokenizer.path)
         if jax.process_index() == 0:
-            # Atomically (temp dir + rename): the other hosts test tok_dir at the same moment and
-            # must never read a half-written copy.
-            tmp = workdir / f".tokenizer.tmp-{os.getpid()}"
-            tokenizer.save(tmp)
+            # Published whole (fileio.staged_directory): the other hosts test tok_dir at the same
+            # moment and must never read a half-written copy.
             try:
-                os.rename(tmp, tok_dir)
-            except OSError:  # a previous run (or a racing process) saved it already
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
+                with fileio.staged_directory(tok_dir) as tmp:
+                    tokenizer.save(tmp)
+            except InputError:  # a previous run (or a racing process) saved it already
+                pass
         return tokenizer
     return corpus.get_or_train_tokenizer(workdir, vocab_size=config.tokenizer.vocab_size)
 
@@ -135,7 +131,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     from phi_jax.data import pipeline
 
     validate_training(config)  # before anything is written: a bad value leaves no workdir behind
-    workdir = Path(workdir)
+    fileio.check_bucket(workdir, "--workdir")
+    workdir = fileio.as_path(workdir)  # a local directory or a bucket (gs://...)
     tc = config.train
     primary = jax.process_index() == 0
     model_config = model_config_from(config)
@@ -289,6 +286,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 if due and metrics["nonfinite_streak"] > 0 and done != tc.steps:
                     log.warning("step %d: not checkpointing during a run of skipped steps", done)
                 elif due and save(done, force=True):
+                    writer.sync()  # a bucket workdir's metrics, up to this checkpoint
                     _faults.after_save_started(done)
                     last_saved = done
                 if held.enabled and (done % eval_every == 0 or done == tc.steps or stopping):

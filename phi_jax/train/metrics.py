@@ -1,6 +1,9 @@
 """Run metrics: metrics.jsonl, TensorBoard event files, a progress bar, and MFU.
 
 Only process 0 writes (one line per logged step); every process computes the same numbers.
+A workdir in a bucket (gs://) cannot be appended to: both files are written locally and uploaded
+whole at every checkpoint (`sync`) and at the end, so the bucket's copy is at most one checkpoint
+interval behind, and a resumed run continues the bucket's metrics.jsonl.
 MFU is model FLOPs (from the config, causal attention counted honestly) over the device's peak
 dense bf16 FLOP/s from `PEAK_FLOPS`; on a device kind not in the table it is omitted unless
 `train.peak_flops_per_device` is set.
@@ -49,14 +52,25 @@ class MetricsWriter:
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._remote = None
         if not enabled:
             return
-        workdir = Path(workdir)
+        from phi_jax import fileio
+
+        workdir = fileio.as_path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        self._remote, local = None, workdir
+        if not isinstance(workdir, Path):
+            import tempfile
+
+            self._remote, local = workdir, Path(tempfile.mkdtemp(prefix="phi_jax-metrics-"))
+            if (workdir / "metrics.jsonl").exists():
+                (local / "metrics.jsonl").write_bytes((workdir / "metrics.jsonl").read_bytes())
+        self._local = local
+        self._jsonl = open(local / "metrics.jsonl", "a", buffering=1)
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        self._tb = SummaryWriter(str(local / "tensorboard"))
         if progress:
             from tqdm.auto import tqdm
 
@@ -78,6 +92,20 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.update(n)
 
+    def sync(self) -> None:
+        """Upload the metrics written so far to a bucket workdir (nothing to do locally)."""
+        if self._remote is None:
+            return
+        self._jsonl.flush()
+        self._tb.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        from phi_jax import fileio
+
+        for file in sorted(p for p in self._local.rglob("*") if p.is_file()):
+            fileio.upload_file(file, self._remote / file.relative_to(self._local).as_posix())
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -85,3 +113,9 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._remote is not None:
+            import shutil
+
+            self._upload()
+            shutil.rmtree(self._local, ignore_errors=True)
+            self._remote = None

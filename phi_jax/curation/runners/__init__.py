@@ -14,6 +14,9 @@
   * the runner (`local`: processes over shards; `beam`: an Apache Beam pipeline) processes the
     unfinished shards; then the manifest is completed from the shard markers, a stage's log rows
     are gathered into one file (`Stage.log_name`) and the `.work/` scratch directory is removed.
+The output may be in a bucket (gs://...): the same files are published object by object in the
+same order (shard, its log, its marker; the manifest last), so a resume, on any machine, trusts
+exactly what a local run would. A bucket has no file locks: one run per output is then up to you.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from phi_jax.curation.stage import MARKERS, WORK, PlannedInputs, Prepare, Stage, finished, log_path
+from phi_jax import fileio
+from phi_jax.curation.stage import MARKERS, PlannedInputs, Prepare, Stage, finished, log_path, work_dir
 from phi_jax.data import records
 from phi_jax.errors import InputError, RunError
 
@@ -62,7 +66,8 @@ def run_stage(stage: Stage, inputs: str | Sequence[str] | PlannedInputs, output:
     if workers < 1:
         raise InputError(f"--workers={workers}: must be >= 1")
     fmt = records.output_format(output_format)
-    output = Path(output)
+    fileio.check_bucket(output, "--output")
+    output = fileio.as_path(output)
     if isinstance(inputs, (str, list, tuple)):
         shards = records.plan_shards(inputs, shard_size, text_field=text_field, max_records=max_records)
         if not shards:
@@ -119,11 +124,11 @@ def run_stage(stage: Stage, inputs: str | Sequence[str] | PlannedInputs, output:
             _gather_log(output, shards, stage.log_name)
             manifest["log"] = stage.log_name
         records.write_manifest(output, manifest)
-        shutil.rmtree(output / WORK, ignore_errors=True)
+        shutil.rmtree(work_dir(output), ignore_errors=True)
     return manifest
 
 
-def _prepare(output: Path, stage: Stage, parameters: dict, inputs: list[dict], overwrite: bool) -> dict:
+def _prepare(output, stage: Stage, parameters: dict, inputs: list[dict], overwrite: bool) -> dict:
     """The manifest to continue (same stage, parameters and inputs) or a new one."""
     new = records.new_manifest(stage.name, parameters, inputs)
     old = records.read_manifest(output) if output.is_dir() else None
@@ -154,41 +159,49 @@ def _prepare(output: Path, stage: Stage, parameters: dict, inputs: list[dict], o
     return new
 
 
-def _remove_outputs(output: Path, old: dict) -> None:
-    """What run_stage wrote before (a teacher cache is kept: its answers are keyed by prompt)."""
+def _remove_outputs(output, old: dict) -> None:
+    """What run_stage wrote before (a teacher cache is kept: its answers are keyed by prompt).
+    The manifest goes first: from then on nothing takes the output for a finished one."""
+    (output / records.MANIFEST).unlink(missing_ok=True)
     for path in output.glob("part-*"):
         path.unlink()
     for name in [old.get("log")] + list(old.get("global", {}).get("files", [])):
         if name and "/" not in name:
             (output / name).unlink(missing_ok=True)
-    shutil.rmtree(output / MARKERS, ignore_errors=True)
-    shutil.rmtree(output / WORK, ignore_errors=True)
-    (output / records.MANIFEST).unlink(missing_ok=True)
+    fileio.rmtree(output / MARKERS)
+    shutil.rmtree(work_dir(output), ignore_errors=True)
 
 
-def _gather_log(output: Path, shards, name: str) -> None:
+def _gather_log(output, shards, name: str) -> None:
     """Every shard's log rows, in shard order, into one file published atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=output)
+    remote = fileio.is_remote(output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=None if remote else output)
     try:
         with os.fdopen(fd, "wb") as out:
             for shard in shards:
-                with open(log_path(output, shard), "rb") as f:
+                with log_path(output, shard).open("rb") as f:
                     shutil.copyfileobj(f, out)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, output / name)
+        if remote:
+            fileio.upload_file(tmp, output / name)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, output / name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _clean_partial(output: Path) -> None:
+def _clean_partial(output) -> None:
     """Temporary shard files and error notes of a killed or failed run."""
-    for path in output.glob(".part-*.tmp-*"):
-        path.unlink(missing_ok=True)
-    for path in (output / MARKERS).glob("*.error.json"):
-        path.unlink(missing_ok=True)
+    if not fileio.is_remote(output):  # in a bucket, temporary files are never there
+        for path in output.glob(".part-*.tmp-*"):
+            path.unlink(missing_ok=True)
+    if (output / MARKERS).is_dir():
+        for path in (output / MARKERS).glob("*.error.json"):
+            path.unlink(missing_ok=True)
 
 
 def _complete(manifest: dict, markers: list[dict]) -> None:
@@ -205,10 +218,13 @@ def _complete(manifest: dict, markers: list[dict]) -> None:
 
 
 @contextlib.contextmanager
-def _locked(output: Path) -> Iterator[None]:
+def _locked(output) -> Iterator[None]:
     if output.exists() and not output.is_dir():
         raise InputError(f"--output={output} is a file; give a directory")
     output.mkdir(parents=True, exist_ok=True)
+    if fileio.is_remote(output):  # no locks on a bucket (see the module docstring)
+        yield
+        return
     with open(output / _LOCK, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

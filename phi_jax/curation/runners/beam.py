@@ -9,8 +9,8 @@ and resume works the same way (finished shards are never sent to the pipeline). 
 stages (dedup: band keys -> GroupByKey -> components) add a keyed transform beside this one.
 
 Import this module only when the Beam runner is asked for: it imports apache_beam (seconds).
-The output directory must be a filesystem every worker mounts (local disk, NFS, GCS FUSE):
-shards are published with a rename.
+The output directory must be one every worker reaches (local disk, NFS, or a gs:// bucket):
+shards are published with a rename (in a bucket: one object upload each).
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ class _ProcessShards(beam.DoFn):
 
     def process(self, shard):
         try:
-            yield process_shard(self._step, self._stage, shard, Path(self._output), self._fmt)
+            yield process_shard(self._step, self._stage, shard, self._output, self._fmt)
         except PhiJaxError as e:
-            record_shard_error(Path(self._output), shard, e)
+            record_shard_error(self._output, shard, e)
             raise
 
     def teardown(self):

@@ -84,7 +84,7 @@ class _StageWorker:
     """A stage's step, built once per process, run over one shard at a time."""
 
     def __init__(self, stage: Stage, output: str, fmt: str):
-        self._stage, self._output, self._fmt = stage, Path(output), fmt
+        self._stage, self._output, self._fmt = stage, output, fmt
         self._step = stage.make_step()
 
     def __call__(self, shard: InputShard, on_progress: Callable[[int], None]) -> dict:
