@@ -54,18 +54,33 @@ def evaluate(model_path: str, tasks, args, adapter: str | None = None) -> dict:
     return result
 
 
-def finetune(seed: int, args) -> dict:
-    workdir = Path(args.workdir) / f"seed{seed}"
-    cmd = [sys.executable, "-m", "phi_jax.cli", "finetune", f"--config={args.config}",
-           f"--model={args.model}", f"--data={args.data}", f"--workdir={workdir}",
-           f"--config.train.seed={seed}", *args.override]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"finetune seed {seed} failed:\n{done.stderr[-4000:]}")
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    summary["wall_seconds"] = round(time.perf_counter() - start, 1)
-    summary["workdir"] = str(workdir)
+def finetune(seeds: list[int], args) -> list[dict]:
+    """One `phi-jax finetune` per seed, run side by side (`--parallel`) or one after another."""
+    def start(seed: int):
+        workdir = Path(args.workdir) / f"seed{seed}"
+        cmd = [sys.executable, "-m", "phi_jax.cli", "finetune", f"--config={args.config}",
+               f"--model={args.model}", f"--data={args.data}", f"--workdir={workdir}",
+               f"--config.train.seed={seed}", *args.override]
+        log = open(Path(args.workdir) / f"seed{seed}.log", "w")
+        return workdir, log, time.perf_counter(), subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                                                   stderr=log, text=True)
+
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    summaries, running = [], []
+    for seed in seeds:
+        running.append((seed, *start(seed)))
+        if not args.parallel:
+            summaries.append(_finish(*running.pop()))
+    return summaries + [_finish(*r) for r in running]
+
+
+def _finish(seed, workdir, log, started, process) -> dict:
+    out, _ = process.communicate()
+    log.close()
+    if process.returncode != 0:
+        raise SystemExit(f"finetune seed {seed} failed; see {log.name}")
+    summary = json.loads(out.strip().splitlines()[-1])
+    summary.update(seed=seed, workdir=str(workdir), wall_seconds=round(time.perf_counter() - started, 1))
     return summary
 
 
@@ -114,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=0, help="only the first N held-out tasks")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--base-json", default="", help="cache of the base model's evaluation "
+                                                        "(read if present, else written)")
+    parser.add_argument("--base-only", action="store_true", help="evaluate the base, then stop")
+    parser.add_argument("--parallel", action="store_true", help="fine-tune every seed at once")
+    parser.add_argument("--merge-from", default="", help="comma-separated result JSONs of runs with "
+                                                         "other seeds (same base and tasks): one report")
     parser.add_argument("--quick", action="store_true", help="write finetune_quick.*")
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("override", nargs="*", help="--config.<key>=<value> passed to finetune")
@@ -123,26 +144,44 @@ def main(argv: list[str] | None = None) -> None:
     from phi_jax.data.tasks import read_tasks, select_split
 
     machine = common.machine_info()
+    if args.merge_from:  # runs made side by side (one process per seed): one report
+        parts = [json.loads(Path(p).read_text()) for p in args.merge_from.split(",")]
+        report(args, parts[0]["machine"], parts[0]["base"], [t for p in parts for t in p["tuned"]],
+               [r for p in parts for r in p["finetune_runs"]], parts[0]["heldout_tasks"])
+        return
     tasks = select_split(read_tasks(args.tasks), "heldout", dev_fraction=args.dev_fraction,
                          heldout_fraction=args.heldout_fraction)
     tasks = tasks[:args.limit] if args.limit else tasks
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     print(f"{len(tasks)} held-out tasks; base {args.model}; seeds {seeds}", flush=True)
-    base = evaluate(args.model, tasks, args)
+    if args.base_json and Path(args.base_json).is_file():  # the base's answers from an earlier run
+        base = json.loads(Path(args.base_json).read_text())
+        if sorted(e["id"] for e in base["examples"]) != sorted(t.id for t in tasks if t.answer):
+            raise SystemExit(f"{args.base_json} scored other tasks; remove it")
+    else:
+        base = evaluate(args.model, tasks, args)
+        if args.base_json:
+            Path(args.base_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.base_json).write_text(json.dumps(base))
+    if args.base_only:
+        return
     print(f"base: {base['score']:.3f} over {base['num_scored']} tasks ({base['eval_seconds']} s)", flush=True)
-    runs, tuned = [], []
-    for seed in seeds:
-        run = finetune(seed, args)
-        runs.append(run)
+    runs, tuned = finetune(seeds, args), []
+    for seed, run in zip(seeds, runs):
         result = evaluate(run["workdir"], tasks, args)
         tuned.append(result)
         print(f"seed {seed}: finetune {run['wall_seconds']} s, loss {run.get('first_loss', 0):.3f} -> "
               f"{run.get('last_loss', 0):.3f}; tuned {result['score']:.3f} ({result['eval_seconds']} s)",
               flush=True)
+    report(args, machine, base, tuned, runs, len(tasks))
+
+
+def report(args, machine: dict, base: dict, tuned: list[dict], runs: list[dict], num_tasks: int) -> None:
+    seeds = [r["seed"] for r in runs]
     scores = [r["score"] for r in tuned]
     results = {
         "benchmark": "finetune", "machine": machine, "base_name": str(args.model),
-        "settings": {k: v for k, v in vars(args).items()}, "heldout_tasks": len(tasks),
+        "settings": {k: v for k, v in vars(args).items()}, "heldout_tasks": num_tasks,
         "base": base, "tuned": tuned, "finetune_runs": runs,
         "summary": {"base": base["score"], "base_ci95": base["bootstrap_ci95"],
                     "tuned_mean": statistics.fmean(scores),
