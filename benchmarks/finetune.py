@@ -54,6 +54,20 @@ def evaluate(model_path: str, tasks, args, adapter: str | None = None) -> dict:
     return result
 
 
+def restrict(result: dict, ids: set[str]) -> dict:
+    """An `evaluate` result cut to the tasks `ids` (a cached base run over a superset), rescored."""
+    examples = [e for e in result["examples"] if e["id"] in ids]
+    if len(examples) != len(ids):
+        raise SystemExit(f"the cached base result lacks {len(ids) - len(examples)} of these tasks; remove it")
+    by_type: dict[str, list[float]] = {}
+    for e in examples:
+        by_type.setdefault(e["type"], []).append(e["score"])
+    scores = [e["score"] for e in examples]
+    return {**result, "examples": examples, "num_scored": len(scores), "score": statistics.fmean(scores),
+            "by_type": {t: {"num_scored": len(v), "score": statistics.fmean(v)} for t, v in sorted(by_type.items())},
+            "bootstrap_ci95": bootstrap_ci(scores)}
+
+
 def finetune(seeds: list[int], args) -> list[dict]:
     """One `phi-jax finetune` per seed, run side by side (`--parallel`) or one after another."""
     def start(seed: int):
@@ -72,6 +86,19 @@ def finetune(seeds: list[int], args) -> list[dict]:
         if not args.parallel:
             summaries.append(_finish(*running.pop()))
     return summaries + [_finish(*r) for r in running]
+
+
+def finished_runs(seeds: list[int], directory: str) -> list[dict]:
+    """Runs already made (as `finetune` makes them, by hand): DIR/seedN (workdir), DIR/seedN.out
+    (the command's stdout, its summary last) and DIR/seedN.secs (its wall time)."""
+    runs = []
+    for seed in seeds:
+        base = Path(directory) / f"seed{seed}"
+        summary = json.loads(Path(f"{base}.out").read_text().strip().splitlines()[-1])
+        summary.update(seed=seed, workdir=str(base),
+                       wall_seconds=round(float(Path(f"{base}.secs").read_text()), 1))
+        runs.append(summary)
+    return runs
 
 
 def _finish(seed, workdir, log, started, process) -> dict:
@@ -133,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                                                         "(read if present, else written)")
     parser.add_argument("--base-only", action="store_true", help="evaluate the base, then stop")
     parser.add_argument("--parallel", action="store_true", help="fine-tune every seed at once")
+    parser.add_argument("--finetuned-from", default="", help="use finished runs DIR/seedN (+ .out, "
+                                                             ".secs) instead of fine-tuning")
     parser.add_argument("--merge-from", default="", help="comma-separated result JSONs of runs with "
                                                          "other seeds (same base and tasks): one report")
     parser.add_argument("--quick", action="store_true", help="write finetune_quick.*")
@@ -155,9 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     print(f"{len(tasks)} held-out tasks; base {args.model}; seeds {seeds}", flush=True)
     if args.base_json and Path(args.base_json).is_file():  # the base's answers from an earlier run
-        base = json.loads(Path(args.base_json).read_text())
-        if sorted(e["id"] for e in base["examples"]) != sorted(t.id for t in tasks if t.answer):
-            raise SystemExit(f"{args.base_json} scored other tasks; remove it")
+        base = restrict(json.loads(Path(args.base_json).read_text()), {t.id for t in tasks})
     else:
         base = evaluate(args.model, tasks, args)
         if args.base_json:
@@ -166,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.base_only:
         return
     print(f"base: {base['score']:.3f} over {base['num_scored']} tasks ({base['eval_seconds']} s)", flush=True)
-    runs, tuned = finetune(seeds, args), []
+    runs, tuned = (finished_runs(seeds, args.finetuned_from) if args.finetuned_from
+                   else finetune(seeds, args)), []
     for seed, run in zip(seeds, runs):
         result = evaluate(run["workdir"], tasks, args)
         tuned.append(result)
