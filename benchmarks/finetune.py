@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--dev-fraction", type=float, default=0.1)
     parser.add_argument("--heldout-fraction", type=float, default=0.1)
-    parser.add_argument("--limit", type=int, default=0, help="only the first N held-out tasks")
+    parser.add_argument("--limit", type=int, default=0, help="only N held-out tasks, evenly spaced")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--base-json", default="", help="cache of the base model's evaluation "
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     tasks = select_split(read_tasks(args.tasks), "heldout", dev_fraction=args.dev_fraction,
                          heldout_fraction=args.heldout_fraction)
-    tasks = tasks[:args.limit] if args.limit else tasks
+    if args.limit:  # an evenly spaced subset, so every task type keeps its share
+        tasks = tasks[::max(1, len(tasks) // args.limit)][:args.limit]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     print(f"{len(tasks)} held-out tasks; base {args.model}; seeds {seeds}", flush=True)
     if args.base_json and Path(args.base_json).is_file():  # the base's answers from an earlier run

@@ -308,3 +308,18 @@ def test_finetune_killed_mid_save_resumes_exactly(base_and_data, straight, tmp_p
                         checkpoint.load_params_for_inference(straight[0])[1])
     for name in (lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS):
         assert (tmp_path / "adapter" / name).read_bytes() == (straight[0] / "adapter" / name).read_bytes()
+
+
+def test_full_finetune_trains_every_weight_and_merges_to_itself(base_and_data, tmp_path):
+    from phi_jax import checkpoint
+
+    base, data = base_and_data
+    _finetune(tmp_path / "run", base, data, "--config.lora.rank=0", f"--merge={tmp_path / 'hf'}",
+              in_process=True)
+    config, variables, _ = checkpoint.load_params_for_inference(tmp_path / "run")
+    assert config.lora_rank == 0 and not (tmp_path / "run" / "adapter").exists()
+    _, base_vars = phi_jax.from_pretrained(base)
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["params"], base_vars["params"])
+    assert all(jax.tree.leaves(moved))  # every weight trained
+    _, exported = phi_jax.from_pretrained(tmp_path / "hf")
+    assert params_equal(exported["params"], variables["params"])
