@@ -37,14 +37,16 @@ _LAZY = {
 __getattr__ = _lazy.exports(globals(), _LAZY)
 
 
-def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **config_overrides):
+def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", *, adapter=None,
+                    **config_overrides):
     """Load a model: returns (Phi module, variables) in `dtype`.
 
     `path`: an HF checkpoint directory (PhiForCausalLM, LlamaForCausalLM, MistralForCausalLM,
     Qwen2ForCausalLM, Phi3ForCausalLM) or a `.gguf` file (its tokenizer:
     `phi_jax.Tokenizer.from_pretrained(path)`; everything at once: `phi_jax.gguf.load_gguf`).
     `config_overrides` set ModelConfig fields that the checkpoint does not hold, e.g.
-    `attention_impl="pallas"` or `scan_layers=False`.
+    `attention_impl="pallas"` or `scan_layers=False`. `adapter`: a LoRA adapter directory
+    (PEFT's adapter_config.json + adapter_model.safetensors) applied on top of the model.
     """
     from phi_jax.model import Phi
 
@@ -54,18 +56,29 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **config_ov
         overrides = dict(config_overrides)
         config, variables, _, _ = gguf.load_gguf(path, dtype=dtype,
                                                  scan_layers=overrides.pop("scan_layers", True))
-        return Phi(config.replace(**overrides) if overrides else config), variables
-    from phi_jax import hf
+        config = config.replace(**overrides) if overrides else config
+    else:
+        from phi_jax import hf
 
-    config, variables = hf.load_hf(path, dtype=dtype, **config_overrides)
+        config, variables = hf.load_hf(path, dtype=dtype, **config_overrides)
+    if adapter is not None:
+        from phi_jax import lora
+
+        config, variables = lora.load_adapter(adapter, config, variables)
     return Phi(config), variables
 
 
 def save_pretrained(path: str | os.PathLike, config, params: dict, *, dtype: Any = None,
                     max_shard_size: int = 5 * 2**30) -> None:
     """Write `params` as an HF checkpoint of `config.model_type`'s class (config.json +
-    safetensors) that transformers loads."""
+    safetensors) that transformers loads. A LoRA adapter in them is merged into the weights."""
     from phi_jax import hf
+
+    if getattr(config, "lora_rank", 0):
+        from phi_jax import lora
+
+        variables = params if "params" in params else {"params": params}
+        config, params = lora.merge(config, variables)
 
     hf.save_hf(path, config, params, dtype=dtype, max_shard_size=max_shard_size)
 

@@ -15,5 +15,6 @@ MLP = "mlp"  # MLP hidden dim F
 VOCAB = "vocab"
 LAYERS = "layers"  # the stacked-layers axis created by nn.scan
 NORM = "norm"  # LayerNorm scale/bias: replicated
+LORA_RANK = "lora_rank"  # the rank R of a LoRA adapter's A [*in, R] and B [R, *out]: replicated
 
-ALL = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, NORM)
+ALL = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, NORM, LORA_RANK)

@@ -104,11 +104,17 @@ class ModelConfig:
     rope_attention_factor: float | None = None
     sliding_window: int | None = None  # keys within this many slots of the query (None: all)
     sliding_window_start: int = 0  # first layer that uses the window (Qwen2's max_window_layers)
+    # LoRA (phi_jax.lora): rank 0 = none. The targets are HF module names of the family's linear
+    # layers (PEFT's `target_modules`: q_proj, k_proj, v_proj, o_proj/dense, gate_proj, up_proj,
+    # down_proj, fc1, fc2); each gets y += (alpha / rank) * x A B beside its frozen kernel.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         object.__setattr__(self, "param_dtype", dtype_name(self.param_dtype))
-        for field in ("rope_short_factor", "rope_long_factor"):  # JSON gives lists
+        for field in ("rope_short_factor", "rope_long_factor", "lora_targets"):  # JSON gives lists
             value = getattr(self, field)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, field, tuple(value))
@@ -205,6 +211,7 @@ class ModelConfig:
         if not 0 <= self.sliding_window_start <= self.n_layers:
             fail("sliding_window_start", f"must be in [0, n_layers={self.n_layers}], got "
                  f"{self.sliding_window_start}", "0 applies the window to every layer")
+        self._validate_lora(fail)
 
     def _validate_rope(self, fail) -> None:
         kind = self.rope_type
@@ -231,6 +238,37 @@ class ModelConfig:
         if self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
             fail("rope_attention_factor", f"must be positive or None, got {self.rope_attention_factor}",
                  "None derives it from max_len / rope_original_max_len")
+
+    @property
+    def lora_modules(self) -> frozenset[str]:
+        """phi_jax module names that carry LoRA (HF's o_proj is phi_jax's `dense`)."""
+        if not self.lora_rank:
+            return frozenset()
+        return frozenset("dense" if t == "o_proj" else t for t in self.lora_targets)
+
+    def lora_target_choices(self) -> tuple[str, ...]:
+        """The HF module names LoRA can target in this family (fused Phi-3 tensors excluded)."""
+        if self.model_type == "phi":
+            return ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+        if self.model_type == "phi3":  # qkv_proj and gate_up_proj are fused in its checkpoints
+            return ("o_proj", "down_proj")
+        return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def _validate_lora(self, fail) -> None:
+        if self.lora_rank < 0:
+            fail("lora_rank", f"must be >= 0, got {self.lora_rank}",
+                 "use 0 for full fine-tuning or a small rank such as 8")
+        if not self.lora_rank:
+            return
+        if self.lora_alpha <= 0:
+            fail("lora_alpha", f"must be positive, got {self.lora_alpha}", "16.0 is usual")
+        choices = self.lora_target_choices()
+        if not self.lora_targets:
+            fail("lora_targets", "is empty but lora_rank > 0", f"name some of {list(choices)}")
+        unknown = [t for t in self.lora_targets if t not in choices]
+        if unknown:
+            fail("lora_targets", f"unknown module(s) {unknown} for a {self.model_type} model",
+                 f"use some of {list(choices)}")
 
     # -------------------------------------------------------------------------------- size / flops
     @property

@@ -2,7 +2,7 @@
 `apply`, explicit KV cache.
 
 Letters: B batch, T new tokens, S cache slots (or keys), D model dim, N query heads, K kv heads,
-H head dim, F mlp dim, V vocab. Layers are spelled out (`layers`), never a letter.
+H head dim, F mlp dim, V vocab, R LoRA rank. Layers are spelled out (`layers`), never a letter.
 
 The families differ only in `ModelConfig` switches, not in copies of the block:
   * block "parallel" (Phi): one LayerNorm feeds attention and the MLP side by side, both added to
@@ -11,6 +11,8 @@ The families differ only in `ModelConfig` switches, not in copies of the block:
   * norm LayerNorm or RMSNorm; MLP gelu (tanh) or SwiGLU; biases per projection; tied embeddings.
   * rotary on the first `rotary_dim` dims of every head, optionally scaled (linear, llama3,
     longrope; `phi_jax.kernels.rope`); a sliding window from some layer on.
+  * LoRA (`lora_rank` > 0): the linear layers named in `lora_targets` add (alpha / R) x A B,
+    PEFT's adapter, beside their kernel (`phi_jax.lora` reads, writes and merges it).
 
     logits, cache = Phi(config).apply(variables, tokens, positions, segment_ids, cache)
     hidden, cache = Phi(config).apply(variables, tokens, ..., return_hidden=True)  # [B,T,D], no head
@@ -64,11 +66,39 @@ class _Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.in_names + self.out_names),
                             self.in_features + self.features, c.jnp_param_dtype)
         y = jnp.einsum(self.spec, x.astype(c.jnp_dtype), kernel.astype(c.jnp_dtype))
+        if self.name in c.lora_modules:
+            y = y + self._lora(x)
         if not self.use_bias:
             return y
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_names),
                           self.features, c.jnp_param_dtype)
         return y + bias.astype(c.jnp_dtype)
+
+    def _lora(self, x):
+        """(alpha / r) * (x A) B, PEFT's LoRA: A [*in, R] and B [R, *out] beside the kernel, B zero
+        at init so a fresh adapter changes nothing. R is the LoRA rank (replicated)."""
+        c = self.config
+        ins, rest = self.spec.split(",")
+        kernel_letters, out = rest.split("->")
+        k_in, k_out = kernel_letters[:len(self.in_features)], kernel_letters[len(self.in_features):]
+        lead = "".join(ch for ch in ins if ch not in k_in)  # the batch letters, e.g. "BT"
+        a_names, b_names = self.in_names + (axes.LORA_RANK,), (axes.LORA_RANK,) + self.out_names
+        a = self.param("lora_a", nn.with_logical_partitioning(_lora_a_init, a_names),
+                       self.in_features + (c.lora_rank,), c.jnp_param_dtype)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, b_names),
+                       (c.lora_rank,) + self.features, c.jnp_param_dtype)
+        h = jnp.einsum(f"{ins},{k_in}R->{lead}R", x.astype(c.jnp_dtype), a.astype(c.jnp_dtype))
+        scale = c.lora_alpha / c.lora_rank
+        return jnp.einsum(f"{lead}R,R{k_out}->{out}", h, b.astype(c.jnp_dtype)) * scale
+
+
+def _lora_a_init(key, shape, dtype):
+    """PEFT's default for A (kaiming-uniform with a=sqrt(5)): uniform in +-1/sqrt(fan_in)."""
+    fan_in = 1
+    for n in shape[:-1]:
+        fan_in *= n
+    bound = 1.0 / fan_in ** 0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _dense(features, in_features, in_names, out_names, spec, config: ModelConfig, name: str,

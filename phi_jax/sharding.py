@@ -40,6 +40,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     (axes.VOCAB, "tensor"),
     (axes.LAYERS, None),
     (axes.NORM, None),
+    (axes.LORA_RANK, None),
 )
 
 

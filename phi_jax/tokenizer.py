@@ -120,6 +120,13 @@ class Tokenizer(abc.ABC):
         """Text -> token ids; BOS/EOS only when asked for."""
         return self._wrap(self._encode([text])[0], add_bos, add_eos)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Text -> (ids, [(start, end) character span of each token]); no BOS/EOS. Chat
+        fine-tuning uses the spans to find the tokens of the assistant's answers."""
+        raise InputError(f"{type(self).__name__} gives no token offsets; chat fine-tuning needs a "
+                         "tokenizer.json (HF tokenizers) tokenizer: convert it with transformers "
+                         "(`AutoTokenizer.from_pretrained(dir).save_pretrained(dir)`)")
+
     def encode_batch(self, texts: Iterable[str], add_bos: bool = False,
                      add_eos: bool = False) -> list[list[int]]:
         """Like `encode` for many texts at once (parallel in the HF backend)."""
@@ -237,6 +244,10 @@ class HFTokenizer(Tokenizer):
         if len(texts) == 1:
             return [self.backend.encode(texts[0], add_special_tokens=False).ids]
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_with_offsets(self, text):
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [tuple(o) for o in encoding.offsets]
 
     def decode(self, ids, skip_special_tokens=True):
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

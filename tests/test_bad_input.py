@@ -32,11 +32,13 @@ from phi_jax.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
+FINETUNE = str(ROOT / "configs" / "finetune_smollm2_lora.py") + ":runlocal"
 TEXTS = ["def add(a, b):\n    return a + b\n" * 20, "class A:\n    pass\n" * 20]
 
 # (id, argv, exit code, regex of the error line)
 T = ["train", "--config={tiny}", "--workdir={tmp}/run"]
 S = ["sample", "--model={hf}", "--prompt=def"]
+F = ["finetune", "--config={ft}", "--model={hf}", "--workdir={tmp}/run"]
 CLI_CASES = [
     # ---------------------------------------------------------------- train: config keys/values
     ("unknown key", T + ["--config.train.stepz=3"], 2,
@@ -85,6 +87,19 @@ CLI_CASES = [
      r"nofield\.jsonl:1: record has no field 'text' .*data\.jsonl_field"),
     ("tokenizer larger than the model", T + ["--config.tokenizer.path={hf}", "--config.model.vocab_size=100"], 2,
      r"the tokenizer has \d+ tokens but model\.vocab_size is 100"),
+    # ---------------------------------------------------------------------------- finetune
+    ("finetune without --data", F, 2, r"the following arguments are required: --data"),
+    ("finetune data that does not exist", F + ["--data={tmp}/none"], 2,
+     r"--data=.*none does not exist; pass the output directory of `phi-jax data instruct`"),
+    ("finetune data without conversations", F + ["--data={fx}/nochat"], 2,
+     r"record 'r1' has no meta\.messages conversation; .*make them with `phi-jax data instruct`"),
+    ("negative LoRA rank", F + ["--data={fx}/chat", "--config.lora.rank=-1"], 2,
+     r"--config\.lora\.rank=-1 is invalid: must be an integer >= 0 \(0 = full fine-tuning"),
+    ("unknown LoRA target module", F + ["--data={fx}/chat", "--config.lora.targets=q_proj,bogus"], 2,
+     r"--config\.lora\.targets='q_proj,bogus': unknown module\(s\) \['bogus'\] for a phi model; use "
+     r"some of \['q_proj', 'k_proj', 'v_proj', 'dense', 'fc1', 'fc2'\]"),
+    ("adapter directory without an adapter", S + ["--adapter={fx}"], 2,
+     r"no adapter_config\.json in .*; --adapter must be a directory written by `phi-jax finetune`"),
     # ------------------------------------------------------------------------------ sample
     ("model path that does not exist", ["sample", "--model={tmp}/nope", "--prompt=x"], 2, r"model path '.*nope' does not exist"),
     ("model path that is no model", ["sample", "--model={fx}", "--prompt=x"], 2, r"is neither an HF checkpoint .* nor a \.gguf file"),
@@ -177,7 +192,12 @@ def fixtures(tmp_path_factory):
     (fx / "pickle" / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     (fx / "nonempty").mkdir()
     (fx / "nonempty" / "keep.txt").write_text("precious")
-    return {"tiny": TINY, "hf": str(hf), "wd": str(wd), "fx": str(fx)}
+    for name, meta in (("chat", {"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}]}),
+                       ("nochat", {"split": "train"})):
+        (fx / name).mkdir()
+        (fx / name / "part-00000.jsonl").write_text(json.dumps({"id": "r1", "text": "hi", "meta": meta}) + "\n")
+    return {"tiny": TINY, "hf": str(hf), "wd": str(wd), "fx": str(fx), "ft": FINETUNE}
 
 
 def _digest(path: Path) -> str:
@@ -207,7 +227,7 @@ def test_cli_bad_input(fixtures, tmp_path, name, argv, code, pattern):
     assert re.match(r"phi-jax( \S+)?: error: ", error), error
     assert re.search(pattern, error), error
     assert [_digest(p) for p in protected] == before
-    if argv[0] == "train" and name not in FOUND_WHILE_READING:
+    if argv[0] in ("train", "finetune") and name not in FOUND_WHILE_READING:
         assert not (tmp_path / "run").exists(), "a config error must leave no workdir behind"
 
 

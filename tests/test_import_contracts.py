@@ -36,16 +36,17 @@ ALLOWED: dict[str, set[str]] = {
     "hf": _BASE | {"config", "hf_config", "tokenizer"},
     "gguf": _BASE | {"config", "hf_config", "gguf_file", "tokenizer", "hf", "chat"},
     "checkpoint": _BASE | {"config", "model"},
+    "lora": _BASE | {"config", "model", "hf"},
     "distributed": _BASE,
-    "data": _BASE | {"tokenizer"},
+    "data": _BASE | {"tokenizer", "chat"},
     "sandbox": _BASE,
-    "inference": _BASE | {"model", "hf", "gguf", "tokenizer", "checkpoint", "config", "chat"},
+    "inference": _BASE | {"model", "hf", "gguf", "tokenizer", "checkpoint", "config", "chat", "lora"},
     "train": _BASE | {"model", "data", "sharding", "checkpoint", "config", "axes", "tokenizer", "hf",
-                      "distributed"},
+                      "distributed", "lora"},
     "serve": _BASE | {"inference", "chat", "tokenizer"},
     "evals": _BASE | {"inference", "data", "sandbox", "tokenizer", "chat"},
     "curation": _BASE | {"data", "tokenizer", "inference", "sandbox", "chat", "config"},
-    "__init__": {"config", "model", "inference", "tokenizer", "hf", "gguf", "_lazy"},
+    "__init__": {"config", "model", "inference", "tokenizer", "hf", "gguf", "_lazy", "lora"},
 }
 # The CLI wires everything; nothing imports it.
 CLI = "cli"

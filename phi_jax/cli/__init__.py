@@ -1,6 +1,7 @@
 """`phi-jax`: the command line, the only place that wires every part of the library together.
 
     phi-jax train    --config=configs/tiny.py --workdir=DIR [--config.train.steps=N ...]
+    phi-jax finetune --config=FILE --model=BASE --data=DIR --workdir=DIR [--merge=OUT]
     phi-jax sample   --model=PATH --prompt="def fibonacci(n):"
     phi-jax convert  SRC DST                    HF dir / workdir / .gguf -> the other form
     phi-jax serve    --model=PATH --port=8000
@@ -28,9 +29,9 @@ import traceback
 from phi_jax import errors
 
 # Subcommands in the order `phi-jax --help` lists them; each is phi_jax.cli.<name>.
-SUBCOMMANDS = ("train", "sample", "convert", "serve", "eval", "data", "plan")
+SUBCOMMANDS = ("train", "finetune", "sample", "convert", "serve", "eval", "data", "plan")
 # Subcommands whose unrecognised arguments are `--config.a.b=value` overrides.
-_TAKES_CONFIG_OVERRIDES = ("train", "plan")
+_TAKES_CONFIG_OVERRIDES = ("train", "finetune", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
     parser.add_argument("--tokenizer", metavar="PATH",
                         help="tokenizer directory or file (default: the one beside the model)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="a LoRA adapter (adapter_config.json + adapter_model.safetensors, as "
+                             "`phi-jax finetune` or PEFT write it) applied on top of --model")
 
 
 def load_model(args, *, need_tokenizer: bool = True, layout: str = "inference"):
@@ -25,7 +28,7 @@ def load_model(args, *, need_tokenizer: bool = True, layout: str = "inference"):
     from phi_jax.inference import loader
 
     loaded = loader.load(args.model, dtype=args.dtype, step=args.step, tokenizer=args.tokenizer,
-                           layout=layout)
+                         layout=layout, adapter=getattr(args, "adapter", None))
     if need_tokenizer:
         loader.require_tokenizer(loaded, args.model)
     return loaded

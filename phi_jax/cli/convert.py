@@ -3,6 +3,7 @@
     phi-jax convert path/to/hf-phi-2 runs/phi2           HF dir -> phi_jax workdir (step 0)
     phi-jax convert runs/tiny exported/tiny-hf           workdir -> HF dir (transformers loads it)
     phi-jax convert model.gguf exported/model-hf         GGUF -> HF dir (weights, config, tokenizer)
+    phi-jax convert --adapter=runs/ft/adapter BASE OUT   base + LoRA adapter -> merged HF dir
 
 The direction follows from SRC. DST is written whole into a temporary sibling and renamed into
 place; an existing non-empty DST is refused unless --overwrite, and then replaced only once the new
@@ -32,6 +33,8 @@ def register(subparsers) -> None:
                    help="dtype of the written weights (default: as stored; GGUF: float32)")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0)
     p.add_argument("--step", type=int, default=None, help="workdir SRC: this step (default: latest)")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter (PEFT format) to merge into SRC; writes an HF directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty DST (only once the new output is complete)")
     p.set_defaults(func=run)
@@ -63,6 +66,15 @@ def run(args) -> int:
     kind = source_kind(src)
     if _same(src, dst):
         raise InputError(f"DST {dst} is SRC; choose a separate output directory")
+    if args.adapter:
+        from phi_jax import lora
+
+        loaded = load(src, dtype=args.dtype or "float32", step=args.step, layout="training",
+                      adapter=args.adapter)
+        lora.save_merged(dst, loaded.model.config, loaded.variables, loaded.tokenizer,
+                         overwrite=args.overwrite, dtype=args.dtype)
+        print(f"merged adapter {args.adapter} into {kind} {src} -> HF checkpoint {dst}")
+        return 0
     if kind == "hf":
         if args.step is not None:
             raise InputError("--step applies to a workdir SRC only")

@@ -14,6 +14,11 @@ Record shapes understood (JSON objects: JSONL lines, ArrayRecord JSON records, t
   {text_field: "..."}                                   plain text
   {prompt_field: "...", completion_field: "..."}        instruction pair; loss on the completion
   {tokens_field: [ids...], mask_field: [0/1...]}        pre-tokenized, with an optional mask
+  {messages_field: [{"role", "content"}, ...]}          a chat conversation (also under "meta",
+                                                        as `phi-jax data instruct` writes it); read
+                                                        only when messages_field is set; rendered
+                                                        with the chat template, loss on the
+                                                        assistant's tokens (`chat_examples`), no EOS
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class RecordFormat:
     completion_field: str = "completion"
     tokens_field: str = "tokens"
     mask_field: str = "loss_mask"
+    messages_field: str = ""  # "" = conversations are not read
 
 
 class DocumentTokenizer:
@@ -119,7 +125,7 @@ class DocumentTokenizer:
     """
 
     def __init__(self, tokenizer, fmt: RecordFormat, bad_data: str = "error", add_bos: bool = False,
-                 max_chars: int = 0, long_documents: str = "split"):
+                 max_chars: int = 0, long_documents: str = "split", chat_template: str | None = None):
         if tokenizer.eos_id is None:
             raise InputError("the tokenizer has no EOS token, which the pipeline needs between packed "
                              "documents; set eos_token in tokenizer_config.json")
@@ -132,6 +138,7 @@ class DocumentTokenizer:
         self._add_bos = add_bos
         self._max_chars = max_chars
         self._long_documents = long_documents
+        self._chat_template = chat_template or getattr(tokenizer, "chat_template", None)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         origin, data = record["origin"], record["data"]
@@ -176,6 +183,18 @@ class DocumentTokenizer:
                 return {"text": text}
             if not isinstance(obj, dict):
                 return self._skip("bad_json", origin, f"expected a JSON object, got {type(obj).__name__}")
+        if fmt.messages_field:
+            from phi_jax.data.chat_examples import check_conversation, conversation_of
+
+            messages = conversation_of(obj, fmt.messages_field)
+            if messages is None:
+                return self._skip("missing_field", origin, f"record has no {fmt.messages_field!r} "
+                                  f"conversation (nor meta.{fmt.messages_field}); chat fine-tuning reads "
+                                  "the output of `phi-jax data instruct`")
+            problem = check_conversation(messages)
+            if problem:
+                return self._skip("bad_json", origin, f"its {fmt.messages_field!r}: {problem}")
+            return {"messages": messages}
         if fmt.tokens_field in obj:
             try:
                 tokens = np.asarray(obj[fmt.tokens_field], dtype=np.int64)
@@ -197,11 +216,18 @@ class DocumentTokenizer:
 
     def _known_field(self, obj: dict[str, Any]) -> bool:
         fmt = self._fmt
+        if fmt.messages_field:
+            from phi_jax.data.chat_examples import conversation_of
+
+            if conversation_of(obj, fmt.messages_field) is not None:
+                return True
         return fmt.text_field in obj or fmt.tokens_field in obj or (
             fmt.prompt_field in obj and fmt.completion_field in obj)
 
     def _tokenize(self, origin: str, fields: dict[str, Any]) -> dict[str, Any]:
         bos = [self._tok.bos_id] if self._add_bos else []
+        if "messages" in fields:
+            return self._chat(origin, fields["messages"], bos)
         if "tokens" in fields:
             tokens, mask = fields["tokens"].tolist(), fields["mask"].tolist()
             tokens, mask = bos + tokens, [0] * len(bos) + mask
@@ -241,3 +267,21 @@ class DocumentTokenizer:
         mask.append(1)
         return {"tokens": np.asarray(tokens, np.int32), "token_mask": np.asarray(mask, np.int32),
                 "skip": "", "origin": origin}
+
+    def _chat(self, origin: str, messages: list, bos: list[int]) -> dict[str, Any]:
+        from phi_jax.data.chat_examples import chat_tokens
+
+        if self._max_chars and sum(len(m["content"]) for m in messages) > self._max_chars:
+            if self._long_documents == "error":
+                raise BadDataError(f"{origin}: conversation longer than data.max_document_chars="
+                                   f"{self._max_chars}; raise it or set data.long_documents='skip'")
+            return _Skip(tokens=np.zeros(0, np.int32), token_mask=np.zeros(0, np.int32),
+                         skip="too_long", origin=origin)
+        try:
+            tokens, mask = chat_tokens(self._tok, messages, self._chat_template)
+        except InputError as e:
+            raise BadDataError(f"{origin}: {e}") from None
+        if not any(mask):
+            return self._skip("empty", origin, "conversation whose assistant turns are empty")
+        return {"tokens": np.asarray(bos + tokens, np.int32),
+                "token_mask": np.asarray([0] * len(bos) + mask, np.int32), "skip": "", "origin": origin}

@@ -80,6 +80,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.completion_field = "completion"
     cfg.tokens_field = "tokens"      # pre-tokenized records: ids ...
     cfg.mask_field = "loss_mask"     # ... and an optional per-token 0/1 mask
+    cfg.messages_field = ""          # chat records: this field (or meta.<field>) holds the messages;
+                                     # loss on assistant tokens only ("" = not read; finetune: messages)
+    cfg.chat_template = ""           # Jinja chat template file ("" = the tokenizer's own, else ChatML)
     cfg.record_format = "auto"       # ArrayRecord records: auto | text | json
     cfg.tfds_name = ""
     cfg.tfds_split = "train"
@@ -147,7 +150,7 @@ def _make_source(cfg) -> tuple[Any, RecordFormat, list[str]]:
     """The source, its record format, and the input files that held no record."""
     fields = dict(text_field=cfg.jsonl_field, prompt_field=cfg.prompt_field,
                   completion_field=cfg.completion_field, tokens_field=cfg.tokens_field,
-                  mask_field=cfg.mask_field)
+                  mask_field=cfg.mask_field, messages_field=cfg.messages_field)
     if cfg.source == "default":
         return corpus.DefaultCorpusSource(), RecordFormat("text", **fields), []
     if cfg.source == "tfds":
@@ -242,7 +245,8 @@ def build_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int = 
         ds = ds.repeat(cfg.num_epochs)
     ds = ds.map(DocumentTokenizer(tokenizer, fmt, cfg.bad_data, cfg.add_bos,
                                   max_chars=cfg.max_document_chars,
-                                  long_documents=cfg.long_documents))
+                                  long_documents=cfg.long_documents,
+                                  chat_template=_chat_template(cfg)))
     docs = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                 prefetch_buffer_size=cfg.read_buffer_size))
     if cfg.num_workers > 0:
@@ -258,6 +262,17 @@ def build_dataset(cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int = 
     return packed.batch(batch_size, drop_remainder=cfg.drop_remainder,
                         batch_fn=functools.partial(packing.make_batch, batch_size=batch_size,
                                                    pad_id=pad_id))
+
+
+def _chat_template(cfg) -> str | None:
+    """The text of data.chat_template (a file), or None for the tokenizer's own."""
+    if not cfg.chat_template:
+        return None
+    try:
+        return open(cfg.chat_template, encoding="utf-8").read()
+    except OSError as e:
+        raise ConfigError(f"--config.data.chat_template={cfg.chat_template}: cannot read it ({e}); "
+                          "give a Jinja chat template file, or '' for the tokenizer's own") from None
 
 
 def _ensure_absl_flags_parsed() -> None:

@@ -4,7 +4,9 @@ Sources, told apart by what is on disk:
   * an HF directory (config.json + safetensors), as the hub and `phi-jax convert` write them;
   * a phi_jax training workdir (checkpoints/), latest step or a given one, params only (the
     optimizer state is never read, so inference needs a fraction of training's memory);
-  * a GGUF file (llama.cpp's format; weights dequantized, tokenizer and chat template rebuilt).
+  * a GGUF file (llama.cpp's format; weights dequantized, tokenizer and chat template rebuilt);
+and, on any of them, a LoRA adapter (`adapter=DIR`: PEFT's adapter_config.json +
+adapter_model.safetensors, as `phi-jax finetune` writes them; `phi_jax.lora`).
 Every command that needs a model (`sample`, `serve`, `eval`, `convert`, `data`, `finetune`) goes
 through `load`, and so does library code that wants "a model from a path". Any of them may be in
 a bucket (gs://...): a workdir's checkpoint is restored from it directly (Orbax, TensorStore); an HF
@@ -110,7 +112,8 @@ def _tokenizer_beside(directory: Path):
 
 
 def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = None,
-         tokenizer: str | os.PathLike | None = None, layout: str = "inference") -> Loaded:
+         tokenizer: str | os.PathLike | None = None, layout: str = "inference",
+         adapter: str | os.PathLike | None = None) -> Loaded:
     """Load a model from any source (see the module docstring).
 
     Args:
@@ -120,6 +123,8 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
       tokenizer: a tokenizer path that overrides the one found beside the model.
       layout: "inference" (unstacked layers on CPU, where that decodes faster) or "training"
         (scanned layers, as the trainer builds them).
+      adapter: a LoRA adapter directory to apply on top of the model (the model runs with it;
+        `phi_jax.lora.merge` folds it into the weights).
     """
     from phi_jax.config import dtype_name
     from phi_jax.model import Phi, decode_prefers_unstacked, inference_layout
@@ -164,6 +169,12 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
                                                         tokenizer=tokenizer)
         meta.update(info, path=meta["path"] if fileio.is_remote(meta["path"]) else str(file))
         model = Phi(config)
+    if adapter is not None:
+        from phi_jax import lora
+
+        lora_config, variables = lora.load_adapter(adapter, model.config, variables)
+        model = Phi(lora_config)
+        meta["adapter"] = str(adapter)
     if step is not None and kind != "workdir":
         raise InputError(f"--step={step} applies to phi_jax workdirs only; {path} is an {kind} source")
     tok = load_tokenizer(tokenizer) if tokenizer else found

@@ -215,9 +215,25 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
         _check(isinstance(size, int) and (size == -1 or size >= 1), f"mesh.shape.{axis}", size,
                "must be a positive integer or -1 (the remaining devices)")
     try:
-        ModelConfig.from_dict(config.model.to_dict())
+        model_config = ModelConfig.from_dict(config.model.to_dict())
     except ValueError as e:
         message = str(e).replace("ModelConfig.", "--config.model.")
         raise ConfigError(message) from None
+    if "lora" in config:
+        _validate_lora(config.lora, model_config)
     from phi_jax.data.pipeline import validate_data_config
     validate_data_config(config.data)
+
+
+def _validate_lora(lora: ml_collections.ConfigDict, model_config) -> None:
+    from phi_jax.lora import with_lora
+
+    _check(isinstance(lora.rank, int) and lora.rank >= 0, "lora.rank", lora.rank,
+           "must be an integer >= 0 (0 = full fine-tuning; 8 or 16 are usual LoRA ranks)")
+    if not lora.rank:
+        return
+    try:
+        with_lora(model_config, lora.rank, lora.alpha, lora.targets)
+    except ValueError as e:
+        message = str(e).replace("ModelConfig.lora_targets", f"--config.lora.targets={lora.targets!r}")
+        raise ConfigError(message.replace("ModelConfig.lora_alpha", "--config.lora.alpha")) from None

@@ -53,6 +53,11 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     o.eps = 1e-7
     o.grad_clip = 1.0
 
+    lo = c.lora = ml_collections.ConfigDict()
+    lo.rank = 0  # > 0: train only a LoRA adapter of this rank on lora.targets (phi_jax.lora)
+    lo.alpha = 16.0  # the adapter's output is scaled by alpha / rank (PEFT's lora_alpha)
+    lo.targets = "q_proj,v_proj"  # HF module names, comma-separated (PEFT's target_modules)
+
     m = c.mesh = ml_collections.ConfigDict()
     m.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     # Logical axis -> mesh axes, one key per name so the command line can set it:

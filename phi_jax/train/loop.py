@@ -18,7 +18,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -43,7 +43,13 @@ class NonFiniteError(RunError):
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-    return ModelConfig.from_dict(config.model.to_dict())
+    """config.model, with the LoRA adapter of config.lora when its rank is > 0."""
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+    if "lora" in config and config.lora.rank:
+        from phi_jax.lora import with_lora
+
+        model_config = with_lora(model_config, config.lora.rank, config.lora.alpha, config.lora.targets)
+    return model_config
 
 
 def _tokenizer(config, workdir):
@@ -126,8 +132,14 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Train (or resume) the run in `workdir`. Returns a summary with this invocation's losses."""
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
+          init_params: Callable[[], dict] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir`. Returns a summary with this invocation's losses.
+
+    `init_params` (fine-tuning): called on a fresh start only, returns the starting parameters
+    (the base model's, plus fresh LoRA leaves when config.lora.rank > 0) in the scanned layout; a
+    resumed run takes everything from its checkpoint instead.
+    """
     from phi_jax.data import pipeline
 
     validate_training(config)  # before anything is written: a bad value leaves no workdir behind
@@ -158,7 +170,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     _check_vocab(tokenizer.vocab_size, model_config)
 
     schedule = learning_rate_schedule(config.optimizer, tc.steps)
-    optimizer = make_optimizer(config.optimizer, tc.steps)
+    freeze_base = bool(model_config.lora_rank)
+    optimizer = make_optimizer(config.optimizer, tc.steps, freeze_base=freeze_base)
 
     def init_fn(rng):
         boxed = model.init(rng, jnp.zeros((1, 1), jnp.int32))
@@ -197,7 +210,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             state = {"params": restored["params"], **restored["train_state"]}
         log.info("resumed from step %d in %s", step0, manager.directory)
     else:
-        if tc.init_from_hf:
+        if init_params is not None:
+            params = jax.device_put(init_params(), state_shardings["params"])
+            state = jax.jit(lambda p: init_state(p, optimizer, tc.seed),
+                            out_shardings=state_shardings)(params)
+        elif tc.init_from_hf:
             from phi_jax import hf
 
             _, variables = hf.load_hf(tc.init_from_hf, dtype=model_config.param_dtype)
@@ -211,7 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
     # ------------------------------------------------------------------------ the step
     step_fn = make_train_step(model, optimizer, accum_steps=accum, schedule=schedule,
-                              nan_steps=_faults.nan_steps(), loss_chunk=tc.loss_chunk)
+                              nan_steps=_faults.nan_steps(), loss_chunk=tc.loss_chunk,
+                              freeze_base=freeze_base)
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     meta = {"model_config": model_config.to_dict(), "data": pipeline.describe(config.data),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 DECAYED_LEAVES = ("kernel", "embedding")
@@ -46,12 +47,53 @@ def decay_mask(params):
                                             params)
 
 
-def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
-    """The full update rule; the returned transformation expects already-averaged gradients."""
+def make_optimizer(cfg: Mapping[str, Any], total_steps: int, *,
+                   freeze_base: bool = False) -> optax.GradientTransformation:
+    """The full update rule; the returned transformation expects already-averaged gradients.
+
+    `freeze_base` (LoRA): only the adapter's leaves (`lora_a`, `lora_b`) are updated and have Adam
+    state; every other parameter gets a zero update (`adapter_only`).
+    """
     schedule = learning_rate_schedule(cfg, total_steps)
     parts = []
     if cfg.grad_clip and cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    update = optax.chain(*parts)
+    return adapter_only(update) if freeze_base else update
+
+
+def _adapter_subtree(tree: Mapping) -> dict:
+    """The branches of a parameter-shaped dict tree that lead to LoRA leaves, nothing else."""
+    from phi_jax.lora import LORA_LEAVES
+
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            sub = _adapter_subtree(value)
+            if sub:
+                out[key] = sub
+        elif key in LORA_LEAVES:
+            out[key] = value
+    return out
+
+
+def _graft(full: Mapping, sub: Mapping) -> dict:
+    return {k: (_graft(v, sub[k]) if isinstance(v, Mapping) else sub[k]) if k in sub else v
+            for k, v in full.items()}
+
+
+def adapter_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to the LoRA leaves alone (its state holds only theirs); every other
+    parameter gets a zero update. (optax.multi_transform does the same with MaskedNode
+    placeholders in its state, which the logical-sharding and Orbax trees do not carry.)"""
+    def init(params):
+        return inner.init(_adapter_subtree(params))
+
+    def update(updates, state, params=None):
+        sub, state = inner.update(_adapter_subtree(updates), state,
+                                  None if params is None else _adapter_subtree(params))
+        return _graft(jax.tree.map(jnp.zeros_like, updates), sub), state
+
+    return optax.GradientTransformation(init, update)

@@ -12,7 +12,6 @@ loop stops the run after too many skips in a row, so a NaN never reaches paramet
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -46,15 +45,26 @@ def all_finite(tree) -> jax.Array:
 
 def make_train_step(model: Phi, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
                     schedule: Callable | None = None, nan_steps: tuple[int, ...] = (),
-                    loss_chunk: int = 0):
+                    loss_chunk: int = 0, freeze_base: bool = False):
     """The un-jitted step function (state, batch) -> (state, metrics); the caller jits it.
+
+    `freeze_base` (LoRA): gradients flow only into the adapter's leaves; the frozen weights enter
+    the loss behind `stop_gradient`, so their weight-gradient matmuls are never computed.
 
     `loss_chunk` > 0 computes the LM head and loss over chunks of that many positions (see
     train/loss.py). `nan_steps` is fault injection for tests of the non-finite guard
     (`phi_jax._faults`): the loss and gradients of those steps are multiplied by NaN.
     """
     deterministic = model.config.resid_pdrop == 0.0 and model.config.embd_pdrop == 0.0
-    grad_fn = jax.value_and_grad(functools.partial(loss_sums, chunk=loss_chunk), has_aux=True)
+    def loss_fn(params, *args):
+        if freeze_base:
+            from phi_jax.lora import trainable_mask
+
+            params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                                  trainable_mask(params))
+        return loss_sums(params, *args, chunk=loss_chunk)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step_fn(state: State, batch: Batch):
         params = state["params"]
