@@ -62,8 +62,9 @@ def benchmark_rows(results: pathlib.Path = RESULTS) -> list[dict[str, Any]]:
             data = json.loads(file.read_text())
         except ValueError:
             continue
-        if not isinstance(data, dict) or not data.get("summary"):
-            continue
+        summary = data.get("summary") if isinstance(data, dict) else None
+        if not isinstance(summary, list) or not all(isinstance(r, dict) and "case" in r for r in summary):
+            continue  # not a comparison against a reference (e.g. finetune's before/after report)
         key = (file.parent, file.stem.removesuffix("_quick"))
         if key not in latest or _date(data) >= latest[key][0]:
             latest[key] = (_date(data), file, data)
