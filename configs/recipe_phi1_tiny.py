@@ -27,9 +27,9 @@ def get_config(arg: str | None = None):
     t.max_len = 2048  # the local server's context
     t.timeout_s = 900.0
     a = c.annotate = ml_collections.ConfigDict()
-    a.sample = 48  # corpus documents the teacher scores (phi-1: ~100k files)
+    a.sample = 40  # corpus documents the teacher scores (phi-1: ~100k files)
     a.rubric = "code"
-    a.max_chars = 1200  # of each document shown to the teacher
+    a.max_chars = 1000  # of each document shown to the teacher
     a.max_tokens = 160  # of each answer
     k = c.classifier = ml_collections.ConfigDict()
     k.embedder = "smollm2"  # any model --model accepts (phi-1: a code model's embeddings)
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
     s.max_tokens = 384
     p = c.pretrain = ml_collections.ConfigDict()
     p.config = "configs/tiny.py"  # the training config; its own curation is switched off here
-    p.steps = 150
+    p.steps = 80
     ft = c.finetune = ml_collections.ConfigDict()
     ft.config = "configs/finetune_tiny.py"  # `phi-jax finetune --config` (the finetune branch's configs)
     ft.steps = 50

@@ -128,10 +128,24 @@ def test_a_stage_switched_off_is_passed_over(tmp_path, tokenizer_dir):
     assert [u["path"] for u in decontaminated["upstream"]] == [str(tmp_path / "run" / "curated" / "filter")]
     assert rows["decontaminate"]["documents_in"] == rows["filter"]["documents_out"]
 
-    rows, stdout = _train(tmp_path / "raw", tokenizer_dir, "--config.curation.enabled=False",
-                          "--config.train.steps=1")
-    assert list(rows) == ["pack", "train", "heldout"] and "curation       off" in stdout
-    assert not (tmp_path / "raw" / "curated").exists()
+
+
+def test_curation_off_trains_on_the_data_as_given(tmp_path):
+    """In process (the CLI path of `--config.curation.enabled=False` runs in test_train's subprocess
+    tests): nothing is curated and the table says why."""
+    from phi_jax.cli import stages
+    from phi_jax.train.config_file import apply_overrides, load_config
+
+    summary = {"start_step": 0, "end_step": 1, "losses": [9.0], "heldout": [], "heldout_tokens": 0,
+               "data_stats": {"documents": 3, "tokens": 300}}
+    for override, why in (("--config.curation.enabled=False", "curation.enabled=False"),
+                          ("--config.data.source=jsonl", "data.source=jsonl is not in curation.sources")):
+        config = apply_overrides(load_config(f"{ROOT / 'configs/tiny.py'}:runlocal"), [override])
+        assert stages.curate_for_training(config, tmp_path / "run") == []
+        text, rows = stages.stage_report([], summary, config, 1.0)
+        assert "curation       off" in text and why in text
+        assert [r["stage"] for r in rows] == ["pack", "train", "heldout"]
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------ phi-jax recipe, end to end
