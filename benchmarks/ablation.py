@@ -1,6 +1,6 @@
 """Does curation help? Curated vs unfiltered corpus at equal training tokens, several seeds each.
 
-    python -m benchmarks.ablation            # 3 seeds x 2 arms x 150 steps; ~15-25 min on 2 cores
+    python -m benchmarks.ablation            # 3 seeds x 2 arms x 150 steps; ~15-25 min on a loaded 2-core VM
     python -m benchmarks.ablation --quick    # 2 seeds x 20 steps, a smoke run (writes ablation_quick.*)
 
 The corpus is the embedded stdlib one. The curated arm is what the main job trains on: the
@@ -37,16 +37,19 @@ from benchmarks import common
 
 NAME = "ablation"
 TOP_SCORE = 5
-MAX_NEW_TOKENS = 96
+MAX_NEW_TOKENS = 64
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+SEQ_LEN, BATCH = 128, 8
+
+
 def model_config(config, quick: bool) -> None:
-    """A small Phi (4 layers, 128 wide, 2k vocab): fast enough for 6 runs of 150 steps on 2 cores."""
-    config.model.update(d_model=128, n_layers=4, n_heads=4, mlp_dim=512, vocab_size=2048, max_len=512)
+    """A very small Phi (2 layers, 64 wide, 2k vocab): 6 runs of 150 steps fit a loaded 2-core machine."""
+    config.model.update(d_model=64, n_layers=2, n_heads=4, mlp_dim=256, vocab_size=2048, max_len=512)
     config.tokenizer.vocab_size = 2048
-    config.train.update(batch_size=8, seq_len=256, log_every=10, progress_bar=False, async_checkpoint=False,
-                        eval_batches=0)
+    config.train.update(batch_size=BATCH, seq_len=SEQ_LEN, log_every=10, progress_bar=False,
+                        async_checkpoint=False, eval_batches=0)
     config.optimizer.update(lr=2e-3, warmup_steps=10)
     config.data.update(heldout_fraction=0.0)
 
@@ -152,7 +155,7 @@ def run(quick: bool = False, results_dir: str | pathlib.Path | None = None, *, s
 
     seeds = seeds or (2 if quick else 3)
     steps = steps or (20 if quick else 150)
-    n_problems = problems or (8 if quick else 32)
+    n_problems = problems or (8 if quick else 16)
     machine = common.machine_info()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,17 +172,17 @@ def run(quick: bool = False, results_dir: str | pathlib.Path | None = None, *, s
                 workdir, summary = train_arm(work, sets[arm]["path"], work / "tokenizer", seed=seed, steps=steps,
                                              quick=quick)
                 train_s = time.perf_counter() - t0
-                metrics = evaluate(workdir, sets, chosen, seq_len=256)
+                metrics = evaluate(workdir, sets, chosen, seq_len=SEQ_LEN)
                 row = {"seed": seed, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0 - train_s,
                        "final_train_loss": summary["losses"][-1], **metrics}
                 runs[arm].append(row)
                 print(f"{arm:<10} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                       + f" ({train_s:.0f} s train)", flush=True)
-    train_tokens = steps * 8 * 256
+    train_tokens = steps * BATCH * SEQ_LEN
     results: dict[str, Any] = {
         "benchmark": NAME, "quick": quick, "machine": machine, "seconds": time.perf_counter() - start,
-        "setup": {"steps": steps, "batch_size": 8, "seq_len": 256, "train_tokens": train_tokens,
-                  "seeds": seeds, "model": "4 layers, d_model 128, 4 heads, mlp 512, vocab 2048 BPE",
+        "setup": {"steps": steps, "batch_size": BATCH, "seq_len": SEQ_LEN, "train_tokens": train_tokens,
+                  "seeds": seeds, "model": "2 layers, d_model 64, 4 heads, mlp 256, vocab 2048 BPE",
                   "humaneval_problems": len(chosen), "humaneval_max_new_tokens": MAX_NEW_TOKENS,
                   "heldout_uniform": len(sets["heldout"]["uniform"]),
                   "heldout_high_quality": len(sets["heldout"]["high_quality"]),

@@ -127,8 +127,9 @@ class Recipe:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         t = self.config.teacher
+        # --no-warmup: compile only the prefill buckets the prompts use, as they arrive
         args = ["serve", "--model=smollm2", f"--served-model-name={t.model}", f"--port={port}",
-                f"--num-slots={t.num_slots}", f"--max-len={t.max_len}"]
+                f"--num-slots={t.num_slots}", f"--max-len={t.max_len}", "--no-warmup"]
         start = time.perf_counter()
         self._server = subprocess.Popen([sys.executable, "-m", "phi_jax.cli", *args],
                                         stdout=open(logs / "teacher.log", "a"), stderr=subprocess.STDOUT,
@@ -150,8 +151,9 @@ class Recipe:
 
     def run_flags(self) -> list[str]:
         # --overwrite: a stage without its marker is redone even if a failed try had other settings
+        beam = [f"--beam-options={self.config.beam_options}"] if self.config.beam_options else []
         return [f"--runner={self.config.runner}", f"--workers={self.config.workers}", "--no-progress",
-                "--overwrite"]
+                "--overwrite", *beam]
 
     def teacher_flags(self, max_tokens: int) -> list[str]:
         t = self.config.teacher
@@ -164,7 +166,7 @@ class Recipe:
     # -------------------------------------------------------------------------------- stages
     def annotate(self) -> dict:
         a = self.config.annotate
-        self.phi_jax("annotate", "data", "annotate", "--input=default", f"--max-records={a.sample}",
+        self.phi_jax("annotate", "data", "annotate", f"--input={self.config.input}", f"--max-records={a.sample}",
                      f"--output={self.out('annotate')}", f"--rubric={a.rubric}", f"--max-chars={a.max_chars}",
                      *self.teacher_flags(a.max_tokens), *self.run_flags())
         return _manifest_counts(self.out("annotate"))
@@ -188,10 +190,10 @@ class Recipe:
         docs = self.config.filter.documents
         sample = [f"--max-records={docs}"] if docs else []
         if self.results.get("classifier", {}).get("status") == "done":
-            self.phi_jax("score", "data", "score", "--input=default", f"--classifier={self.out('classifier')}",
+            self.phi_jax("score", "data", "score", f"--input={self.config.input}", f"--classifier={self.out('classifier')}",
                          f"--output={self.out('score')}", *sample, *self.run_flags())
             return {"scorer": "classifier", **_manifest_counts(self.out("score"))}
-        self.phi_jax("score", "data", "annotate", "--input=default", "--teacher=heuristic",
+        self.phi_jax("score", "data", "annotate", f"--input={self.config.input}", "--teacher=heuristic",
                      f"--rubric={self.config.annotate.rubric}", "--prose-rubric=edu",
                      f"--output={self.out('score')}", *sample, *self.run_flags())
         return {"scorer": "heuristic (no classifier)", **_manifest_counts(self.out("score"))}
@@ -242,7 +244,7 @@ class Recipe:
         stdout = self.phi_jax("pretrain", "train", f"--config={p.config}", f"--workdir={self.out('pretrain')}",
                               "--config.curation.enabled=False", "--config.data.source=jsonl",
                               f"--config.data.paths={','.join(files)}", f"--config.train.steps={p.steps}",
-                              "--config.train.progress_bar=False")
+                              "--config.train.progress_bar=False", *p.overrides.split())
         summary = json.loads(stdout.strip().splitlines()[-1])
         return {"files": len(files), "heldout": summary["heldout"], "heldout_tokens": summary["heldout_tokens"],
                 "first_loss": summary.get("first_loss"), "last_loss": summary.get("last_loss"),
