@@ -17,7 +17,8 @@ losses and pass@1. Without --teacher (or teacher.url) a local `phi-jax serve --m
 started for the stages that ask a teacher and stopped at the end.
 
 A finished stage is skipped on a rerun (its WORKDIR/stages/<stage>.json is its marker); an
-interrupted one is rerun, and its command resumes what it had done. A stage that cannot run says why
+interrupted one is rerun, and its command resumes what it had done; a skipped one is asked again
+(so the finetune stage runs once `phi-jax finetune` is in the build). A stage that cannot run says why
 (`skipped` with the reason: e.g. `phi-jax finetune` absent from this build, no exercise passed);
 if the teacher scored too few documents to train a classifier, the corpus is scored by the offline
 heuristic instead, and the report says so.
@@ -293,7 +294,8 @@ class Recipe:
         try:
             for stage in STAGES:
                 mark = marks / f"{stage}.json"
-                if mark.is_file():
+                # a skipped stage is asked again (e.g. once `phi-jax finetune` is in the build)
+                if mark.is_file() and json.loads(mark.read_text())["status"] == "done":
                     self.results[stage] = {**json.loads(mark.read_text()), "rerun": "skipped (already done)"}
                     print(_line(stage, self.results[stage]), flush=True)
                     continue
