@@ -80,17 +80,17 @@ def training_lines(summary: dict[str, Any], config, seconds: float) -> list[dict
     """The pack, train and held-out lines of a finished `train()` call (as dicts, for the JSON too)."""
     tc = config.train
     steps = summary["end_step"] - summary["start_step"]
-    stats = summary.get("data_stats") or {}
-    rows = steps * tc.batch_size
+    stats = summary.get("data_stats") or {}  # restored with the checkpoint: counts since step 0
+    rows = summary["end_step"] * tc.batch_size  # so the rows are counted since step 0 too
     held = summary["heldout"]
     heldout_s = summary.get("heldout_seconds", 0.0)
     losses = [x for x in summary["losses"] if math.isfinite(x)]
     return [
         {"stage": "pack", "documents_in": stats.get("documents", 0), "tokens_in": stats.get("tokens", 0),
          "rows_out": rows, "tokens_out": rows * tc.seq_len,
-         "note": f"{rows:,} rows of {tc.seq_len} (first-fit, in the Grain pipeline, during training)"},
+         "note": f"{rows:,} rows of {tc.seq_len} since step 0 (first-fit, in the Grain pipeline, during training)"},
         {"stage": "train", "steps": [summary["start_step"], summary["end_step"]],
-         "tokens_in": rows * tc.seq_len, "seconds": round(max(0.0, seconds - heldout_s), 3),
+         "tokens_in": steps * tc.batch_size * tc.seq_len, "seconds": round(max(0.0, seconds - heldout_s), 3),
          "loss": [losses[0], losses[-1]] if losses else None},
         {"stage": "heldout", "tokens_in": summary.get("heldout_tokens", 0),
          "loss": held[-1]["loss"] if held else None, "evaluations": len(held),
