@@ -190,6 +190,7 @@ def test_recipe_runs_every_stage_and_reruns_nothing(tmp_path):
         cmd = [sys.executable, "-m", "phi_jax.cli", "recipe", f"--config={ROOT / 'configs/recipe_phi1_tiny.py'}:runlocal",
                f"--workdir={workdir}", f"--teacher={teacher.url}", f"--config.classifier.embedder={embedder}",
                f"--config.pretrain.config={ROOT / 'configs/tiny.py'}:runlocal", "--config.filter.min_quality=1",
+               "--config.pretrain.overrides=--config.model.max_len=1024",  # HumanEval prompts, 512-token BPE
                f"--report-copy={tmp_path / 'copy' / 'report.json'}"]
         first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert first.returncode == 0, first.stderr[-3000:]
@@ -212,5 +213,6 @@ def test_recipe_runs_every_stage_and_reruns_nothing(tmp_path):
     if "finetune" not in SUBCOMMANDS:
         assert stages["finetune"]["status"] == "skipped" and "not in this build" in stages["finetune"]["reason"]
     assert stages["humaneval"]["result"]["num_problems"] == 2 and 0 <= report["humaneval_pass@1"] <= 1
-    assert all("already done" in line for line in second.stdout.splitlines() if line.startswith("  "))
+    lines = [line for line in second.stdout.splitlines() if line.startswith("  ")]
+    assert len(lines) == 11 and all("already done" in line or line.split()[1] == "skipped" for line in lines)
     assert (tmp_path / "copy" / "report.png").read_bytes()[:4] == b"\x89PNG"
