@@ -49,7 +49,7 @@ def get_config(arg: str | None = None):
     p.steps = 40
     p.overrides = ""  # more `phi-jax train` overrides, space-separated (e.g. a mesh: --config.mesh.shape.fsdp=8)
     ft = c.finetune = ml_collections.ConfigDict()
-    ft.config = "configs/finetune_tiny.py"  # `phi-jax finetune --config` (the finetune branch's configs)
+    ft.config = "configs/finetune_smollm2_lora.py"  # `phi-jax finetune --config` (from the finetune branch)
     ft.steps = 50
     e = c.eval = ml_collections.ConfigDict()
     e.humaneval_problems = 64  # the first N problems (164 = all)
