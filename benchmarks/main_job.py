@@ -49,8 +49,10 @@ def run() -> dict:
     summary = json.loads(train.stdout.strip().splitlines()[-1])
     losses = [m["loss"] for m in metrics if "loss" in m]
     lines = train.stdout.strip().splitlines()
-    stages = [line.strip() for line in lines if "->" in line and not line.startswith("  train loss")
-              and not line.startswith("{")]
+    from phi_jax.cli.stages import STAGES_HEADER
+
+    table = lines[lines.index(STAGES_HEADER) + 1:-1] if STAGES_HEADER in lines else []
+    stages = [line.strip() for line in table if line.strip()]
     tokens_per_s = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
     result = {
         "benchmark": "main_job", "machine": machine_info(), "allocator": allocator,

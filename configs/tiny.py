@@ -1,7 +1,12 @@
-"""The main job: a ~7M-parameter Phi trained on the embedded stdlib corpus in minutes on 2 CPU cores.
+"""The main job: a ~7M-parameter Phi trained on the curated stdlib corpus in minutes on 2 CPU cores.
 
     phi-jax train --config=configs/tiny.py --workdir=runs/tiny
     phi-jax train --config=configs/tiny.py --workdir=runs/tiny --config.train.steps=50
+    phi-jax train --config=configs/tiny.py --workdir=runs/raw --config.curation.enabled=False
+
+The corpus is curated first (WORKDIR/curated/<stage>, each with a manifest; skipped on a rerun):
+the offline heuristic annotator scores code with the `code` rubric and the language reference with
+`edu`, records scoring below 3 are dropped, then near duplicates, then anything overlapping HumanEval.
 """
 
 from phi_jax.train.defaults import base_config, lock
@@ -16,6 +21,9 @@ def get_config(arg: str | None = None):
     c.train.log_every = 10
     c.optimizer.lr = 2e-3
     c.optimizer.warmup_steps = 30
+    c.curation.enabled = True
+    c.curation.sources = "default"  # its rubrics suit the stdlib corpus: code by `code`, prose by `edu`
+    c.curation.filter.min_score = 3.0
     if arg == "runlocal":  # seconds-long smoke run (tests): a 2-layer model, 512-token BPE
         c.model.update(d_model=64, n_layers=2, n_heads=4, mlp_dim=128, vocab_size=512, max_len=128)
         c.train.steps = 6
@@ -27,4 +35,5 @@ def get_config(arg: str | None = None):
         c.data.max_documents = 64
         c.tokenizer.vocab_size = 512
         c.optimizer.warmup_steps = 2
+        c.curation.shard_size = 16  # several shards, so resume is per shard as at scale
     return lock(c)

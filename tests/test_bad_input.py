@@ -70,6 +70,22 @@ CLI_CASES = [
     ("unknown mesh axis in a rule", T + ["--config.mesh.rules.embed=bogus"], 2, r"mesh\.rules\.embed maps to unknown mesh axes"),
     ("held-out fraction of 1.5", T + ["--config.data.heldout_fraction=1.5"], 2, r"heldout_fraction=1\.5: must be in \[0, 1\)"),
     ("max_to_keep 0", T + ["--config.train.max_to_keep=0"], 2, r"max_to_keep=0 is invalid"),
+    ("unknown curation key", T + ["--config.curation.dedup.treshold=0.5"], 2,
+     r"config key curation\.dedup\.treshold does not exist; did you mean --config\.curation\.dedup\.threshold\?"),
+    ("curation score out of range", T + ["--config.curation.filter.min_score=7"], 2,
+     r"--config\.curation\.filter\.min_score=7\.0 is invalid: must be a score in \[0, 5\]"),
+    ("curation threshold out of range", T + ["--config.curation.dedup.threshold=1.5"], 2,
+     r"--config\.curation\.dedup\.threshold=1\.5 is invalid: must be a Jaccard similarity in \(0, 1\]"),
+    ("curation runner unknown", T + ["--config.curation.runner=spark"], 2,
+     r"--config\.curation\.runner='spark' is invalid: must be local or beam"),
+    ("curation filter without annotations", T + ["--config.curation.annotate.enabled=False"], 2,
+     r"--config\.curation\.filter\.enabled=True is invalid: the filter reads annotation\.score"),
+    ("recipe with an unknown key", ["recipe", "--config={recipe}", "--workdir={tmp}/run", "--config.annotate.sampel=3"],
+     2, r"config key annotate\.sampel does not exist; did you mean --config\.annotate\.sample\?"),
+    ("recipe score out of range", ["recipe", "--config={recipe}", "--workdir={tmp}/run",
+                                   "--config.filter.min_quality=9"], 2,
+     r"--config\.filter\.min_quality=9\.0 is invalid: must be a score in \[0, 5\]"),
+    ("recipe without a workdir", ["recipe", "--config={recipe}"], 2, r"needs --workdir=DIR"),
     ("train without a workdir", ["train", "--config={tiny}"], 2, r"needs --workdir=DIR"),
     ("override without a value", T + ["--config.train.steps"], 2, r"--config\.train\.steps has no value"),
     ("not an override", T + ["--bogus=1"], 2, r"unrecognized argument '--bogus=1'"),
@@ -197,7 +213,8 @@ def fixtures(tmp_path_factory):
                        ("nochat", {"split": "train"})):
         (fx / name).mkdir()
         (fx / name / "part-00000.jsonl").write_text(json.dumps({"id": "r1", "text": "hi", "meta": meta}) + "\n")
-    return {"tiny": TINY, "hf": str(hf), "wd": str(wd), "fx": str(fx), "ft": FINETUNE}
+    return {"tiny": TINY, "recipe": str(ROOT / "configs" / "recipe_phi1_tiny.py"), "hf": str(hf),
+            "wd": str(wd), "fx": str(fx), "ft": FINETUNE}
 
 
 def _digest(path: Path) -> str:
@@ -227,7 +244,7 @@ def test_cli_bad_input(fixtures, tmp_path, name, argv, code, pattern):
     assert re.match(r"phi-jax( \S+)?: error: ", error), error
     assert re.search(pattern, error), error
     assert [_digest(p) for p in protected] == before
-    if argv[0] in ("train", "finetune") and name not in FOUND_WHILE_READING:
+    if argv[0] in ("train", "finetune", "recipe") and name not in FOUND_WHILE_READING:
         assert not (tmp_path / "run").exists(), "a config error must leave no workdir behind"
 
 

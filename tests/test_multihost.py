@@ -72,6 +72,7 @@ def _launch(workdir, logdir, tokenizer_dir, *overrides):
            "--port", str(_free_port()), "--logdir", str(logdir), "--",
            "train", f"--config={ROOT / 'configs/tiny.py'}:runlocal", f"--workdir={workdir}",
            f"--config.tokenizer.path={tokenizer_dir}", f"--config.train.steps={STEPS}",
+           "--config.curation.enabled=False",  # the reference is train(), which reads data.* as given
            "--config.train.checkpoint_every=3",
            *(f"--config.mesh.shape.{k}={v}" for k, v in MESH.items()), *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}

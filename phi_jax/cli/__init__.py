@@ -7,6 +7,7 @@
     phi-jax serve    --model=PATH --port=8000
     phi-jax eval     humaneval|perplexity|choice --model=PATH --output=DIR
     phi-jax data     annotate|train-classifier|score|filter --input=... --output=DIR
+    phi-jax recipe   --config=configs/recipe_phi1_tiny.py --workdir=DIR   (the phi-1 recipe end to end)
     phi-jax plan     --config=configs/phi-2.py --devices 8 64
 
 One style for every subcommand: argparse subparsers, one module per subcommand in this package
@@ -29,9 +30,9 @@ import traceback
 from phi_jax import errors
 
 # Subcommands in the order `phi-jax --help` lists them; each is phi_jax.cli.<name>.
-SUBCOMMANDS = ("train", "finetune", "sample", "convert", "serve", "eval", "data", "plan")
+SUBCOMMANDS = ("train", "finetune", "sample", "convert", "serve", "eval", "data", "recipe", "plan")
 # Subcommands whose unrecognised arguments are `--config.a.b=value` overrides.
-_TAKES_CONFIG_OVERRIDES = ("train", "finetune", "plan")
+_TAKES_CONFIG_OVERRIDES = ("train", "finetune", "recipe", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

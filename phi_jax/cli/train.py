@@ -2,6 +2,11 @@
 
     phi-jax train --config=configs/tiny.py --workdir=runs/tiny [--config.train.steps=100 ...]
 
+With `config.curation.enabled` (configs/tiny.py), the data is curated first, each stage into
+WORKDIR/curated/<stage> with its manifest (annotate -> filter -> dedup -> decontaminate; a finished
+stage is skipped on a rerun), and the run ends with one line per stage (documents and tokens in ->
+out, time), training and the held-out evaluation included.
+
 `--config` names a Python file whose `get_config(arg)` returns the ConfigDict (`FILE:arg` passes
 an argument); `--config.<key>=<value>` overrides any key. The config is validated before the
 workdir is created, so a typo leaves nothing behind.
@@ -58,14 +63,23 @@ def run(args) -> int:
 
     distributed.maybe_initialize(coordinator_address=args.coordinator_address,
                                  num_processes=args.num_processes, process_id=args.process_id)
-    from phi_jax.train.loop import train
+    import time
+    from pathlib import Path
 
+    from phi_jax.cli import stages
+    from phi_jax.train.loop import preflight, train
     from phi_jax.train.summary import format_summary
 
+    preflight(config, args.workdir)  # what can fail without data fails before curation writes
+    curation = stages.curate_for_training(config, Path(args.workdir), progress=config.train.progress_bar)
+    start = time.perf_counter()
     summary = train(config, args.workdir)
+    table, rows = stages.stage_report(curation, summary, config, time.perf_counter() - start)
     print(format_summary(summary))
+    print(table)
     losses = summary.pop("losses")
     if losses:
         summary.update(first_loss=losses[0], last_loss=losses[-1])
+    summary["stages"] = rows
     print(json.dumps(summary))
     return 0

@@ -72,18 +72,29 @@ class AnnotateSpec:
     teacher: TeacherConfig | None  # None: the heuristic stand-in
     cache: str | None
     max_chars: int
+    prose_rubric: Rubric | None = None  # for records with meta.kind == "prose" (None: `rubric`)
+
+    def rubric_of(self, record: dict) -> Rubric:
+        if self.prose_rubric is not None and record.get("meta", {}).get("kind") == "prose":
+            return self.prose_rubric
+        return self.rubric
 
 
 def annotate_stage(rubric: Rubric, teacher: TeacherConfig | None, *, cache: str | Path | None,
-                   max_chars: int = 4000) -> Stage:
-    """The annotation stage; `teacher=None` is the offline heuristic (built-in rubrics only)."""
+                   max_chars: int = 4000, prose_rubric: Rubric | None = None) -> Stage:
+    """The annotation stage; `teacher=None` is the offline heuristic (built-in rubrics only).
+
+    `prose_rubric` scores records marked `meta.kind == "prose"` (the embedded corpus's language
+    reference) with another rubric, so a mixed corpus is not judged by whether its prose parses as code.
+    """
     if max_chars < 1:
         raise InputError(f"--max-chars={max_chars}: must be >= 1")
-    if teacher is None and rubric.name not in BUILTIN_RUBRICS:
-        raise InputError(f"--teacher={HEURISTIC} knows the built-in rubrics only "
-                         f"({', '.join(BUILTIN_RUBRICS)}), not {rubric.name}; use a teacher endpoint "
-                         "for your own rubric")
-    spec = AnnotateSpec(rubric, teacher, None if cache is None else str(cache), max_chars)
+    for r in (rubric, prose_rubric):
+        if teacher is None and r is not None and r.name not in BUILTIN_RUBRICS:
+            raise InputError(f"--teacher={HEURISTIC} knows the built-in rubrics only "
+                             f"({', '.join(BUILTIN_RUBRICS)}), not {r.name}; use a teacher endpoint "
+                             "for your own rubric")
+    spec = AnnotateSpec(rubric, teacher, None if cache is None else str(cache), max_chars, prose_rubric)
     if teacher is None:
         teacher_params = {"kind": HEURISTIC, "note": "offline stand-in computed from the text itself, "
                                                      "not a model's judgement"}
@@ -95,6 +106,8 @@ def annotate_stage(rubric: Rubric, teacher: TeacherConfig | None, *, cache: str 
                     "teacher_cache": spec.cache}
     parameters = {"rubric": rubric.name, "rubric_sha256": rubric.sha256, "teacher": teacher_params,
                   "max_chars": max_chars}
+    if prose_rubric is not None:
+        parameters.update(prose_rubric=prose_rubric.name, prose_rubric_sha256=prose_rubric.sha256)
     batch = 4 * teacher.concurrency if teacher is not None else 64
     return Stage("annotate", functools.partial(_AnnotateStep, spec), parameters, settings,
                  batch_size=max(16, batch))
@@ -108,16 +121,18 @@ class _AnnotateStep:
     def __call__(self, records: list[dict], counts: Counts) -> list[dict]:
         spec = self._spec
         texts = [r["text"][:spec.max_chars] for r in records]
+        rubrics = [spec.rubric_of(r) for r in records]
         if self._client is None:
             # The heuristic has no context window: it reads the whole text (cut code would not parse).
-            answers = [Answer(text=heuristic.answer(r["text"], spec.rubric.name)) for r in records]
+            answers = [Answer(text=heuristic.answer(r["text"], rubric.name))
+                       for r, rubric in zip(records, rubrics)]
             teacher = HEURISTIC
         else:
-            prompts = [Prompt([{"role": "user", "content": spec.rubric.render(text=t)}], spec.rubric.sha256)
-                       for t in texts]
+            prompts = [Prompt([{"role": "user", "content": rubric.render(text=t)}], rubric.sha256)
+                       for t, rubric in zip(texts, rubrics)]
             answers = self._client.ask(prompts, counts)
             teacher = spec.teacher.model
-        for record, text, answer in zip(records, texts, answers):
+        for record, text, answer, rubric in zip(records, texts, answers, rubrics):
             if answer.error is not None:
                 score, status, reason = None, "refused", answer.error
             else:
@@ -126,7 +141,7 @@ class _AnnotateStep:
             counts.add(status)
             record["meta"]["annotation"] = {
                 "status": status, "score": score, "reason": reason, "teacher": teacher,
-                "rubric": Path(spec.rubric.name).name, "rubric_sha256": spec.rubric.sha256[:16],
+                "rubric": Path(rubric.name).name, "rubric_sha256": rubric.sha256[:16],
                 "answer": answer.text,
                 "truncated": self._client is not None and len(text) < len(record["text"])}
         return records

@@ -287,6 +287,14 @@ def input_fingerprints(shards: Sequence[InputShard]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+def upstream_manifests(inputs: str | Sequence[str]) -> list[dict[str, Any]]:
+    """[{"path", "manifest_sha256"}] of the inputs that are earlier stages' outputs: the chain of
+    manifests a stage was made from (its `inputs` hash the shards themselves)."""
+    specs = [s.strip() for s in inputs.split(",")] if isinstance(inputs, str) else list(inputs)
+    return [{"path": spec, "manifest_sha256": file_sha256(Path(spec) / MANIFEST)}
+            for spec in specs if spec and os.path.isdir(spec) and (Path(spec) / MANIFEST).is_file()]
+
+
 # --------------------------------------------------------------------------------------- outputs
 
 def output_format(name: str) -> str:

@@ -223,6 +223,8 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
         _validate_lora(config.lora, model_config)
     from phi_jax.data.pipeline import validate_data_config
     validate_data_config(config.data)
+    if "curation" in config:
+        validate_curation(config)
 
 
 def _validate_lora(lora: ml_collections.ConfigDict, model_config) -> None:
@@ -237,3 +239,42 @@ def _validate_lora(lora: ml_collections.ConfigDict, model_config) -> None:
     except ValueError as e:
         message = str(e).replace("ModelConfig.lora_targets", f"--config.lora.targets={lora.targets!r}")
         raise ConfigError(message.replace("ModelConfig.lora_alpha", "--config.lora.alpha")) from None
+
+
+def validate_curation(config: ml_collections.ConfigDict) -> None:
+    """The ranges of `curation.*` (the stages themselves check the rest when they are built)."""
+    c = config.curation
+    if not c.enabled:
+        return
+    _check(c.runner in ("local", "beam"), "curation.runner", c.runner, "must be local or beam")
+    for key in ("workers", "shard_size"):
+        _check(isinstance(c[key], int) and c[key] >= 1, f"curation.{key}", c[key], "must be an integer >= 1")
+    curable = ("default", "text", "jsonl", "arrayrecord")
+    sources = [s.strip() for s in c.sources.split(",") if s.strip()]
+    _check(all(s in curable for s in sources), "curation.sources", c.sources,
+           f"list data sources among {', '.join(curable)} (tfds data is curated with `phi-jax data`)")
+    a, f, d, x = c.annotate, c.filter, c.dedup, c.decontaminate
+    if a.enabled:
+        _check(bool(a.rubric), "curation.annotate.rubric", a.rubric, "name a rubric: code, edu or a file")
+        _check(a.max_chars >= 1, "curation.annotate.max_chars", a.max_chars, "must be >= 1")
+        _check(a.concurrency >= 1, "curation.annotate.concurrency", a.concurrency, "must be >= 1")
+        _check(a.teacher == "heuristic" or a.teacher.startswith(("http://", "https://")),
+               "curation.annotate.teacher", a.teacher, "must be heuristic or an http(s):// endpoint URL")
+    if f.enabled:
+        _check(_finite(f.min_score) and 0 <= f.min_score <= 5, "curation.filter.min_score", f.min_score,
+               "must be a score in [0, 5]")
+        _check(bool(f.field.strip(".")), "curation.filter.field", f.field,
+               "name a meta field such as annotation.score")
+        _check(a.enabled or f.field != "annotation.score", "curation.filter.enabled", True,
+               "the filter reads annotation.score, which curation.annotate writes; turn annotate on "
+               "(--config.curation.annotate.enabled=True) or the filter off")
+    if d.enabled:
+        _check(_finite(d.threshold) and 0 < d.threshold <= 1, "curation.dedup.threshold", d.threshold,
+               "must be a Jaccard similarity in (0, 1]")
+        _check(isinstance(d.ngram, int) and 1 <= d.ngram <= 1000, "curation.dedup.ngram", d.ngram,
+               "must be 1..1000 words per shingle")
+    if x.enabled:
+        _check(bool(x.against.strip(", ")), "curation.decontaminate.against", x.against,
+               "name evaluation sets, e.g. humaneval or evals/mmlu.jsonl")
+        _check(isinstance(x.ngram, int) and x.ngram >= 1, "curation.decontaminate.ngram", x.ngram,
+               "must be >= 1")

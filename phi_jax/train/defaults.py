@@ -64,6 +64,44 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     # "default" (phi_jax.sharding.DEFAULT_RULES), "fsdp", "fsdp,tensor", or "none" (replicated);
     # e.g. --config.mesh.rules.embed=fsdp,tensor --config.mesh.rules.mlp=none
     m.rules = ml_collections.ConfigDict({name: "default" for name in axes.ALL})
+    c.curation = curation_config()
+    return c
+
+
+def curation_config() -> ml_collections.ConfigDict:
+    """The stages `phi-jax train` runs over `data.*` before training (off unless a config turns it on).
+
+    Each stage is a `phi-jax data` stage (the same function), its output a directory with a manifest
+    under WORKDIR/curated/<stage>; a stage switched off is passed over and the next reads its input.
+    """
+    c = ml_collections.ConfigDict()
+    c.enabled = False
+    c.sources = "default,text,jsonl,arrayrecord"  # the data.source values curated; others train as given
+    c.runner = "local"  # local | beam (the same stages as an Apache Beam pipeline)
+    c.workers = 1  # local worker processes (1 = in this process) or Beam DirectRunner workers
+    c.beam_options = ""  # e.g. "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/t"
+    c.shard_size = 1000  # records per shard: the unit of resume
+    a = c.annotate = ml_collections.ConfigDict()
+    a.enabled = True
+    a.teacher = "heuristic"  # "heuristic" (offline, from the text itself) or an OpenAI-compatible URL
+    a.teacher_model = ""
+    a.concurrency = 8
+    a.rubric = "code"  # code | edu | a prompt file with {text}
+    a.prose_rubric = "edu"  # the rubric of prose records (meta.kind == "prose"); "" = `rubric` for all
+    a.max_chars = 4000
+    f = c.filter = ml_collections.ConfigDict()
+    f.enabled = True
+    f.field = "annotation.score"  # the meta field compared (annotation.score, or quality from a classifier)
+    f.min_score = 3.0  # keep records whose field is >= this (0-5)
+    d = c.dedup = ml_collections.ConfigDict()
+    d.enabled = True
+    d.threshold = 0.8  # MinHash-LSH Jaccard similarity that makes a near duplicate
+    d.ngram = 5  # words per shingle
+    x = c.decontaminate = ml_collections.ConfigDict()
+    x.enabled = True
+    x.against = "humaneval"  # comma-separated evaluation sets (humaneval, FILE.jsonl[:FIELD])
+    x.ngram = 13
+    x.code_check = True  # also drop documents with a function AST-similar to a benchmark solution
     return c
 
 

@@ -10,6 +10,7 @@ batches every time, so the curve is comparable across steps and across resumes.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import jax
@@ -27,6 +28,7 @@ class HeldOut:
                  batch_sharding, tokens: int):
         self._batches, self._score, self._sharding = batches, score, batch_sharding
         self.tokens = tokens
+        self.seconds = 0.0  # spent evaluating, over every call
 
     @property
     def enabled(self) -> bool:
@@ -37,10 +39,12 @@ class HeldOut:
             return None
         from phi_jax.data import pipeline
 
+        start = time.perf_counter()
         total = count = 0.0
         for batch in self._batches:
             loss_sum, n = jax.device_get(self._score(params, pipeline.to_global_batch(batch, self._sharding)))
             total, count = total + float(loss_sum), count + float(n)
+        self.seconds += time.perf_counter() - start
         return total / count if count else None
 
 

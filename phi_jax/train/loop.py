@@ -52,7 +52,9 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
     return model_config
 
 
-def _tokenizer(config, workdir):
+def run_tokenizer(config, workdir):
+    """The run's tokenizer: WORKDIR/tokenizer if there is one, else `tokenizer.path` (copied there)
+    or the byte-level BPE trained on the default corpus (cached there)."""
     from phi_jax.data import corpus
     from phi_jax.tokenizer import Tokenizer
 
@@ -132,6 +134,31 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def preflight(config: ml_collections.ConfigDict, workdir: str | Path):
+    """Every check of a run that needs no data: (model config, mesh, rules) if the run can start.
+
+    Before anything is written (a bad value leaves no workdir behind), and before the CLI curates.
+    """
+    validate_training(config)
+    fileio.check_bucket(workdir, "--workdir")
+    tc = config.train
+    model_config = model_config_from(config)
+    if tc.seq_len > model_config.max_len:
+        raise ConfigError(f"--config.train.seq_len={tc.seq_len} exceeds model.max_len="
+                          f"{model_config.max_len}; raise model.max_len or shorten the sequences")
+    mesh = sharding.make_mesh(dict(config.mesh.shape))
+    rules = sharding.rules_from_config(dict(config.mesh.rules))
+    sharding.check_divisibility(model_config, mesh, rules)
+    shards, hosts, accum = sharding.batch_divisor(mesh, rules), jax.process_count(), tc.accum_steps
+    if tc.batch_size % math.lcm(shards * accum, hosts):
+        raise ConfigError(f"--config.train.batch_size={tc.batch_size} must be divisible by the batch shards "
+                         f"({shards}) x train.accum_steps ({accum}) and by the hosts ({hosts}); "
+                         f"use a multiple of {math.lcm(shards * accum, hosts)}")
+    if config.tokenizer.path and not (fileio.as_path(workdir) / "tokenizer").exists():
+        _check_vocab(_load_tokenizer(config.tokenizer.path).vocab_size, model_config)
+    return model_config, mesh, rules
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           init_params: Callable[[], dict] | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `workdir`. Returns a summary with this invocation's losses.
@@ -142,31 +169,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     """
     from phi_jax.data import pipeline
 
-    validate_training(config)  # before anything is written: a bad value leaves no workdir behind
-    fileio.check_bucket(workdir, "--workdir")
     workdir = fileio.as_path(workdir)  # a local directory or a bucket (gs://...)
     tc = config.train
     primary = jax.process_index() == 0
-    model_config = model_config_from(config)
+    model_config, mesh, rules = preflight(config, workdir)
     model = Phi(model_config)
-    if tc.seq_len > model_config.max_len:
-        raise ConfigError(f"--config.train.seq_len={tc.seq_len} exceeds model.max_len="
-                          f"{model_config.max_len}; raise model.max_len or shorten the sequences")
-    # ------------------------------------------------------------------------ mesh, shapes
-    mesh = sharding.make_mesh(dict(config.mesh.shape))
-    rules = sharding.rules_from_config(dict(config.mesh.rules))
-    sharding.check_divisibility(model_config, mesh, rules)
-    shards, hosts, accum = sharding.batch_divisor(mesh, rules), jax.process_count(), tc.accum_steps
-    if tc.batch_size % math.lcm(shards * accum, hosts):
-        raise ConfigError(f"--config.train.batch_size={tc.batch_size} must be divisible by the batch shards "
-                         f"({shards}) x train.accum_steps ({accum}) and by the hosts ({hosts}); "
-                         f"use a multiple of {math.lcm(shards * accum, hosts)}")
-    if config.tokenizer.path and not (workdir / "tokenizer").exists():
-        _check_vocab(_load_tokenizer(config.tokenizer.path).vocab_size, model_config)
+    hosts, accum = jax.process_count(), tc.accum_steps
     workdir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------- tokenizer and data
-    tokenizer = _tokenizer(config, workdir)
+    tokenizer = run_tokenizer(config, workdir)
     _check_vocab(tokenizer.vocab_size, model_config)
 
     schedule = learning_rate_schedule(config.optimizer, tc.steps)
@@ -319,7 +331,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     summary = {"start_step": start, "end_step": int(jax.device_get(state["step"])),
                "total_steps": tc.steps, "losses": losses,
                "heldout": [{"step": s, "loss": l} for s, l in heldout_losses],
-               "heldout_tokens": held.tokens,
+               "heldout_tokens": held.tokens, "heldout_seconds": round(held.seconds, 3),
                "nonfinite_total": int(jax.device_get(state["nonfinite_total"])),
                "data_stats": pipeline.data_stats(data_iter).as_dict(),
                "checkpoints": sorted(manager.all_steps()), "workdir": str(workdir),

@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--rubric", default="edu",
                    help="edu (FineWeb-Edu's 0-5 educational value), code (phi-1's value for learning to "
                         "code), or a prompt file with {text}")
+    p.add_argument("--prose-rubric", default="",
+                   help="another rubric for records marked meta.kind=prose (the corpus's language "
+                        "reference), e.g. --rubric=code --prose-rubric=edu")
     p.add_argument("--max-chars", type=int, default=4000,
                    help="characters of each document shown to the teacher")
     p.set_defaults(func=_run)
@@ -37,10 +40,11 @@ def _run(args) -> int:
     from phi_jax.curation.teacher import default_cache_path
 
     rubric = load_rubric(args.rubric)
+    prose = load_rubric(args.prose_rubric) if args.prose_rubric else None
     if args.teacher == HEURISTIC:
-        stage = annotate_stage(rubric, None, cache=None, max_chars=args.max_chars)
+        stage = annotate_stage(rubric, None, cache=None, max_chars=args.max_chars, prose_rubric=prose)
     else:
         teacher = teacher_config(args)
         cache = args.teacher_cache or default_cache_path(args.output)
-        stage = annotate_stage(rubric, teacher, cache=cache, max_chars=args.max_chars)
+        stage = annotate_stage(rubric, teacher, cache=cache, max_chars=args.max_chars, prose_rubric=prose)
     return run(args, stage)

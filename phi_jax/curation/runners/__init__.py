@@ -68,26 +68,15 @@ def run_stage(stage: Stage, inputs: str | Sequence[str] | PlannedInputs, output:
     fmt = records.output_format(output_format)
     fileio.check_bucket(output, "--output")
     output = fileio.as_path(output)
-    if isinstance(inputs, (str, list, tuple)):
-        shards = records.plan_shards(inputs, shard_size, text_field=text_field, max_records=max_records)
-        if not shards:
-            raise InputError(f"--input={inputs}: no records to process")
-        fingerprints = records.input_fingerprints(shards)
-    else:
-        if shard_size < 1:
-            raise InputError(f"--shard-size={shard_size}: must be >= 1")
-        if max_records:
-            raise InputError("--max-records applies to record inputs; a plan has its own count")
-        shards, fingerprints = inputs.plan_shards(shard_size), inputs.fingerprints()
-        if not shards:
-            raise InputError(f"stage {stage.name!r}: its plan is empty; nothing to generate")
-    parameters = {**stage.parameters, "shard_size": shard_size, "output_format": fmt,
-                  "text_field": text_field, "max_records": max_records}
+    shards, fingerprints, parameters = _plan(stage, inputs, shard_size=shard_size, fmt=fmt,
+                                             text_field=text_field, max_records=max_records)
     started, clock = records.now(), time.perf_counter()
     with _locked(output):
         manifest = _prepare(output, stage, parameters, fingerprints, overwrite)
         manifest["status"] = "running"
         manifest["settings"] = {**stage.settings, "runner": runner, "workers": workers}
+        if isinstance(inputs, (str, list, tuple)):
+            manifest["upstream"] = records.upstream_manifests(inputs)
         records.write_manifest(output, manifest)
         todo = [s for s in shards if finished(output, s, fmt) is None]
         _clean_partial(output)
@@ -128,6 +117,58 @@ def run_stage(stage: Stage, inputs: str | Sequence[str] | PlannedInputs, output:
     return manifest
 
 
+def _plan(stage: Stage, inputs, *, shard_size: int, fmt: str, text_field: str, max_records: int):
+    """(shards, input fingerprints, the parameters the output depends on) of a run."""
+    if isinstance(inputs, (str, list, tuple)):
+        shards = records.plan_shards(inputs, shard_size, text_field=text_field, max_records=max_records)
+        if not shards:
+            raise InputError(f"--input={inputs}: no records to process")
+        fingerprints = records.input_fingerprints(shards)
+    else:
+        if shard_size < 1:
+            raise InputError(f"--shard-size={shard_size}: must be >= 1")
+        if max_records:
+            raise InputError("--max-records applies to record inputs; a plan has its own count")
+        shards, fingerprints = inputs.plan_shards(shard_size), inputs.fingerprints()
+        if not shards:
+            raise InputError(f"stage {stage.name!r}: its plan is empty; nothing to generate")
+    parameters = {**stage.parameters, "shard_size": shard_size, "output_format": fmt,
+                  "text_field": text_field, "max_records": max_records}
+    return shards, fingerprints, parameters
+
+
+def completed_run(stage: Stage, inputs: str | Sequence[str] | PlannedInputs, output: str | os.PathLike, *,
+                  shard_size: int = 1000, output_format: str = "jsonl", text_field: str = "text",
+                  max_records: int = 0) -> tuple[dict | None, list[str]]:
+    """(manifest, differences) of what `output` holds for this run, without writing anything.
+
+    The manifest is returned when the output is complete with the same stage, parameters and inputs
+    (a rerun would do nothing: a chain of stages skips it); otherwise None, with what differs
+    (empty when the output is new or unfinished, which `run_stage` starts or resumes).
+    """
+    fmt = records.output_format(output_format)
+    _, fingerprints, parameters = _plan(stage, inputs, shard_size=shard_size, fmt=fmt,
+                                        text_field=text_field, max_records=max_records)
+    old = records.read_manifest(output) if fileio.as_path(output).is_dir() else None
+    if old is None:
+        return None, []
+    problems = _differences(old, stage, parameters, fingerprints)
+    return (old if not problems and old.get("status") == "complete" else None), problems
+
+
+def _differences(old: dict, stage: Stage, parameters: dict, inputs: list[dict]) -> list[str]:
+    problems = []
+    if old.get("stage") != stage.name:
+        problems.append(f"stage: {old.get('stage')!r} -> {stage.name!r}")
+    problems += records.parameter_differences(old.get("parameters", {}), parameters)
+    old_inputs = {i["path"]: i.get("sha256") for i in old.get("inputs", [])}
+    new_inputs = {i["path"]: i.get("sha256") for i in inputs}
+    if old_inputs != new_inputs:
+        changed = sorted(p for p in set(old_inputs) | set(new_inputs) if old_inputs.get(p) != new_inputs.get(p))
+        problems.append(f"inputs changed: {', '.join(changed[:4])}")
+    return problems
+
+
 def _prepare(output, stage: Stage, parameters: dict, inputs: list[dict], overwrite: bool) -> dict:
     """The manifest to continue (same stage, parameters and inputs) or a new one."""
     new = records.new_manifest(stage.name, parameters, inputs)
@@ -140,15 +181,7 @@ def _prepare(output, stage: Stage, parameters: dict, inputs: list[dict], overwri
             raise InputError(f"--output={output} holds files that are not a phi-jax data output "
                              f"({', '.join(strangers[:4])}); choose a new or empty directory")
         return new
-    problems = []
-    if old.get("stage") != stage.name:
-        problems.append(f"stage: {old.get('stage')!r} -> {stage.name!r}")
-    problems += records.parameter_differences(old.get("parameters", {}), parameters)
-    old_inputs = {i["path"]: i.get("sha256") for i in old.get("inputs", [])}
-    new_inputs = {i["path"]: i.get("sha256") for i in inputs}
-    if old_inputs != new_inputs:
-        changed = sorted(p for p in set(old_inputs) | set(new_inputs) if old_inputs.get(p) != new_inputs.get(p))
-        problems.append(f"inputs changed: {', '.join(changed[:4])}")
+    problems = _differences(old, stage, parameters, inputs)
     if not problems:
         return old  # Same run: resume it.
     if not overwrite:
