@@ -49,8 +49,11 @@ def get_config(arg: str | None = None):
     p.steps = 40
     p.overrides = ""  # more `phi-jax train` overrides, space-separated (e.g. a mesh: --config.mesh.shape.fsdp=8)
     ft = c.finetune = ml_collections.ConfigDict()
-    ft.config = "configs/finetune_smollm2_lora.py"  # `phi-jax finetune --config` (from the finetune branch)
+    ft.config = "configs/finetune_smollm2_lora.py"  # `phi-jax finetune --config`
     ft.steps = 50
+    # The base here is the pretrained Phi, so LoRA targets Phi's module names (the config's defaults
+    # are Llama's); more `phi-jax finetune` overrides, space-separated.
+    ft.overrides = "--config.lora.targets=q_proj,k_proj,v_proj,dense,fc1,fc2"
     e = c.eval = ml_collections.ConfigDict()
     e.humaneval_problems = 64  # the first N problems (164 = all)
     e.max_new_tokens = 128
@@ -58,5 +61,6 @@ def get_config(arg: str | None = None):
         a.sample, a.max_tokens, k.max_tokens, f.documents = 12, 32, 16, 40
         s.textbook, s.exercises, s.max_tokens = 2, 2, 128
         p.steps, ft.steps, e.humaneval_problems, e.max_new_tokens = 4, 2, 2, 16
+        ft.config = "configs/finetune_smollm2_lora.py:runlocal"  # a batch the 8 test devices divide
     c.lock()
     return c

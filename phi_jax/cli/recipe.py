@@ -255,7 +255,7 @@ class Recipe:
         from phi_jax.cli import SUBCOMMANDS
 
         if "finetune" not in SUBCOMMANDS:
-            raise StageSkipped("`phi-jax finetune` is not in this build (it lands with the finetune branch); "
+            raise StageSkipped("`phi-jax finetune` is not in this build; "
                                "HumanEval is measured on the pretrained model")
         pairs = _read_jsonl(self.out("exercises") / "train.jsonl") \
             if (self.out("exercises") / "train.jsonl").is_file() else []
@@ -269,7 +269,8 @@ class Recipe:
                                    {"role": "assistant", "content": p["completion"]}]}}) + "\n" for p in pairs))
         f = self.config.finetune
         stdout = self.phi_jax("finetune", "finetune", f"--config={f.config}", f"--model={self.out('pretrain')}",
-                              f"--data={data}", f"--workdir={self.out('finetune')}", f"--config.train.steps={f.steps}")
+                              f"--data={data}", f"--workdir={self.out('finetune')}", f"--config.train.steps={f.steps}",
+                              *f.overrides.split())
         summary = json.loads(stdout.strip().splitlines()[-1])
         return {"examples": len(pairs), "heldout": summary.get("heldout"), "last_loss": summary.get("last_loss")}
 
