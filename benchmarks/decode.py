@@ -40,7 +40,7 @@ CASES = {"tiny-b1": ("tiny", 1), "tiny-b8": ("tiny", 8), "tiny-b16": ("tiny", 16
          "phi-100m-b1": ("phi-100m", 1), "phi-100m-b16": ("phi-100m", 16),
          "smollm2-135m-b1": ("smollm2-135m", 1), "smollm2-135m-b8": ("smollm2-135m", 8),
          "smollm2-135m-b16": ("smollm2-135m", 16)}
-QUICK_CASES = ("tiny-b1", "tiny-b16")
+QUICK_CASES = ("tiny-b1", "tiny-b8", "tiny-b16")
 SMOKE_CASES = {"test-b2": ("test", 2)}  # never run by default: the unit test's smallest case
 
 

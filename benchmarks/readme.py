@@ -38,13 +38,13 @@ def _number(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _when(data: dict) -> str:
+def _when(data: dict, allocator: bool = True) -> str:
     machine = data.get("machine", {})
     parts = [str(machine.get("date", ""))[:10]]
     load = (machine.get("load_average_start") or [None])[0]
     if isinstance(load, (int, float)):
         parts.append(f"load {load:.1f}")
-    if machine.get("allocator"):
+    if allocator and machine.get("allocator"):
         parts.append(machine["allocator"])
     return ", ".join(parts)
 
@@ -96,7 +96,7 @@ def main_job_block() -> str:
         return "_not measured yet: run `python -m benchmarks.main_job`_\n"
     d = json.loads(file.read_text())
     s = d["summary"]
-    lines = [f"Measured by `python -m benchmarks.main_job` ({_when(d)}, {d['machine'].get('cpu', '')}, "
+    lines = [f"Measured by `python -m benchmarks.main_job` ({_when(d, allocator=False)}, {d['machine'].get('cpu', '')}, "
              f"allocator {d.get('allocator', '?')}): install excluded, **{d['train_seconds'] / 60:.1f} min** "
              f"for `phi-jax train` and {d['sample_seconds']:.0f} s for `phi-jax sample`."]
     for stage in d.get("stages", []):

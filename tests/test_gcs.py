@@ -6,10 +6,8 @@ the one-line errors for a missing bucket or object.
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -17,6 +15,7 @@ from phi_jax import checkpoint, fileio
 from phi_jax.cli import main as cli_main
 from phi_jax.errors import InputError
 
+from served import served
 from train_helpers import ROOT, params_equal, save_tiny_hf
 
 
@@ -276,8 +275,6 @@ def records_out(directory: str) -> int:
 # ------------------------------------------------------------------------- convert and serve
 @pytest.mark.slow
 def test_convert_both_ways_and_serve_a_workdir_from_gcs(gcs, tmp_path):
-    import openai
-
     import phi_jax
     from phi_jax.inference.decode import generate
     from phi_jax.tokenizer import Tokenizer
@@ -308,32 +305,9 @@ def test_convert_both_ways_and_serve_a_workdir_from_gcs(gcs, tmp_path):
     assert remote["loss"] == pytest.approx(local["loss"], rel=1e-6)
 
     tokenizer = Tokenizer.from_pretrained(hf_local)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "phi_jax.cli", "serve", f"--model={root}/wd", f"--port={port}",
-         "--num-slots=2", "--max-len=64", "--no-warmup", "--served-model-name=run"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "the server did not come up in 300 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                               timeout=120)
+    with served(f"--model={root}/wd", "--num-slots=2", "--max-len=64") as (_, client):
         r = client.completions.create(model="run", prompt="def add(", max_tokens=10, temperature=0)
         model, variables = phi_jax.from_pretrained(hf_local)
         ids = generate(model, variables, [tokenizer.encode("def add(")], max_new_tokens=10,
                        stop_tokens=[tokenizer.eos_id])[0]
         assert r.choices[0].text == tokenizer.decode(ids)
-    finally:
-        proc.terminate()
-        proc.wait(60)

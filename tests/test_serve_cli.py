@@ -1,14 +1,6 @@
 """`phi-jax serve` as users start it: the argparse wiring, and a real server subprocess on loopback."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import jax
-import openai
 import pytest
 
 import phi_jax
@@ -19,7 +11,7 @@ from phi_jax.inference.decode import generate
 from phi_jax.model import init_params
 from phi_jax.tokenizer import train_bpe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from served import served
 
 
 def test_serve_arguments_and_model_aliases():
@@ -42,31 +34,10 @@ def test_serve_subprocess_from_a_training_workdir(tmp_path):
     tokenizer.save(hf_dir)
     assert cli_main(["convert", str(hf_dir), str(workdir)]) == 0
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "phi_jax.cli", "serve", f"--checkpoint={workdir}", f"--port={port}",
-         "--num-slots=2", "--max-len=64", "--no-warmup", "--served-model-name=run"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "the server did not come up in 300 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                               timeout=120)
+    with served(f"--checkpoint={workdir}", "--num-slots=2", "--max-len=64") as (proc, client):
         r = client.completions.create(model="run", prompt="def add(", max_tokens=10, temperature=0)
         model, variables = phi_jax.from_pretrained(hf_dir)
         want = generate(model, variables, [tokenizer.encode("def add(")], max_new_tokens=10,
                         stop_tokens=[tokenizer.eos_id])[0]
         assert r.choices[0].text == tokenizer.decode(want)
-    finally:
-        proc.terminate()
-        proc.wait(60)
     assert proc.returncode is not None
