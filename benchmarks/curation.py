@@ -3,18 +3,23 @@ tokens/s, and the quality classifier's held-out F1.
 
     python -m benchmarks.curation --quick                      # a random tiny model (a few minutes)
     python -m benchmarks.curation --model=PATH/SmolLM2-135M-Instruct.Q4_1.gguf --name=smollm2
+    python -m benchmarks.curation --model=smollm2 --name=smollm2 --teacher-url=http://127.0.0.1:8000/v1 \
+        --concurrency=8 --documents=200 --embed-documents=32     # a teacher already being served
 
 The teacher is a real `phi-jax serve` subprocess on 127.0.0.1 (its own process, so the client's
 Python does not share a GIL with it) serving `--model` (any source `--model` accepts; default: the
 "tiny" preset with random weights and a BPE trained on a few stdlib sources). The documents are
 the first standard-library sources of the embedded corpus (evenly spaced), annotated with the `code`
-rubric through the real annotation stage (`run_stage` + the teacher client), each concurrency
-with a fresh cache so every answer is asked for. Concurrency 1 is the reference the others are
-compared with. Before the timed runs a pass at concurrency 32 compiles the server's prefill
-buckets, so compilation is not timed.
+rubric (or `--rubric`) through the real annotation stage (`run_stage` + the teacher client), each
+concurrency with a fresh cache so every answer is asked for. Concurrency 1 is the reference the
+others are compared with. Before the timed runs a pass at the highest concurrency compiles the
+server's prefill buckets, so compilation is not timed. `--teacher-url` uses a server that is already
+running and warm instead (for a slow teacher, whose every answer costs minutes on a CPU: the JSON
+then says the server was shared with whatever else was asking it).
 
-Embedding tokens/s: `phi_jax.inference.embed.Embedder` over the same documents in this process,
-batched (16 rows) against one text per call (the reference), after a compiling pass.
+Embedding tokens/s: `phi_jax.inference.embed.Embedder` over the same documents (the first
+`--embed-documents` of them) in this process, batched (16 rows) against one text per call (the
+reference), after a compiling pass.
 
 Classifier F1: ridge / logistic / forest heads trained on the teacher's scores when it scored at
 least 20 documents with more than one distinct score, else on the offline heuristic's scores (a
@@ -40,6 +45,7 @@ from benchmarks.serve import _corpus, _free_port, _start_server
 CONCURRENCY = (1, 8, 32)
 HEADS = ("ridge", "logistic", "forest")
 RUBRIC = "code"
+EXAMPLES = 4  # teacher answers kept in the JSON, so a reader sees what "unparsed" looked like
 
 
 def _tiny_model(directory: pathlib.Path, max_len: int) -> pathlib.Path:
@@ -71,14 +77,14 @@ def _documents(path: pathlib.Path, count: int) -> list[dict]:
 
 
 def _annotate(url: str, name: str, src: pathlib.Path, out: pathlib.Path, concurrency: int, *,
-              max_tokens: int, max_chars: int) -> dict[str, Any]:
+              max_tokens: int, max_chars: int, rubric: str = RUBRIC) -> dict[str, Any]:
     from phi_jax.curation.annotate import annotate_stage, load_rubric
     from phi_jax.curation.runners import run_stage
     from phi_jax.curation.teacher import TeacherConfig
 
     teacher = TeacherConfig(url=url, model=name, concurrency=concurrency, max_tokens=max_tokens,
                             timeout_s=900, max_retries=2)
-    stage = annotate_stage(load_rubric(RUBRIC), teacher, cache=out / "teacher_cache.sqlite",
+    stage = annotate_stage(load_rubric(rubric), teacher, cache=out / "teacher_cache.sqlite",
                            max_chars=max_chars)
     start = time.perf_counter()
     manifest = run_stage(stage, str(src), out, shard_size=100_000, progress=False)
@@ -89,7 +95,20 @@ def _annotate(url: str, name: str, src: pathlib.Path, out: pathlib.Path, concurr
             "prompt_tokens_per_s": c.get("teacher_prompt_tokens", 0) / seconds,
             "prompt_tokens": c.get("teacher_prompt_tokens", 0),
             "completion_tokens": c.get("teacher_completion_tokens", 0),
-            **{k: c.get(k, 0) for k in ("scored", "unparsed", "refused", "teacher_retries")}}
+            **{k: c.get(k, 0) for k in ("scored", "unparsed", "refused", "teacher_retries")},
+            **_answers(out)}
+
+
+def _answers(out: pathlib.Path) -> dict[str, Any]:
+    """Score histogram, unparsed reasons and a few answers as the teacher wrote them."""
+    from collections import Counter
+
+    from phi_jax.data import records
+
+    notes = [r["meta"]["annotation"] for r in records.iter_output(str(out))]
+    return {"score_histogram": dict(sorted(Counter(str(n["score"]) for n in notes if n["score"] is not None).items())),
+            "unparsed_reasons": dict(Counter(n["reason"] for n in notes if n["status"] == "unparsed").most_common(5)),
+            "example_answers": [(n.get("answer") or "")[-300:] for n in notes[:EXAMPLES]]}
 
 
 def _embedding(loaded, texts: list[str], max_tokens: int, batch_size: int, repeats: int) -> dict[str, Any]:
@@ -152,7 +171,9 @@ def _classifier(loaded, model_path: str, teacher_dir: pathlib.Path, work: pathli
 
 def run(quick: bool = False, model: str | None = None, name: str | None = None, documents: int | None = None,
         max_tokens: int | None = None, max_chars: int = 2000, max_len: int = 2048,
-        classifier_documents: int = 300, results_dir: str | None = None) -> dict[str, Any]:
+        classifier_documents: int = 300, results_dir: str | None = None, *, teacher_url: str | None = None,
+        concurrency: tuple[int, ...] = CONCURRENCY, rubric: str = RUBRIC, embed_tokens: int = 512,
+        embed_documents: int = 0) -> dict[str, Any]:
     from phi_jax.inference import loader
 
     documents = documents or (48 if quick else 300)
@@ -163,34 +184,45 @@ def run(quick: bool = False, model: str | None = None, name: str | None = None, 
         model_path = str(_tiny_model(tmp / "model", max_len) if model is None else model)
         src = tmp / "docs.jsonl"
         rows = _documents(src, documents)
-        port = _free_port()
-        with open(tmp / "server.log", "w+") as log:
-            proc = _start_server(pathlib.Path(model_path), port, max(CONCURRENCY), max_len, log, name=name,
-                                 warmup=False)
-            try:
-                url = f"http://127.0.0.1:{port}/v1"
-                _annotate(url, name, src, tmp / "warmup", max(CONCURRENCY), max_tokens=4, max_chars=max_chars)
-                annotation = {str(c): _annotate(url, name, src, tmp / f"c{c}", c, max_tokens=max_tokens,
-                                                max_chars=max_chars) for c in CONCURRENCY}
-            finally:
-                proc.terminate()
-                proc.wait(60)
+
+        def annotate_all(url: str) -> dict[str, Any]:
+            return {str(c): _annotate(url, name, src, tmp / f"c{c}", c, max_tokens=max_tokens,
+                                      max_chars=max_chars, rubric=rubric) for c in concurrency}
+
+        if teacher_url:
+            annotation = annotate_all(teacher_url)
+        else:
+            port = _free_port()
+            with open(tmp / "server.log", "w+") as log:
+                proc = _start_server(pathlib.Path(model_path), port, max(concurrency), max_len, log, name=name,
+                                     warmup=False)
+                try:
+                    url = f"http://127.0.0.1:{port}/v1"
+                    _annotate(url, name, src, tmp / "warmup", max(concurrency), max_tokens=4,
+                              max_chars=max_chars, rubric=rubric)
+                    annotation = annotate_all(url)
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
         loaded = loader.load(model_path)
-        texts = [r["text"] for r in rows]
-        embed_tokens = 512
+        texts = [r["text"] for r in rows][:embed_documents or None]
         embedding = {"batched": _embedding(loaded, texts, embed_tokens, 16, 1 if quick else 3),
                      "one_per_call": _embedding(loaded, texts, embed_tokens, 1, 1 if quick else 2)}
-        classifier = _classifier(loaded, model_path, tmp / "c8", tmp, documents=classifier_documents,
+        labelled = max(concurrency, key=lambda c: annotation[str(c)]["scored"])
+        classifier = _classifier(loaded, model_path, tmp / f"c{labelled}", tmp, documents=classifier_documents,
                                  max_tokens=embed_tokens)
-    base = annotation["1"]["docs_per_s"]
+    base = annotation["1"]["docs_per_s"] if "1" in annotation else None
     results = {
         "benchmark": "curation", "quick": quick,
         "setup": {"model": model or "tiny preset, random weights, 4k BPE", "name": name, "documents": documents,
-                  "rubric": RUBRIC, "max_tokens": max_tokens, "max_chars": max_chars,
-                  "server_slots": max(CONCURRENCY), "max_len": max_len, "temperature": 0.0,
+                  "rubric": rubric, "max_tokens": max_tokens, "max_chars": max_chars,
+                  "server": teacher_url or "started by this benchmark, nothing else asking it",
+                  "server_slots": None if teacher_url else max(concurrency), "max_len": max_len,
+                  "temperature": 0.0, "embed_tokens": embed_tokens,
                   "classifier_documents_if_heuristic": classifier_documents},
         "annotation": annotation,
-        "annotation_speedup_vs_concurrency_1": {c: row["docs_per_s"] / base for c, row in annotation.items()},
+        "annotation_speedup_vs_concurrency_1": {c: row["docs_per_s"] / base if base else None
+                                                for c, row in annotation.items()},
         "embedding": embedding,
         "embedding_speedup_vs_one_per_call": embedding["batched"]["tokens_per_s"]["median"]
         / embedding["one_per_call"]["tokens_per_s"]["median"],
@@ -234,7 +266,8 @@ def _print(results: dict[str, Any]) -> None:
           f"{'scored':>8}{'unparsed':>10}")
     for c, row in results["annotation"].items():
         print(f"{'  concurrency ' + c:<24}{row['docs_per_s']:>10.2f}"
-              f"{results['annotation_speedup_vs_concurrency_1'][c]:>8.2f}{row['prompt_tokens_per_s']:>14,.0f}"
+              f"{results['annotation_speedup_vs_concurrency_1'][c] or float('nan'):>8.2f}"
+              f"{row['prompt_tokens_per_s']:>14,.0f}"
               f"{row['completion_tokens_per_s']:>14,.1f}{row['scored']:>8}{row['unparsed']:>10}")
     emb = results["embedding"]
     print(f"embedding tokens/s: batched {emb['batched']['tokens_per_s']['median']:,.0f}, one per call "
@@ -257,9 +290,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-len", type=int, default=2048, help="the server's context (prompt + answer)")
     parser.add_argument("--classifier-documents", type=int, default=300,
                         help="documents the heuristic labels when the teacher scored too few")
+    parser.add_argument("--teacher-url", help="an OpenAI-compatible URL already serving --model as --name "
+                        "(default: start `phi-jax serve` here)")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)),
+                        help="comma-separated concurrencies to annotate at (1 is the reference)")
+    parser.add_argument("--rubric", default=RUBRIC, help="edu, code or a prompt file (as `data annotate`)")
+    parser.add_argument("--embed-tokens", type=int, default=512, help="tokens of each document embedded")
+    parser.add_argument("--embed-documents", type=int, default=0,
+                        help="documents in the embedding-throughput measurement (0 = all)")
     args = parser.parse_args(argv)
     run(args.quick, args.model, args.name, args.documents, args.max_tokens, args.max_chars, args.max_len,
-        args.classifier_documents)
+        args.classifier_documents, teacher_url=args.teacher_url,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")), rubric=args.rubric,
+        embed_tokens=args.embed_tokens, embed_documents=args.embed_documents)
 
 
 if __name__ == "__main__":

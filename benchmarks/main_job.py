@@ -1,15 +1,20 @@
 """README command 1, measured: `phi-jax train --config=configs/tiny.py` then `phi-jax sample`.
 
     python -m benchmarks.main_job     # ~5-10 min on 2 cores; writes benchmarks/results/main_job.json
+    python -m benchmarks.main_job --allocator=system    # the same under glibc: main_job_system.json
 
 Runs the two commands exactly as the README gives them (in a fresh temporary workdir, through the
 installed CLI of this interpreter), records their wall time, the per-stage lines, the held-out and
 smoothed losses and the sample, then reruns the training command to show it resumes (and, being
 finished, trains nothing). `python -m benchmarks.readme` quotes the result.
+
+`--allocator` sets `PHI_JAX_ALLOCATOR` for the commands (default `auto`: what a user gets), so the
+README can say what the retaining allocator buys command 1 (`system` = glibc's malloc).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -24,26 +29,35 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT = "def fibonacci(n):"
 
 
-def _phi_jax(*args: str, cwd: pathlib.Path) -> tuple[subprocess.CompletedProcess, float]:
+def _phi_jax(*args: str, cwd: pathlib.Path, allocator: str = "auto") -> tuple[subprocess.CompletedProcess, float]:
+    from phi_jax.allocator import _DONE, ENV
+
+    # the CLI picks (and preloads) its allocator itself, as it does for a user
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", _DONE)}
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "phi_jax.cli", *args], cwd=cwd, text=True,
-                            capture_output=True, env=dict(os.environ))
+                            capture_output=True, env={**env, ENV: allocator})
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"phi-jax {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return result, seconds
 
 
-def run() -> dict:
+def output_file(allocator: str = "auto") -> pathlib.Path:
+    return RESULTS / ("main_job.json" if allocator == "auto" else f"main_job_{allocator}.json")
+
+
+def run(allocator: str = "auto") -> dict:
     from phi_jax.train.summary import smoothed
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = pathlib.Path(tmp) / "runs" / "tiny"
         train, train_s = _phi_jax("train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}",
-                                  cwd=ROOT)
-        sample, sample_s = _phi_jax("sample", f"--model={workdir}", f"--prompt={PROMPT}", cwd=ROOT)
+                                  cwd=ROOT, allocator=allocator)
+        sample, sample_s = _phi_jax("sample", f"--model={workdir}", f"--prompt={PROMPT}", cwd=ROOT,
+                                    allocator=allocator)
         rerun, rerun_s = _phi_jax("train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}",
-                                  cwd=ROOT)
+                                  cwd=ROOT, allocator=allocator)
         metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         allocator = json.loads(train.stdout.strip().splitlines()[-1]).get("allocator", "")
     summary = json.loads(train.stdout.strip().splitlines()[-1])
@@ -65,11 +79,14 @@ def run() -> dict:
         "sample": sample.stdout,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "main_job.json").write_text(json.dumps(result, indent=2) + "\n")
+    output_file(allocator).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 if __name__ == "__main__":
-    out = run()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--allocator", default="auto", choices=("auto", "system", "tcmalloc", "jemalloc"),
+                        help="PHI_JAX_ALLOCATOR for the commands (auto: what a user gets)")
+    out = run(parser.parse_args().allocator)
     print(f"train {out['train_seconds']:.0f} s, sample {out['sample_seconds']:.0f} s; held-out "
           f"{out['summary']['heldout'][-1]['loss']:.3f}")

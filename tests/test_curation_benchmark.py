@@ -24,5 +24,8 @@ def test_curation_benchmark_smallest(tmp_path):
     assert on_disk["annotation_speedup_vs_concurrency_1"]["1"] == 1.0
     for row in results["annotation"].values():
         assert row["documents"] == 4 == row["scored"] + row["unparsed"] + row["refused"]
+        assert sum(row["score_histogram"].values()) == row["scored"]
+        assert 0 < sum(row["unparsed_reasons"].values()) <= row["unparsed"] or row["unparsed"] == 0
+        assert len(row["example_answers"]) == min(4, row["documents"])
     assert results["embedding"]["batched"]["tokens"] == results["embedding"]["one_per_call"]["tokens"] > 0
     assert results["classifier"]["documents"] == 24 and set(results["classifier"]["heads"]) == set(curation.HEADS)

@@ -70,10 +70,10 @@ def run(args) -> int:
     from phi_jax.train.loop import preflight, train
     from phi_jax.train.summary import format_summary
 
-    preflight(config, args.workdir)  # what can fail without data fails before curation writes
+    checked = preflight(config, args.workdir)  # what can fail without data fails before curation writes
     curation = stages.curate_for_training(config, Path(args.workdir), progress=config.train.progress_bar)
     start = time.perf_counter()
-    summary = train(config, args.workdir)
+    summary = train(config, args.workdir, checked=checked)
     table, rows = stages.stage_report(curation, summary, config, time.perf_counter() - start)
     print(format_summary(summary))
     print(table)

@@ -160,19 +160,24 @@ def preflight(config: ml_collections.ConfigDict, workdir: str | Path):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
-          init_params: Callable[[], dict] | None = None) -> dict[str, Any]:
+          init_params: Callable[[], dict] | None = None,
+          checked: tuple | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `workdir`. Returns a summary with this invocation's losses.
 
     `init_params` (fine-tuning): called on a fresh start only, returns the starting parameters
     (the base model's, plus fresh LoRA leaves when config.lora.rank > 0) in the scanned layout; a
     resumed run takes everything from its checkpoint instead.
+
+    `checked`: what `preflight(config, workdir)` returned, when the caller ran it already (the CLI
+    does, before curating); preflight only reads config.model / train / mesh / tokenizer, which
+    curation leaves alone, so its answer still holds.
     """
     from phi_jax.data import pipeline
 
     workdir = fileio.as_path(workdir)  # a local directory or a bucket (gs://...)
     tc = config.train
     primary = jax.process_index() == 0
-    model_config, mesh, rules = preflight(config, workdir)
+    model_config, mesh, rules = checked or preflight(config, workdir)
     model = Phi(model_config)
     hosts, accum = jax.process_count(), tc.accum_steps
     workdir.mkdir(parents=True, exist_ok=True)

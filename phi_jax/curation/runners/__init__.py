@@ -300,6 +300,7 @@ def summary(manifest: dict, output: str | os.PathLike = "") -> str:
     for name, n in whole.items():
         lines.append(f"  {name:<{width}}  {n:>12,}")
     rate = run["records_processed"] / run["seconds"] if run["seconds"] > 0 else 0.0
-    lines.append(f"  time        {run['seconds']:.1f} s this run ({rate:,.1f} docs/s), "
+    per = f"{rate:,.1f} docs/s" if rate >= 1 or rate == 0 else f"{1 / rate:,.1f} s/doc"  # a slow teacher
+    lines.append(f"  time        {run['seconds']:.1f} s this run ({per}), "
                  f"{manifest.get('wall_seconds', 0):.1f} s in all")
     return "\n".join(lines)
