@@ -240,7 +240,9 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     ann = results["annotation"]
     a.bar([f"c={k}" for k in ann], [r["docs_per_s"] for r in ann.values()], color="tab:blue")
     a.set_ylabel("documents / s")
-    a.set_title("annotation (c=1 is the reference)")
+    first = next(iter(ann.values()))
+    a.set_title(f"annotation: {first['scored']} of {first['documents']} scored"
+                + ("; c=1 is the reference" if "1" in ann else ""))
     emb = results["embedding"]
     rates = [emb["one_per_call"]["tokens_per_s"]["median"], emb["batched"]["tokens_per_s"]["median"]]
     b.bar(["one per call", "batched (16)"], rates, color=["gray", "tab:blue"])

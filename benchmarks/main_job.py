@@ -59,7 +59,7 @@ def run(allocator: str = "auto") -> dict:
         rerun, rerun_s = _phi_jax("train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}",
                                   cwd=ROOT, allocator=allocator)
         metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        allocator = json.loads(train.stdout.strip().splitlines()[-1]).get("allocator", "")
+        used = json.loads(train.stdout.strip().splitlines()[-1]).get("allocator", "")
     summary = json.loads(train.stdout.strip().splitlines()[-1])
     losses = [m["loss"] for m in metrics if "loss" in m]
     lines = train.stdout.strip().splitlines()
@@ -69,7 +69,7 @@ def run(allocator: str = "auto") -> dict:
     stages = [line.strip() for line in table if line.strip()]
     tokens_per_s = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
     result = {
-        "benchmark": "main_job", "machine": machine_info(), "allocator": allocator,
+        "benchmark": "main_job", "machine": machine_info(), "allocator": used,
         "command": f"phi-jax train --config=configs/tiny.py --workdir=runs/tiny && phi-jax sample "
                    f"--model=runs/tiny --prompt=\"{PROMPT}\"",
         "train_seconds": train_s, "sample_seconds": sample_s, "rerun_seconds": rerun_s,
