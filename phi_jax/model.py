@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from phi_jax import axes
 from phi_jax.config import ModelConfig
 from phi_jax.errors import ConfigError, InputError
-from phi_jax.kernels.attention import attention, cached_attention, masked_attention, self_attention_mask
+from phi_jax.kernels.attention import (attention, cached_attention, masked_attention,
+                                       reference_cached_attention_before_write, self_attention_mask)
 from phi_jax.kernels.rope import RopeScaling, longrope_attention_factor
 from phi_jax.kernels.rotary import rotary
 
@@ -240,13 +241,35 @@ class PhiAttention(nn.Module):
             out = _self_attention(q, key, value, segment_ids, window, c)
             new_cache = None
         else:
-            new_cache = {"k": _write_cache(kv_cache["k"], key, layer, q_start),
-                         "v": _write_cache(kv_cache["v"], value, layer, q_start)}
-            out = _cached_attention(q, new_cache["k"][layer].astype(q.dtype),
-                                    new_cache["v"][layer].astype(q.dtype), q_start, window, c)
+            read_first = _reads_before_write(kv_cache, q, c)
+            write_at = q_start
+            if read_first:
+                out = reference_cached_attention_before_write(
+                    q, kv_cache["k"][layer].astype(q.dtype), kv_cache["v"][layer].astype(q.dtype),
+                    key, value, q_start=q_start, window=window)
+                # The write must follow the read, or XLA keeps both apart with copies: slots that
+                # depend on the attention's output (and always equal q_start) order them. (An
+                # optimization barrier does not: on CPU it copies the cache itself.)
+                write_at = jnp.minimum(q_start, q_start + jnp.isnan(out[:, 0, 0, 0]).astype(jnp.int32))
+            new_cache = {"k": _write_cache(kv_cache["k"], key, layer, write_at),
+                         "v": _write_cache(kv_cache["v"], value, layer, write_at)}
+            if not read_first:
+                out = _cached_attention(q, new_cache["k"][layer].astype(q.dtype),
+                                        new_cache["v"][layer].astype(q.dtype), q_start, window, c)
         out = _dense(d, (n, h), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), "BTNH,NHD->BTD", c,
                      "dense", c.out_bias)(out)
         return out, new_cache
+
+
+def _reads_before_write(kv_cache, q: jax.Array, config: ModelConfig) -> bool:
+    """Whether this attention reads the cache before writing the new token into it: one new token,
+    the XLA reference, and a per-layer cache (the CPU inference layout, see `init_cache`).
+
+    XLA:CPU otherwise copies the cache of every layer three times per decode step (see
+    `reference_cached_attention_before_write`); the stacked cache of scanned layers (accelerators)
+    and the fused kernels keep the write-then-read order they were measured with.
+    """
+    return q.shape[1] == 1 and config.attention_impl == "xla" and isinstance(kv_cache["k"], tuple)
 
 
 def _write_cache(buf, new: jax.Array, layer, q_start: jax.Array):

@@ -57,9 +57,14 @@ def test_stop_token_ends_sequence_and_callback_streams():
         assert [t for j, t in streamed if j == i] == out[i]
 
 
-def test_cached_decode_equals_full_forward():
+@pytest.mark.parametrize("name,scan_layers", [
+    ("test-gqa", True),   # stacked cache: every step writes the new key, then attends
+    ("test-gqa", False),  # per-layer cache (CPU inference): a decode step reads, then writes
+    ("test-qwen2", False),  # ... with a 5-slot window from layer 1 on, shorter than the prefix
+])
+def test_cached_decode_equals_full_forward(name, scan_layers):
     """Logits of token t from the KV cache path equal a full forward over the prefix."""
-    config = preset("test-gqa")
+    config = preset(name, scan_layers=scan_layers)
     model, params = Phi(config), init_params(config, jax.random.key(2))
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 10))
     full, _ = model.apply(params, tokens)
@@ -71,6 +76,25 @@ def test_cached_decode_equals_full_forward():
         steps.append(logits[:, 0])
     np.testing.assert_allclose(np.stack(steps, 1), full[:, 6:], atol=1e-5)
     assert cache["lengths"].tolist() == [10, 10]
+
+
+def test_decode_step_updates_the_cache_in_place():
+    """The compiled decode chunk (per-layer cache, batch 1 and 4) copies no cache buffer: XLA:CPU
+    used to copy each layer's k and v three times per step when attention read the cache it had
+    just written (~40 % of a batch-1 step of the tiny model)."""
+    config = preset("test-gqa", scan_layers=False)
+    model, params = Phi(config), init_params(config, jax.random.key(3))
+    slots = 64
+    for rows in (1, 4):
+        cache = init_cache(config, rows, slots)
+        cache_shape = f"f32[{rows},{config.num_kv_heads},{slots},{config.dim_per_head}]"
+        vector = lambda dtype, value=0: np.full(rows, value, dtype)
+        hlo = compiled_decode_chunk(model).lower(
+            rows, 8, False, slots, params, cache, vector(np.int32), vector(bool, True),
+            vector(np.uint32), vector(np.int32), vector(np.int32, 8), np.full((rows, 8), -1, np.int32),
+            vector(np.float32), vector(np.int32), vector(np.float32, 1.0), np.int32(8)).compile().as_text()
+        copies = [line for line in hlo.splitlines() if f"= {cache_shape}" in line and " copy(" in line]
+        assert f"{cache_shape}" in hlo and copies == [], copies[:3]
 
 
 def test_sampling_is_seeded_and_filters():

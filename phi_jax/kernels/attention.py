@@ -120,6 +120,50 @@ def reference_cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
     return masked_attention(q, k_cache, v_cache, mask, kv_layout="BKSH")
 
 
+def reference_cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                                            k_new: jax.Array, v_new: jax.Array, *, q_start: jax.Array,
+                                            window: int | None = None) -> jax.Array:
+    """`reference_cached_attention` computed from the cache as it was *before* the new keys were
+    written: the filled slots (< q_start) plus the new tokens' own keys and values.
+
+    Why: when the attention reads the cache after the write, XLA:CPU fuses the in-place update into
+    both the loop-carried cache and the attention's read of it, and then copies each layer's cache
+    three times per decode step to keep the two apart (42 copies, ~40 % of a batch-1 step of the
+    tiny model). Read before the write, the update has one consumer and stays in place. The result
+    equals the reference up to float32 summation order.
+
+    Args:
+      q: [B,T,N,H]; k_cache, v_cache: [B,K,S,H] without the new tokens; k_new, v_new: [B,T,K,H].
+      q_start: [B] int32 slot of each sequence's first new token (slots >= it are ignored).
+      window: sliding window (query slot minus key slot < window), or None.
+    Returns:
+      [B,T,N,H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    kv_heads, s = k_cache.shape[1], k_cache.shape[2]
+    groups = n // kv_heads
+    qm = _split_heads(q, kv_heads).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, h)
+    qm = qm.astype(jnp.float32) * (h ** -0.5)
+    old = jnp.einsum("BKMH,BKSH->BKMS", qm, k_cache.astype(jnp.float32))
+    new = jnp.einsum("BKMH,BTKH->BKMT", qm, k_new.astype(jnp.float32))
+    q_slot = q_start[:, None] + jnp.arange(t)[None, :]  # [B,T]
+    slot, index = jnp.arange(s), jnp.arange(t)
+    see_old = slot[None, None, :] < q_start[:, None, None]  # [B,1,S]
+    see_new = (index[None, :, None] >= index[None, None, :])  # [1,T,T]: new key j <= query t
+    if window is not None:
+        see_old = see_old & (slot[None, None, :] > q_slot[:, :, None] - window)  # [B,T,S]
+        see_new = see_new & (index[None, :, None] - index[None, None, :] < window)
+    see_old = jnp.tile(jnp.broadcast_to(see_old, (b, t, s)), (1, groups, 1))[:, None]  # [B,1,M,S]
+    see_new = jnp.tile(jnp.broadcast_to(see_new, (b, t, t)), (1, groups, 1))[:, None]  # [B,1,M,T]
+    scores = jnp.concatenate([jnp.where(see_old, old, backend.MASK_VALUE),
+                              jnp.where(see_new, new, backend.MASK_VALUE)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = (jnp.einsum("BKMS,BKSH->BKMH", probs[..., :s], v_cache.astype(jnp.float32))
+           + jnp.einsum("BKMT,BTKH->BKMH", probs[..., s:], v_new.astype(jnp.float32)))
+    out = out.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
