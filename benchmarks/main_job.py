@@ -9,7 +9,11 @@ smoothed losses and the sample, then reruns the training command to show it resu
 finished, trains nothing). `python -m benchmarks.readme` quotes the result.
 
 `--allocator` sets `PHI_JAX_ALLOCATOR` for the commands (default `auto`: what a user gets), so the
-README can say what the retaining allocator buys command 1 (`system` = glibc's malloc).
+README can say what the retaining allocator buys command 1 (`system` = glibc's malloc). `--set
+KEY=VALUE --name=NAME` adds `--config.KEY=VALUE` to both training commands and writes
+main_job_NAME.json, so the README can say what a config choice buys it (e.g.
+`--set model.scan_layers=True --name=scanned`: the layers as they were before configs/tiny.py
+unrolled them).
 """
 
 from __future__ import annotations
@@ -43,21 +47,24 @@ def _phi_jax(*args: str, cwd: pathlib.Path, allocator: str = "auto") -> tuple[su
     return result, seconds
 
 
-def output_file(allocator: str = "auto") -> pathlib.Path:
+def output_file(allocator: str = "auto", name: str = "") -> pathlib.Path:
+    if name:
+        return RESULTS / f"main_job_{name}.json"
     return RESULTS / ("main_job.json" if allocator == "auto" else f"main_job_{allocator}.json")
 
 
-def run(allocator: str = "auto") -> dict:
+def run(allocator: str = "auto", overrides: tuple[str, ...] = (), name: str = "") -> dict:
     from phi_jax.train.summary import smoothed
 
+    train_args = (f"--config={ROOT / 'configs/tiny.py'}", *(f"--config.{o}" for o in overrides))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = pathlib.Path(tmp) / "runs" / "tiny"
-        train, train_s = _phi_jax("train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}",
-                                  cwd=ROOT, allocator=allocator)
+        train, train_s = _phi_jax("train", *train_args, f"--workdir={workdir}", cwd=ROOT,
+                                  allocator=allocator)
         sample, sample_s = _phi_jax("sample", f"--model={workdir}", f"--prompt={PROMPT}", cwd=ROOT,
                                     allocator=allocator)
-        rerun, rerun_s = _phi_jax("train", f"--config={ROOT / 'configs/tiny.py'}", f"--workdir={workdir}",
-                                  cwd=ROOT, allocator=allocator)
+        rerun, rerun_s = _phi_jax("train", *train_args, f"--workdir={workdir}", cwd=ROOT,
+                                  allocator=allocator)
         metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         used = json.loads(train.stdout.strip().splitlines()[-1]).get("allocator", "")
     summary = json.loads(train.stdout.strip().splitlines()[-1])
@@ -76,10 +83,10 @@ def run(allocator: str = "auto") -> dict:
         "rerun_first_line": next((l for l in rerun.stdout.splitlines() if l.strip()), ""),
         "stages": stages, "summary": summary, "smoothed_loss": smoothed(losses),
         "tokens_per_s": sorted(tokens_per_s)[len(tokens_per_s) // 2] if tokens_per_s else 0.0,
-        "sample": sample.stdout,
+        "sample": sample.stdout, "overrides": list(overrides),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    output_file(allocator).write_text(json.dumps(result, indent=2) + "\n")
+    output_file(allocator, name).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -87,6 +94,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--allocator", default="auto", choices=("auto", "system", "tcmalloc", "jemalloc"),
                         help="PHI_JAX_ALLOCATOR for the commands (auto: what a user gets)")
-    out = run(parser.parse_args().allocator)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both training commands (needs --name)")
+    parser.add_argument("--name", default="", help="write main_job_NAME.json")
+    args = parser.parse_args()
+    if args.set and not args.name:
+        parser.error("--set needs --name (main_job.json is what command 1 does as written)")
+    out = run(args.allocator, tuple(args.set), args.name)
     print(f"train {out['train_seconds']:.0f} s, sample {out['sample_seconds']:.0f} s; held-out "
           f"{out['summary']['heldout'][-1]['loss']:.3f}")

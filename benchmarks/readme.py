@@ -113,6 +113,14 @@ def main_job_block() -> str:
                      f"tokens/s; with the retaining allocator ({d.get('allocator', '?')}) command 1 takes "
                      f"**{d['train_seconds'] / g['train_seconds']:.2f}×** glibc's time "
                      f"({d['tokens_per_s'] / g['tokens_per_s']:.2f}× its training tokens/s)")
+    scanned = RESULTS / "main_job_scanned.json"
+    if scanned.exists():
+        g = json.loads(scanned.read_text())
+        lines.append(f"- the same command with the layers scanned, as configs/tiny.py had them before "
+                     f"(`--config.model.scan_layers=True`, {_when(g, allocator=False)}): "
+                     f"{g['train_seconds'] / 60:.1f} min, {g['tokens_per_s']:,.0f} tokens/s; unrolled, "
+                     f"command 1 takes **{d['train_seconds'] / g['train_seconds']:.2f}×** that time "
+                     f"({d['tokens_per_s'] / g['tokens_per_s']:.2f}× its training tokens/s)")
     lines.append(f"- a rerun of the same command trains nothing ({d['rerun_seconds']:.0f} s): "
                  f"`{d['rerun_first_line']}`")
     lines.append("- the sample (temperature 0.8, seed 0):")

@@ -19,6 +19,10 @@ def get_config(arg: str | None = None):
     c.train.seq_len = 256
     c.train.checkpoint_every = 100
     c.train.log_every = 10
+    # Four layers unrolled instead of scanned: on XLA:CPU the scan slices stacked weights and
+    # stacks activations every step (~10 % of this step, benchmarks/results/train_step*.json);
+    # at this depth compiling four layers costs seconds. Deep models on accelerators keep the scan.
+    c.model.scan_layers = False
     c.optimizer.lr = 2e-3
     c.optimizer.warmup_steps = 30
     c.curation.enabled = True

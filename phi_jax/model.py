@@ -504,7 +504,15 @@ def scatter_cache_rows(kv, slots: jax.Array, rows_kv):
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
-    """Random parameters (boxed logical-axis metadata removed): {"params": ...}."""
+    """Random parameters (boxed logical-axis metadata removed): {"params": ...}.
+
+    The same weights whatever the layer layout: unrolled layers (`scan_layers=False`) are
+    initialised stacked and then split (`unstack_layers`), so a seed gives one model and
+    `scan_layers` changes only the program that runs it.
+    """
+    if not config.scan_layers:
+        stacked = config.replace(scan_layers=True)
+        return unstack_layers(Phi(stacked), init_params(stacked, rng))[1]
     variables = Phi(config).init(rng, jnp.zeros((1, 1), jnp.int32))
     return nn.unbox(variables)
 

@@ -9,6 +9,7 @@ import json
 import sys
 import types
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -75,6 +76,13 @@ def test_train_step_smallest_same_work(tmp_path):
     assert case["ratio_vs_best_reference"] == pytest.approx(
         case["tokens_per_s"]["phi_jax"]["median"] / ref)
     assert case["fraction_of_matmul_peak"] > 0
+    # both layer layouts start from the same weights and compute the same losses; the faster is phi_jax's
+    by_layout = check["phi_jax_by_layout"]
+    assert set(by_layout) == set(case["phi_jax_by_layout"]) == {"scanned", "unrolled"}
+    np.testing.assert_allclose(by_layout["scanned"], by_layout["unrolled"], rtol=1e-5)
+    assert case["tokens_per_s"]["phi_jax"] == case["phi_jax_by_layout"][case["phi_jax_layout"]]
+    assert case["phi_jax_layout"] == max(case["phi_jax_by_layout"],
+                                         key=lambda k: case["phi_jax_by_layout"][k]["median"])
 
 
 @pytest.mark.slow

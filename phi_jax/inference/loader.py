@@ -127,7 +127,7 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
         `phi_jax.lora.merge` folds it into the weights).
     """
     from phi_jax.config import dtype_name
-    from phi_jax.model import Phi, decode_prefers_unstacked, inference_layout
+    from phi_jax.model import Phi, decode_prefers_unstacked, inference_layout, stack_layers
 
     if layout not in ("inference", "training"):
         raise ValueError(f"layout={layout!r}; use 'inference' or 'training'")
@@ -160,6 +160,8 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
         model = Phi(config)
         if unstacked:
             model, variables = inference_layout(model, variables)
+        elif layout == "training":  # a run trained with unrolled layers (configs/tiny.py) too
+            model, variables = stack_layers(model, variables)
         found = _tokenizer_beside(path / "tokenizer")
     else:
         from phi_jax import gguf

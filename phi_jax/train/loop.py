@@ -29,6 +29,7 @@ from phi_jax import _faults, allocator, checkpoint, fileio, sharding
 from phi_jax.config import ModelConfig
 from phi_jax.errors import ConfigError, InputError, RunError
 from phi_jax.model import Phi
+from phi_jax.model import init_params as init_params_of  # `train` has an init_params argument
 from phi_jax.train import heldout
 from phi_jax.train.config_file import validate_training
 from phi_jax.train.metrics import MetricsWriter, peak_flops_per_device
@@ -234,12 +235,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         elif tc.init_from_hf:
             from phi_jax import hf
 
-            _, variables = hf.load_hf(tc.init_from_hf, dtype=model_config.param_dtype)
+            _, variables = hf.load_hf(tc.init_from_hf, dtype=model_config.param_dtype,
+                                      scan_layers=model_config.scan_layers)
             params = jax.device_put(variables["params"], state_shardings["params"])
             state = jax.jit(lambda p: init_state(p, optimizer, tc.seed),
                             out_shardings=state_shardings)(params)
         else:
-            state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(init_rng)
+            # init_params, not init_fn: the same weights whether the layers are scanned or not
+            state = jax.jit(lambda r: init_state(init_params_of(model_config, r)["params"], optimizer,
+                                                 tc.seed), out_shardings=state_shardings)(init_rng)
         step0 = 0
     start = int(jax.device_get(state["step"]))
 
