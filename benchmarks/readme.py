@@ -105,22 +105,18 @@ def main_job_block() -> str:
                  f"{d['smoothed_loss'][1]:.2f} (last {d['smoothed_loss'][2]} steps); held-out loss "
                  f"**{s['heldout'][-1]['loss']:.2f}** (perplexity {math.exp(s['heldout'][-1]['loss']):.0f}) "
                  f"on {s['heldout_tokens']:,} held-out tokens; {d['tokens_per_s']:,.0f} tokens/s")
-    glibc = RESULTS / "main_job_system.json"
-    if glibc.exists():
-        g = json.loads(glibc.read_text())
-        lines.append(f"- the same command under glibc's malloc (`PHI_JAX_ALLOCATOR=system`, "
-                     f"{_when(g, allocator=False)}): {g['train_seconds'] / 60:.1f} min, {g['tokens_per_s']:,.0f} "
-                     f"tokens/s; with the retaining allocator ({d.get('allocator', '?')}) command 1 takes "
-                     f"**{d['train_seconds'] / g['train_seconds']:.2f}×** glibc's time "
-                     f"({d['tokens_per_s'] / g['tokens_per_s']:.2f}× its training tokens/s)")
-    scanned = RESULTS / "main_job_scanned.json"
-    if scanned.exists():
-        g = json.loads(scanned.read_text())
-        lines.append(f"- the same command with the layers scanned, as configs/tiny.py had them before "
-                     f"(`--config.model.scan_layers=True`, {_when(g, allocator=False)}): "
-                     f"{g['train_seconds'] / 60:.1f} min, {g['tokens_per_s']:,.0f} tokens/s; unrolled, "
-                     f"command 1 takes **{d['train_seconds'] / g['train_seconds']:.2f}×** that time "
-                     f"({d['tokens_per_s'] / g['tokens_per_s']:.2f}× its training tokens/s)")
+    variants = (  # (file, how it differs from command 1 as written, what command 1 has instead)
+        ("main_job_system.json", "under glibc's malloc (`PHI_JAX_ALLOCATOR=system`",
+         f"with the retaining allocator ({d.get('allocator', '?')})"),
+        ("main_job_scanned.json", "with the layers scanned, as configs/tiny.py had them before "
+         "(`--config.model.scan_layers=True`", "with unrolled layers"))
+    for name, how, instead in variants:
+        if (RESULTS / name).exists():
+            g = json.loads((RESULTS / name).read_text())
+            lines.append(f"- the same command {how}, {_when(g, allocator=False)}): "
+                         f"{g['train_seconds'] / 60:.1f} min, {g['tokens_per_s']:,.0f} tokens/s; {instead} "
+                         f"command 1 takes **{d['train_seconds'] / g['train_seconds']:.2f}×** that time "
+                         f"({d['tokens_per_s'] / g['tokens_per_s']:.2f}× its training tokens/s)")
     lines.append(f"- a rerun of the same command trains nothing ({d['rerun_seconds']:.0f} s): "
                  f"`{d['rerun_first_line']}`")
     lines.append("- the sample (temperature 0.8, seed 0):")
