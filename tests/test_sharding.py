@@ -56,6 +56,9 @@ def tokenizer_dir(tmp_path_factory):
 def _config(tokenizer_dir, shape):
     config = runlocal_config(tokenizer_dir, steps=STEPS, checkpoint_every=5, async_checkpoint=False)
     config.mesh.shape.update(dict(zip(sharding.MESH_AXES, shape)))
+    # Scanned layers, as multi-device training runs them: the stacked [L, ...] weights are what these
+    # tests shard and check (configs/tiny.py itself trains unrolled, the faster layout on one CPU).
+    config.model.scan_layers = True
     return config
 
 
