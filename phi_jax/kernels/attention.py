@@ -44,6 +44,22 @@ def _split_heads(q: jax.Array, num_kv_heads: int) -> jax.Array:
     return q.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
 
 
+def _queries_by_kv_head(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    """[B,T,N,H] -> [B,K,M,H] with M = (G,T) rows: one plain batched matmul per kv head. (A separate
+    size-1 G axis, the MHA case, makes XLA:CPU lower the backward dots as broadcast-multiply-reduce
+    over [.., T, S, H]: 10x slower.)"""
+    b, t, n, h = q.shape
+    grouped = _split_heads(q, num_kv_heads).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
+    return grouped.reshape(b, num_kv_heads, n // num_kv_heads * t, h)
+
+
+def _heads_back(out: jax.Array, t: int) -> jax.Array:
+    """The inverse of `_queries_by_kv_head`: [B,K,M,H] -> [B,T,N,H]."""
+    b, kv_heads, m, h = out.shape
+    out = out.reshape(b, kv_heads, m // t, t, h).transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
+    return out.reshape(b, t, kv_heads * (m // t), h)
+
+
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                      kv_layout: str = "BSKH") -> jax.Array:
     """Softmax attention under an explicit boolean mask, in float32.
@@ -54,13 +70,10 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     Returns:
       [B,T,N,H] in q's dtype; 0 in rows whose mask is all False.
     """
-    b, t, n, h = q.shape
+    _, t, n, h = q.shape
     kv_heads = k.shape[kv_layout.index("K")]
     groups = n // kv_heads
-    # Queries as [B,K,M,H] with M = (G,T) rows: one plain batched matmul per kv head. (A separate
-    # size-1 G axis, the MHA case, makes XLA:CPU lower the backward dots as broadcast-multiply-
-    # reduce over [.., T, S, H]: 10x slower.)
-    qm = _split_heads(q, kv_heads).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, h)
+    qm = _queries_by_kv_head(q, kv_heads)
     scores = jnp.einsum(f"BKMH,{kv_layout}->BKMS", qm.astype(jnp.float32), k.astype(jnp.float32))
     scores = scores * (h ** -0.5)
     mask_m = jnp.tile(mask, (1, groups, 1))[:, None]  # [B,1,M,S], row m is query m % T
@@ -68,8 +81,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(f"BKMS,{kv_layout}->BKMH", probs, v.astype(jnp.float32))
     out = jnp.where(jnp.any(mask_m, axis=-1, keepdims=True), out, 0.0)
-    out = out.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    return _heads_back(out, t).astype(q.dtype)
 
 
 def self_attention_mask(segment_ids: jax.Array | None, batch: int, length: int,
@@ -142,15 +154,14 @@ def reference_cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_
     b, t, n, h = q.shape
     kv_heads, s = k_cache.shape[1], k_cache.shape[2]
     groups = n // kv_heads
-    qm = _split_heads(q, kv_heads).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, h)
-    qm = qm.astype(jnp.float32) * (h ** -0.5)
+    qm = _queries_by_kv_head(q, kv_heads).astype(jnp.float32) * (h ** -0.5)
     old = jnp.einsum("BKMH,BKSH->BKMS", qm, k_cache.astype(jnp.float32))
     new = jnp.einsum("BKMH,BTKH->BKMT", qm, k_new.astype(jnp.float32))
-    q_slot = q_start[:, None] + jnp.arange(t)[None, :]  # [B,T]
     slot, index = jnp.arange(s), jnp.arange(t)
     see_old = slot[None, None, :] < q_start[:, None, None]  # [B,1,S]
     see_new = (index[None, :, None] >= index[None, None, :])  # [1,T,T]: new key j <= query t
     if window is not None:
+        q_slot = q_start[:, None] + index[None, :]  # [B,T]
         see_old = see_old & (slot[None, None, :] > q_slot[:, :, None] - window)  # [B,T,S]
         see_new = see_new & (index[None, :, None] - index[None, None, :] < window)
     see_old = jnp.tile(jnp.broadcast_to(see_old, (b, t, s)), (1, groups, 1))[:, None]  # [B,1,M,S]
@@ -160,8 +171,7 @@ def reference_cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_
     probs = jax.nn.softmax(scores, axis=-1)
     out = (jnp.einsum("BKMS,BKSH->BKMH", probs[..., :s], v_cache.astype(jnp.float32))
            + jnp.einsum("BKMT,BTKH->BKMH", probs[..., s:], v_new.astype(jnp.float32)))
-    out = out.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    return _heads_back(out, t).astype(q.dtype)
 
 
 @functools.lru_cache(maxsize=None)
