@@ -59,7 +59,7 @@ def build_sets(work: pathlib.Path, tokenizer, *, uniform_size: int, hq_size: int
     """Curate the corpus (the main job's chain), then the two training sets and the held-out sets."""
     from phi_jax.curation.chain import TokenCounter, curate
     from phi_jax.data import records
-    from phi_jax.train.config_file import load_config
+    from phi_jax.training.config_file import load_config
 
     cc = load_config(str(common.RESULTS.parents[1] / "configs" / "tiny.py")).curation
     start = time.perf_counter()
@@ -93,8 +93,8 @@ def build_sets(work: pathlib.Path, tokenizer, *, uniform_size: int, hq_size: int
 
 def train_arm(work: pathlib.Path, train_file: str, tokenizer_dir: pathlib.Path, *, seed: int, steps: int,
               quick: bool) -> tuple[pathlib.Path, dict]:
-    from phi_jax.train.defaults import base_config
-    from phi_jax.train.loop import train
+    from phi_jax.training.defaults import base_config
+    from phi_jax.training.loop import train
 
     config = base_config("tiny")
     model_config(config, quick)

@@ -54,7 +54,7 @@ def output_file(allocator: str = "auto", name: str = "") -> pathlib.Path:
 
 
 def run(allocator: str = "auto", overrides: tuple[str, ...] = (), name: str = "") -> dict:
-    from phi_jax.train.summary import smoothed
+    from phi_jax.training.summary import smoothed
 
     train_args = (f"--config={ROOT / 'configs/tiny.py'}", *(f"--config.{o}" for o in overrides))
     with tempfile.TemporaryDirectory() as tmp:

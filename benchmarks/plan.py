@@ -4,10 +4,10 @@
 
 Compiles the real phi-2 train step (configs/phi-2.py: bf16 compute, f32 master weights and Adam
 state, sequence 2048, dropout on) ahead of time for 8, 64 and 256 fake devices under several
-sharding / remat settings (`phi_jax.train.plan.default_settings`), one subprocess per device count;
+sharding / remat settings (`phi_jax.training.plan.default_settings`), one subprocess per device count;
 nothing is allocated. Reported per setting: memory per device from `memory_analysis()`, FLOPs
 and collective bytes per device from `cost_analysis()` and the HLO, and the projection for TPU
-v5e, TPU v5p and H100 (`phi_jax.train.plan.project`). The reference in the same run is the analytic
+v5e, TPU v5p and H100 (`phi_jax.training.plan.project`). The reference in the same run is the analytic
 count: model FLOPs (`ModelConfig.flops_per_token`) and the bytes of the sharded train state
 (parameters + two Adam moments in float32), against which the compiled numbers are checked.
 --quick plans 8 devices only, two settings. Writes benchmarks/results/plan.json and plan.png
@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from phi_jax.train import plan
+from phi_jax.training import plan
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "phi-2.py"
@@ -44,7 +44,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Runs the plan; returns (and writes) the results dict."""
     from phi_jax.config import ModelConfig
 
-    from phi_jax.train.config_file import load_config
+    from phi_jax.training.config_file import load_config
 
     config = load_config(str(CONFIG))
     model = ModelConfig.from_dict(config.model.to_dict())

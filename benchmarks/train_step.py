@@ -60,8 +60,8 @@ def _jax_side(config, batch_tokens: np.ndarray, unrolled: bool = False):
     import ml_collections
 
     from phi_jax.model import Phi, init_params, unstack_layers
-    from phi_jax.train.optimizer import make_optimizer
-    from phi_jax.train.step import init_state, make_train_step
+    from phi_jax.training.optimizer import make_optimizer
+    from phi_jax.training.step import init_state, make_train_step
 
     model = Phi(config)
     # Jitted: run eagerly, initialisation compiles one tiny program per op (minutes on a busy CPU).

@@ -9,7 +9,7 @@ settings (dtype, remat_policy, attention_impl, ...) are read. Rank 8 on every li
 blocks (2.44M trainable parameters, 1.8 % of 135M); --config.lora.rank=0 fine-tunes everything.
 """
 
-from phi_jax.train.defaults import base_config, lock
+from phi_jax.training.defaults import base_config, lock
 
 
 def get_config(arg: str | None = None):

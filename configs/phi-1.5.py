@@ -12,7 +12,7 @@ it is one override: --config.train.batch_size=1024.) Gradient clipping is not st
 assumption. Compute in bfloat16 with float32 master weights instead of fp16 (no loss scaling).
 """
 
-from phi_jax.train.defaults import base_config, lock
+from phi_jax.training.defaults import base_config, lock
 
 TOKENS = 150e9
 SEQ_LEN = 2048

@@ -17,7 +17,7 @@ Memory: see the planning table in the README (`benchmarks/plan.py`); full remat 
 micro-batches when rows per device would not fit: batch 1024 on 256 chips is 4 rows per chip.
 """
 
-from phi_jax.train.defaults import base_config, lock
+from phi_jax.training.defaults import base_config, lock
 
 TOKENS = 1.4e12  # published training tokens
 SEQ_LEN = 2048

@@ -9,7 +9,7 @@ the offline heuristic annotator scores code with the `code` rubric and the langu
 `edu`, records scoring below 3 are dropped, then near duplicates, then anything overlapping HumanEval.
 """
 
-from phi_jax.train.defaults import base_config, lock
+from phi_jax.training.defaults import base_config, lock
 
 
 def get_config(arg: str | None = None):

@@ -191,9 +191,9 @@ def test_bad_adapters_are_named(tmp_path):
 
 def test_lora_training_moves_only_the_adapter():
     """The frozen base gets a zero update; the adapter's leaves train (optax multi_transform)."""
-    from phi_jax.train.defaults import base_config
-    from phi_jax.train.optimizer import make_optimizer
-    from phi_jax.train.step import init_state, make_train_step
+    from phi_jax.training.defaults import base_config
+    from phi_jax.training.optimizer import make_optimizer
+    from phi_jax.training.step import init_state, make_train_step
 
     config = lora.with_lora(preset("test"), 4, 8.0, ["q_proj", "fc2"])
     variables = lora.add_lora_params(config, init_params(preset("test"), jax.random.key(0)),

@@ -140,7 +140,7 @@ def bucket_inputs(gcs, tmp_path_factory):
 def test_train_killed_mid_save_on_gcs_resumes_bit_exact_from_committed_steps(gcs, bucket_inputs, tmp_path):
     from phi_jax.cli.train import load_validated
     from phi_jax.cli import build_parser
-    from phi_jax.train.loop import train
+    from phi_jax.training.loop import train
 
     tok, data = bucket_inputs
     args, extra = build_parser().parse_known_args(["train", *_train_args(tmp_path / "ref", tok, data)])

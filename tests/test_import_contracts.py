@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": _BASE | {"tokenizer", "chat"},
     "sandbox": _BASE,
     "inference": _BASE | {"model", "hf", "gguf", "tokenizer", "checkpoint", "config", "chat", "lora"},
-    "train": _BASE | {"model", "data", "sharding", "checkpoint", "config", "axes", "tokenizer", "hf",
+    "training": _BASE | {"model", "data", "sharding", "checkpoint", "config", "axes", "tokenizer", "hf",
                       "distributed", "lora"},
     "serve": _BASE | {"inference", "chat", "tokenizer"},
     "evals": _BASE | {"inference", "data", "sandbox", "tokenizer", "chat"},
@@ -126,7 +126,7 @@ def test_phi_jax_follows_the_import_contract():
 
 
 @pytest.mark.parametrize("file, line, expected", [
-    ("model.py", "from phi_jax.train import loop", "model may not import train"),
+    ("model.py", "from phi_jax.training import loop", "model may not import training"),
     ("serve/app.py", "from phi_jax import model", "serve may not import model"),
     ("curation/__init__.py", "import phi_jax.serve", "curation may not import serve"),
     ("data/packing.py", "from phi_jax.cli import main", "nothing may import the CLI"),

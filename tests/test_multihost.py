@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from phi_jax import checkpoint
-from phi_jax.train import loop
+from phi_jax.training import loop
 
 from train_helpers import ROOT, runlocal_config
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from phi_jax import sharding
-from phi_jax.train import plan
+from phi_jax.training import plan
 from phi_jax.config import ModelConfig
 
 from train_helpers import ROOT
@@ -31,7 +31,7 @@ SEQ = 64
 
 @pytest.fixture(scope="module")
 def small():
-    from phi_jax.train.config_file import load_config
+    from phi_jax.training.config_file import load_config
 
     config = load_config(f"{ROOT / 'configs/phi-2.py'}:runlocal")
     return ModelConfig.from_dict(config.model.to_dict()), config.optimizer.to_dict()
@@ -42,8 +42,8 @@ def _state_bytes_per_device(model_config, optimizer_cfg, setting, devices):
     import ml_collections
 
     from phi_jax.model import Phi
-    from phi_jax.train.optimizer import make_optimizer
-    from phi_jax.train.step import init_state
+    from phi_jax.training.optimizer import make_optimizer
+    from phi_jax.training.step import init_state
 
     model, opt = Phi(model_config), make_optimizer(ml_collections.ConfigDict(optimizer_cfg), 1000)
     mesh = sharding.make_mesh(dict(setting.mesh), devices)

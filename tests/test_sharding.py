@@ -19,7 +19,7 @@ import pytest
 
 from phi_jax import sharding
 from phi_jax import checkpoint
-from phi_jax.train import loop
+from phi_jax.training import loop
 
 from train_helpers import runlocal_config
 

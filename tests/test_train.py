@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from phi_jax import checkpoint
-from phi_jax.train.loop import NonFiniteError, train
+from phi_jax.training.loop import NonFiniteError, train
 
 from train_helpers import ROOT, params_equal, runlocal_config
 

@@ -8,7 +8,7 @@ import pytest
 
 from phi_jax.config import preset
 from phi_jax.model import Phi, init_params, lm_head_logits
-from phi_jax.train.loss import loss_sums
+from phi_jax.training.loss import loss_sums
 
 
 def _batch(config, b=2, t=13, seed=0):

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(arg: str = "runlocal", name: str = "tiny"):
-    from phi_jax.train.config_file import load_config as load
+    from phi_jax.training.config_file import load_config as load
 
     return load(f"{ROOT / 'configs' / name}.py:{arg}")
 

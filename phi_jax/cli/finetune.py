@@ -98,13 +98,13 @@ def run(args) -> int:
 
     from phi_jax.errors import InputError
     from phi_jax.inference import loader
-    from phi_jax.train import config_file
+    from phi_jax.training import config_file
 
     config = config_file.load_config(args.config)
     config_file.apply_overrides(config, args.config_overrides)
     if "lora" not in config:
         raise InputError(f"{args.config} has no lora section; start the config from "
-                         "phi_jax.train.defaults.base_config()")
+                         "phi_jax.training.defaults.base_config()")
     if not isinstance(config.lora.rank, int) or config.lora.rank < 0:
         raise InputError(f"--config.lora.rank={config.lora.rank!r} is invalid: must be an integer >= 0 "
                          "(0 = full fine-tuning; 8 or 16 are usual LoRA ranks)")
@@ -129,8 +129,8 @@ def run(args) -> int:
         return 0
 
     from phi_jax import lora
-    from phi_jax.train.loop import model_config_from, train
-    from phi_jax.train.summary import format_summary
+    from phi_jax.training.loop import model_config_from, train
+    from phi_jax.training.summary import format_summary
 
     tuned_config = model_config_from(config)
 

@@ -31,7 +31,7 @@ def run(args) -> int:
     from phi_jax.config import ModelConfig
     from phi_jax.errors import InputError
     from phi_jax.fileio import atomic_write_json
-    from phi_jax.train import plan
+    from phi_jax.training import plan
 
     if any(n < 1 for n in args.devices):
         raise InputError(f"--devices {args.devices}: device counts must be >= 1")

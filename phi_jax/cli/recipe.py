@@ -435,7 +435,7 @@ def plot_report(report: dict, path: Path) -> None:
 
 def run(args) -> int:
     from phi_jax.errors import InputError
-    from phi_jax.train import config_file
+    from phi_jax.training import config_file
 
     config = config_file.load_config(args.config)
     config_file.apply_overrides(config, args.config_overrides)

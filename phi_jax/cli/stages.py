@@ -4,7 +4,7 @@
 WORKDIR/curated/<stage> (skipped when already complete, resumed when interrupted), points the
 training data at the last stage's shards, trains, and prints one line per stage: documents and
 tokens in -> out, and time. Curation lives in `phi_jax.curation.chain`, training in
-`phi_jax.train.loop`; only the CLI wires the two (the library's `train()` trains on `config.data`
+`phi_jax.training.loop`; only the CLI wires the two (the library's `train()` trains on `config.data`
 as given).
 """
 
@@ -50,7 +50,7 @@ def curate_for_training(config, workdir: Path, *, progress: bool = True) -> list
     import jax
 
     from phi_jax.curation.chain import TokenCounter, curate, format_line
-    from phi_jax.train.loop import run_tokenizer
+    from phi_jax.training.loop import run_tokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = run_tokenizer(config, workdir)

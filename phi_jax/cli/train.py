@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 
 def load_validated(args) -> "ml_collections.ConfigDict":  # noqa: F821
     """The config named by --config with the command line's overrides applied and validated."""
-    from phi_jax.train import config_file
+    from phi_jax.training import config_file
 
     config = config_file.load_config(args.config)
     config_file.apply_overrides(config, args.config_overrides)
@@ -67,8 +67,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from phi_jax.cli import stages
-    from phi_jax.train.loop import preflight, train
-    from phi_jax.train.summary import format_summary
+    from phi_jax.training.loop import preflight, train
+    from phi_jax.training.summary import format_summary
 
     checked = preflight(config, args.workdir)  # what can fail without data fails before curation writes
     curation = stages.curate_for_training(config, Path(args.workdir), progress=config.train.progress_bar)

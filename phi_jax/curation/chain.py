@@ -124,7 +124,7 @@ def curate(cc, inputs: str, root: str | Path, *, count_tokens: Callable[[Iterabl
     """Run (or skip, or resume) every enabled stage of `cc` over `inputs` into `root/<stage>`.
 
     Args:
-      cc: the `curation` ConfigDict (`phi_jax.train.defaults.curation_config()`).
+      cc: the `curation` ConfigDict (`phi_jax.training.defaults.curation_config()`).
       inputs: what the first stage reads (`default`, files or globs; see `records.plan_shards`).
       root: the directory of the stages' outputs (`WORKDIR/curated`).
       count_tokens: texts -> their token count (a `TokenCounter`), for the lines.

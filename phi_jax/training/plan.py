@@ -231,8 +231,8 @@ def compile_train_step(model_config, optimizer_cfg: Mapping[str, Any], seq_len: 
 
     from phi_jax import sharding
     from phi_jax.model import Phi
-    from phi_jax.train.optimizer import learning_rate_schedule, make_optimizer
-    from phi_jax.train.step import init_state, make_train_step
+    from phi_jax.training.optimizer import learning_rate_schedule, make_optimizer
+    from phi_jax.training.step import init_state, make_train_step
 
     import ml_collections
 
@@ -341,7 +341,7 @@ def plan(model_config, optimizer_cfg: Mapping[str, Any], seq_len: int, num_devic
                p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     for name in ("PHI_JAX_COORDINATOR", "PHI_JAX_DISTRIBUTED"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-m", "phi_jax.train.plan", "--worker"], input=json.dumps(job),
+    proc = subprocess.run([sys.executable, "-m", "phi_jax.training.plan", "--worker"], input=json.dumps(job),
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"planning on {num_devices} devices failed:\n{proc.stderr[-4000:]}")
@@ -381,9 +381,9 @@ def format_table(results: list[dict[str, Any]], accelerators=tuple(ACCELERATORS.
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m phi_jax.train.plan --worker`: one planning job (JSON on stdin), run in its own
+    """`python -m phi_jax.training.plan --worker`: one planning job (JSON on stdin), run in its own
     process because the fake device count is fixed when jax starts. Users run `phi-jax plan`."""
-    parser = argparse.ArgumentParser(prog="python -m phi_jax.train.plan")
+    parser = argparse.ArgumentParser(prog="python -m phi_jax.training.plan")
     parser.add_argument("--worker", action="store_true", required=True)
     parser.parse_args(argv)
     _worker()

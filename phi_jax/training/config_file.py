@@ -208,7 +208,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _check(_finite(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be finite and > 0")
     _check(_finite(o.grad_clip) and o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip,
            "must be finite and >= 0 (0 = no clipping)")
-    from phi_jax.train.optimizer import SCHEDULES
+    from phi_jax.training.optimizer import SCHEDULES
     _check(o.schedule in SCHEDULES, "optimizer.schedule", o.schedule, f"must be one of {SCHEDULES}")
 
     for axis, size in config.mesh.shape.items():

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from phi_jax.train.loss import loss_sums
+from phi_jax.training.loss import loss_sums
 
 log = logging.getLogger(__name__)
 

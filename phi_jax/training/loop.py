@@ -30,11 +30,11 @@ from phi_jax.config import ModelConfig
 from phi_jax.errors import ConfigError, InputError, RunError
 from phi_jax.model import Phi
 from phi_jax.model import init_params as init_params_of  # `train` has an init_params argument
-from phi_jax.train import heldout
-from phi_jax.train.config_file import validate_training
-from phi_jax.train.metrics import MetricsWriter, peak_flops_per_device
-from phi_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from phi_jax.train.step import all_finite, init_state, make_train_step
+from phi_jax.training import heldout
+from phi_jax.training.config_file import validate_training
+from phi_jax.training.metrics import MetricsWriter, peak_flops_per_device
+from phi_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from phi_jax.training.step import all_finite, init_state, make_train_step
 
 log = logging.getLogger(__name__)
 

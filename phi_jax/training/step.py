@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from phi_jax.model import Phi
-from phi_jax.train.loss import loss_sums
+from phi_jax.training.loss import loss_sums
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
