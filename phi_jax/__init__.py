@@ -2,10 +2,14 @@
 
 The public API is small on purpose:
 
-    model, params = phi_jax.from_pretrained(path, dtype=jnp.float32)   # HF dir or .gguf -> (module, variables)
-    logits, cache = model.apply(params, tokens)
-    phi_jax.save_pretrained(path, model.config, params)                # -> HF dir transformers loads
-    new_ids = phi_jax.generate(model, params, prompts, max_new_tokens=32, temperature=0.0, seed=0)
+    m = phi_jax.load("smollm2")              # HF dir, workdir, .gguf, "smollm2", gs://... -> Loaded
+    m.generate("def fibonacci(n):")          # text in, text out; also chat, logprobs, score, embed
+    m.save("out/")                           # an HF directory transformers loads (or "x.gguf")
+    logits, cache = m.model.apply(m.variables, tokens)       # the pure (module, variables) underneath
+
+    phi_jax.train("configs/tiny.py", workdir="runs/tiny")     # every job is a function
+    phi_jax.finetune("configs/finetune_smollm2_lora.py", model="smollm2", data=conversations,
+                     workdir="runs/ft")
 
 Names are imported lazily: `import phi_jax` stays cheap, which matters for Grain worker
 processes that import the package only to unpickle a tokenizing function.
@@ -25,6 +29,11 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 __version__ = "0.1.0"
 
 _LAZY = {
+    "load": "phi_jax.inference.loader",
+    "Loaded": "phi_jax.inference.loader",
+    "train": "phi_jax.jobs",
+    "finetune": "phi_jax.jobs",
+    "recipe": "phi_jax.jobs",
     "ModelConfig": "phi_jax.config",
     "preset": "phi_jax.config",
     "Phi": "phi_jax.model",
@@ -39,33 +48,28 @@ __getattr__ = _lazy.exports(globals(), _LAZY)
 
 def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", *, adapter=None,
                     **config_overrides):
-    """Load a model: returns (Phi module, variables) in `dtype`.
+    """(Phi module, variables) from any source `phi_jax.load` takes; kept for code written against
+    it (transformers' name). `phi_jax.load` returns the same pair with the tokenizer and the text
+    methods beside it.
 
-    `path`: an HF checkpoint directory (PhiForCausalLM, LlamaForCausalLM, MistralForCausalLM,
-    Qwen2ForCausalLM, Phi3ForCausalLM) or a `.gguf` file (its tokenizer:
-    `phi_jax.Tokenizer.from_pretrained(path)`; everything at once: `phi_jax.gguf.load_gguf`).
     `config_overrides` set ModelConfig fields that the checkpoint does not hold, e.g.
-    `attention_impl="pallas"` or `scan_layers=False`. `adapter`: a LoRA adapter directory
-    (PEFT's adapter_config.json + adapter_model.safetensors) applied on top of the model.
+    `attention_impl="pallas"`. Layers come scanned (one stacked "layers" tree, as the trainer
+    builds them: the compatible default) unless `scan_layers=False`; `phi_jax.load` picks the
+    layout that decodes fastest instead. `adapter`: a LoRA adapter directory (PEFT's
+    adapter_config.json + adapter_model.safetensors) applied on top.
     """
-    from phi_jax.model import Phi
+    from phi_jax.inference.loader import load
+    from phi_jax.model import Phi, unstack_layers
 
-    if str(path).endswith(".gguf"):
-        from phi_jax import gguf
-
-        overrides = dict(config_overrides)
-        config, variables, _, _ = gguf.load_gguf(path, dtype=dtype,
-                                                 scan_layers=overrides.pop("scan_layers", True))
-        config = config.replace(**overrides) if overrides else config
-    else:
-        from phi_jax import hf
-
-        config, variables = hf.load_hf(path, dtype=dtype, **config_overrides)
-    if adapter is not None:
-        from phi_jax import lora
-
-        config, variables = lora.load_adapter(adapter, config, variables)
-    return Phi(config), variables
+    overrides = dict(config_overrides)
+    scan = overrides.pop("scan_layers", True)
+    loaded = load(path, dtype=dtype, adapter=adapter, layout="training" if scan else "inference")
+    model, variables = loaded.model, loaded.variables
+    if not scan and model.config.scan_layers:
+        model, variables = unstack_layers(model, variables)
+    if overrides:
+        model = Phi(model.config.replace(**overrides))
+    return model, variables
 
 
 def save_pretrained(path: str | os.PathLike, config, params: dict, *, dtype: Any = None,
@@ -83,5 +87,5 @@ def save_pretrained(path: str | os.PathLike, config, params: dict, *, dtype: Any
     hf.save_hf(path, config, params, dtype=dtype, max_shard_size=max_shard_size)
 
 
-__all__ = ["ModelConfig", "Phi", "Tokenizer", "from_pretrained", "generate", "init_cache",
-           "init_params", "preset", "save_pretrained"]
+__all__ = ["Loaded", "ModelConfig", "Phi", "Tokenizer", "finetune", "from_pretrained", "generate",
+           "init_cache", "init_params", "load", "preset", "recipe", "save_pretrained", "train"]

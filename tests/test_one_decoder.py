@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import phi_jax
+import phi_jax.inference.text
 from phi_jax.config import preset
 from phi_jax.inference import scoring
 from phi_jax.inference.decode import generate
@@ -110,3 +111,35 @@ def test_echo_logprobs_are_the_scorers_and_the_models(setup):
     bad = httpx.post(f"{url}/v1/completions", timeout=60, json={"model": "m", "prompt": "x",
                                                                 "max_tokens": 0})
     assert bad.status_code == 400 and "only with echo" in bad.json()["error"]["message"]
+
+
+def test_loaded_text_methods_are_the_servers_and_the_clis(setup):
+    """`phi_jax.load(...).generate` / `.chat` are the same decode as `/v1/completions`,
+    `/v1/chat/completions` and `phi-jax sample`: greedy and seeded, with stop strings."""
+    path, _, _, url = setup
+    m = phi_jax.load(path)
+    for prompt in ("def add(", "the quick"):
+        text = m.generate(prompt, max_new_tokens=NEW)
+        r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "m", "prompt": prompt, "max_tokens": NEW, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == text
+        result = subprocess.run(
+            [sys.executable, "-m", "phi_jax.cli", "sample", f"--model={path}", f"--prompt={prompt}",
+             f"--max-new-tokens={NEW}", "--temperature=0"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout == prompt + text + "\n"
+    sampled = m.generate(PROMPTS[:3], max_new_tokens=NEW, seed=40, **SAMPLED)
+    assert sampled == [_server(url, p, 40 + i) for i, p in enumerate(PROMPTS[:3])]
+    stop = sampled[0][3:5]
+    r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+        "model": "m", "prompt": PROMPTS[0], "max_tokens": NEW, "seed": 40, "stop": [stop], **SAMPLED})
+    assert m.generate(PROMPTS[0], max_new_tokens=NEW, seed=40, stop=stop, **SAMPLED) == \
+        r.json()["choices"][0]["text"] == sampled[0][:sampled[0].index(stop)]
+    messages = [{"role": "user", "content": "A"}]  # ChatML in a 300-token BPE: ~50 of 64 slots
+    room = 64 - len(m.tokenizer.encode(phi_jax.inference.text.render(m, messages)))
+    assert room >= 4
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "m", "messages": messages, "max_tokens": room, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert m.chat(messages, max_new_tokens=room) == r.json()["choices"][0]["message"]["content"]

@@ -4,7 +4,7 @@ validation (chat templates: tests/test_chat.py)."""
 import pytest
 
 from phi_jax.serve import protocol
-from phi_jax.serve.text import TextAssembler
+from phi_jax.inference.detokenize import TextAssembler
 from phi_jax.tokenizer import train_bpe
 
 

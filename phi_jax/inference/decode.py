@@ -201,7 +201,9 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
         with seed s, and equals that row of any batch that gives p the seed s.
       stop_tokens: ids that end a sequence (default: the config's eos). The stop token is
         included in the output, as transformers does.
-      callback: called as callback(prompt_index, token_id) for every new token, in order.
+      callback: called as callback(prompt_index, token_id) for every new token, in order; a
+        return value of True ends that sequence there (how text-level stop strings end a row
+        without waiting for its token budget).
       chunk_size: decode steps per device call. The tokens never depend on it; it only sets how
         often control returns to Python (and so the callback's granularity: 1 = every token).
     On CPU, pass the model through `phi_jax.model.inference_layout` first (`phi_jax.inference.load`
@@ -258,9 +260,8 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
         for i in np.flatnonzero(~done):
             token = int(column[i])
             outputs[i].append(token)
-            if callback is not None:
-                callback(int(i), token)
-            if token in stop or len(outputs[i]) >= max_new_tokens:
+            ended = callback is not None and callback(int(i), token) is True
+            if ended or token in stop or len(outputs[i]) >= max_new_tokens:
                 done[i] = True
 
     emit(np.asarray(picked[0]))

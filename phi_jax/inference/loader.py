@@ -43,7 +43,11 @@ def resolve(path: str | os.PathLike):
 
 @dataclasses.dataclass
 class Loaded:
-    """What `load` returns.
+    """What `load` returns: a model that speaks text, with JAX's explicit pieces in reach.
+
+        m = phi_jax.load("smollm2")
+        m.chat([{"role": "user", "content": "What is a list comprehension?"}])
+        logits, _ = m.model.apply(m.variables, tokens)   # the pure (module, variables) underneath
 
     Attributes:
       model: the `phi_jax.model.Phi` module (in the layout that decodes fastest here unless
@@ -62,6 +66,66 @@ class Loaded:
 
     def __iter__(self):  # model, variables, tokenizer = load(...)
         return iter((self.model, self.variables, self.tokenizer))
+
+    @property
+    def config(self):
+        """The model's `ModelConfig`."""
+        return self.model.config
+
+    # Text in, text out (phi_jax.inference.text): the one decoder, scorer and embedder underneath.
+    def generate(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop=None,
+                 add_bos: bool = False):
+        """The completion of `prompt` (str -> str; list[str] -> list[str], one batch), without the
+        prompt. Greedy by default; equals `phi-jax sample` and the server for the same settings.
+
+        Args:
+          prompt: text, or a list of texts (text i samples with seed + i).
+          max_new_tokens: the most tokens to add.
+          temperature: 0 = greedy; top_p (1 = off) and top_k (0 = off) filter sampling.
+          seed: sampling seed; the tokens depend only on the prompt, seed and settings.
+          stop: a string or list of strings that ends the completion (not included).
+          add_bos: prepend the BOS token (models trained with it, e.g. Llama-family base models).
+        """
+        from phi_jax.inference import text
+
+        return text.generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, top_k=top_k, seed=seed, stop=stop, add_bos=add_bos)
+
+    def chat(self, messages, **kwargs) -> str:
+        """The assistant's reply to `messages` ([{"role": "user", "content": "..."}, ...]) under the
+        model's chat template (ChatML when it has none), as `/v1/chat/completions` answers; takes
+        `generate`'s keyword arguments."""
+        from phi_jax.inference import text
+
+        return text.chat(self, messages, **kwargs)
+
+    def logprobs(self, text: str) -> list[float]:
+        """log p of each token of `tokenizer.encode(text)` after the first, given the ones before."""
+        from phi_jax.inference import text as _text
+
+        return _text.logprobs(self, text)
+
+    def score(self, context: str, continuation: str) -> float:
+        """Sum of `continuation`'s token log-probs after `context`, as the multiple-choice eval
+        scores an option."""
+        from phi_jax.inference import text
+
+        return text.score(self, context, continuation)
+
+    def embed(self, texts, **kwargs):
+        """Mean-pooled final hidden states of each text: a float32 numpy array [N, D]."""
+        from phi_jax.inference import text
+
+        return text.embed(self, texts, **kwargs)
+
+    def save(self, path, *, quant: str | None = None, overwrite: bool = False, dtype=None):
+        """Write the model: an HF directory transformers loads (tokenizer and chat template
+        included), or a GGUF file for llama.cpp when `path` ends in .gguf (`quant`: f32, f16,
+        bf16, q8_0, q4_0, q4_1). A LoRA adapter is merged in. Writes are atomic."""
+        from phi_jax.inference import text
+
+        return text.save(self, path, quant=quant, overwrite=overwrite, dtype=dtype)
 
 
 def source_kind(path: str | os.PathLike) -> str:

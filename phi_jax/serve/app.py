@@ -32,7 +32,7 @@ from phi_jax.inference.sampling import SamplingParams
 from phi_jax.serve import protocol
 from phi_jax.serve.engine import Engine, EngineStoppedError, QueueFullError, TokenEvent
 from phi_jax.serve.protocol import APIError
-from phi_jax.serve.text import TextAssembler, TokenRecord
+from phi_jax.inference.detokenize import TextAssembler, TokenRecord
 
 MAX_CHOICES = 64  # prompts x n in one request
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
