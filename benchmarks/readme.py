@@ -102,7 +102,7 @@ def main_job_block() -> str:
     s = d["summary"]
     lines = [f"Measured by `python -m benchmarks.main_job` ({_when(d, allocator=False)}, {d['machine'].get('cpu', '')}, "
              f"allocator {d.get('allocator', '?')}): install excluded, **{d['train_seconds'] / 60:.1f} min** "
-             f"for `phi-jax train` and {d['sample_seconds']:.0f} s for `phi-jax sample`."]
+             f"for `phi-jax train` and {d['sample_seconds']:.0f} s for `phi-jax sample`.", ""]
     for stage in d.get("stages", []):
         lines.append(f"- `{stage}`")
     lines.append(f"- training: {s['total_steps']} steps; smoothed train loss {d['smoothed_loss'][0]:.2f} ± "
