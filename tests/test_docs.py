@@ -112,7 +112,7 @@ def test_the_name_check_fails_on_a_name_that_does_not_exist():
 
 # ---------------------------------------------------------------------------------- CLI flags
 
-_STOP = re.compile(r"`|&&|\|\||(?<=\s)[|;&#](?=\s|$)|\)|$")
+_STOP = re.compile(r"`|&&|\|\||(?<=\s)[|;&#](?=\s|$)|$")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
