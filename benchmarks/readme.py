@@ -1,13 +1,16 @@
-"""The README's numbers, written by this script from the committed results — never by hand.
+"""The measured numbers of the README and the docs site, written from the committed results — never by hand.
 
-    python -m benchmarks.readme            # rewrite every generated block of README.md
+    python -m benchmarks.readme            # rewrite every generated block of README.md and docs/**/*.md
     python -m benchmarks.readme --check    # exit 1 if a block is stale (a test runs this)
 
-A generated block sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`:
-  * `benchmarks`: one table of every benchmark's `summary` rows in benchmarks/results/ (phi_jax,
-    the reference measured in the same run, the ratio, the machine and date of the run);
-  * `main-job`: README command 1 as measured by `python -m benchmarks.main_job`;
-  * `tests`: the test count and CI time of the last `bash .ci/run` (copied into
+A generated block sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`, in whichever
+page it belongs (the blocks moved from the README into the docs when the README became a landing page):
+  * `benchmarks` (docs/performance.md): one table of every benchmark's `summary` rows in
+    benchmarks/results/ (phi_jax, the reference measured in the same run, the ratio, the machine and
+    date of the run);
+  * `main-job` (docs/training.md): README command 1 as measured by `python -m benchmarks.main_job`;
+  * `main-job-short` (README.md): the same in three lines and the sample beside them;
+  * `tests` (docs/install.md): the test count and CI time of the last `bash .ci/run` (copied into
     benchmarks/results/ci.json with `python -m benchmarks.readme --ci-report=ci_report.json`).
 """
 
@@ -24,6 +27,7 @@ from typing import Any, Callable
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 _BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)",
                     re.S)
 
@@ -86,7 +90,7 @@ def benchmarks_block() -> str:
         ratio_text = f"**{ratio:.2f}×**" if isinstance(ratio, (int, float)) else "-"
         lines.append(f"| {r['benchmark']} | {r['case']} | {_number(r.get('phi_jax'))} {r.get('metric', '')} "
                      f"| {_number(r.get('reference'))} ({r.get('reference_name', '-')}) | {ratio_text} "
-                     f"| {r.get('note', '')} | [{r['when']}]({r['file']}) |")
+                     f"| {r.get('note', '')} | {r['when']}, `{r['file']}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -98,7 +102,7 @@ def main_job_block() -> str:
     s = d["summary"]
     lines = [f"Measured by `python -m benchmarks.main_job` ({_when(d, allocator=False)}, {d['machine'].get('cpu', '')}, "
              f"allocator {d.get('allocator', '?')}): install excluded, **{d['train_seconds'] / 60:.1f} min** "
-             f"for `phi-jax train` and {d['sample_seconds']:.0f} s for `phi-jax sample`."]
+             f"for `phi-jax train` and {d['sample_seconds']:.0f} s for `phi-jax sample`.", ""]
     for stage in d.get("stages", []):
         lines.append(f"- `{stage}`")
     lines.append(f"- training: {s['total_steps']} steps; smoothed train loss {d['smoothed_loss'][0]:.2f} ± "
@@ -127,6 +131,24 @@ def main_job_block() -> str:
     return "\n".join(lines) + "\n"
 
 
+def main_job_short_block() -> str:
+    file = RESULTS / "main_job.json"
+    if not file.exists():
+        return "_not measured yet: run `python -m benchmarks.main_job`_\n"
+    d = json.loads(file.read_text())
+    heldout = d["summary"]["heldout"][-1]["loss"]
+    lines = [f"Measured by `python -m benchmarks.main_job` ({_when(d, allocator=False)}, {d['machine'].get('cpu', '')}, "
+             f"{d['machine'].get('cpu_count', '?')} cores): **{d['train_seconds'] / 60:.1f} min** for `phi-jax train` (install excluded: "
+             f"{d['summary']['total_steps']} steps, {d['tokens_per_s']:,.0f} tokens/s, held-out loss "
+             f"{heldout:.2f}, perplexity {math.exp(heldout):.0f}) and {d['sample_seconds']:.0f} s for "
+             f"`phi-jax sample`, which wrote (temperature 0.8, seed 0):",
+             "",
+             "```python",
+             d["sample"].rstrip(),
+             "```"]
+    return "\n".join(lines) + "\n"
+
+
 def tests_block() -> str:
     file = RESULTS / "ci.json"
     if not file.exists():
@@ -139,14 +161,19 @@ def tests_block() -> str:
 
 
 BLOCKS: dict[str, Callable[[], str]] = {"benchmarks": benchmarks_block, "main-job": main_job_block,
-                                        "tests": tests_block}
+                                        "main-job-short": main_job_short_block, "tests": tests_block}
+
+
+def pages() -> list[pathlib.Path]:
+    """The README and every page of the docs site: where generated blocks may sit."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
 
 
 def render(text: str) -> str:
     def one(m: re.Match) -> str:
         name = m.group("name")
         if name not in BLOCKS:
-            raise SystemExit(f"README.md has a generated block {name!r} this script does not know")
+            raise SystemExit(f"a generated block {name!r} this script does not know")
         return m.group(1) + BLOCKS[name]() + m.group(4)
 
     return _BLOCK.sub(one, text)
@@ -160,20 +187,24 @@ def import_ci_report(path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.readme", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated block is stale")
     parser.add_argument("--ci-report", help="a ci_report.json written by .ci/run to import first")
     args = parser.parse_args(argv)
     if args.ci_report:
         import_ci_report(args.ci_report)
-    text = README.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
-            print("README.md's generated blocks are stale: run `python -m benchmarks.readme`",
-                  file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        new = render(text)
+        if new == text:
+            continue
+        stale.append(str(page.relative_to(ROOT)))
+        if not args.check:
+            page.write_text(new)
+    if args.check and stale:
+        print(f"generated blocks are stale in {', '.join(stale)}: run `python -m benchmarks.readme`",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,14 +1,22 @@
-"""`phi-jax`: the command line, the only place that wires every part of the library together.
+"""`phi-jax`: the command line. It parses arguments, calls a library function and prints; every
+capability lives in the library (`phi_jax.load`, `phi_jax.train`, the curation stages, ...), so a
+notebook never has to build argv.
 
     phi-jax train    --config=configs/tiny.py --workdir=DIR [--config.train.steps=N ...]
+                     (the main job: curate, pack, train, held-out eval; rerun to resume)
     phi-jax finetune --config=FILE --model=BASE --data=DIR --workdir=DIR [--merge=OUT]
-    phi-jax sample   --model=PATH --prompt="def fibonacci(n):"
-    phi-jax convert  SRC DST                    HF dir / workdir / .gguf -> the other form
-    phi-jax serve    --model=PATH --port=8000
-    phi-jax eval     humaneval|perplexity|choice --model=PATH --output=DIR
-    phi-jax data     annotate|train-classifier|score|filter --input=... --output=DIR
+    phi-jax sample   --model=SOURCE --prompt="def fibonacci(n):" [--adapter=DIR]
+    phi-jax convert  SRC DST [--adapter=DIR]      HF dir / workdir / .gguf -> HF dir or workdir
+    phi-jax serve    --model=SOURCE --port=8000   (OpenAI-compatible HTTP)
+    phi-jax eval     humaneval|perplexity|choice|tasks --model=SOURCE --output=DIR
+    phi-jax data     annotate|train-classifier|score|filter|dedup|decontaminate|synthesize|tasks|instruct
+                     --input=... --output=DIR     (one curation stage; resumable per shard)
     phi-jax recipe   --config=configs/recipe_phi1_tiny.py --workdir=DIR   (the phi-1 recipe end to end)
-    phi-jax plan     --config=configs/phi-2.py --devices 8 64
+    phi-jax plan     --config=configs/phi-2.py --devices 8 64   (memory and step time of a pod run)
+
+SOURCE is anything `phi_jax.load` takes: an HF directory, a training workdir, a .gguf file,
+`smollm2` (the offline teacher) or a gs:// path. The docs site (docs/, `mkdocs serve`) has a page
+per command family.
 
 One style for every subcommand: argparse subparsers, one module per subcommand in this package
 (each has `register(subparsers)` and imports its heavy modules only when it runs, so `--help` is
@@ -17,7 +25,6 @@ line on stderr and exit code 2 (bad input) or 1 (failure); `--debug` shows the t
 Run as a program, it first re-executes itself under a retaining allocator when one is installed
 (`phi_jax.allocator`; `PHI_JAX_ALLOCATOR=system` opts out).
 """
-
 from __future__ import annotations
 
 import argparse
