@@ -223,8 +223,6 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(resolve("phi_jax.load") is not None,
-                    reason="phi_jax.load (issue 28, the lead's loader door) is not in this tree yet")
 def test_the_readme_example_runs(tiny_model_dir):
     code = readme_example().replace('"smollm2"', repr(str(tiny_model_dir)))
     assert str(tiny_model_dir) in code, "the example no longer loads smollm2: update this test"
