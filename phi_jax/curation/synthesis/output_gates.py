@@ -29,7 +29,7 @@ import hashlib
 import re
 from typing import Iterable, Sequence
 
-from phi_jax.curation.stage import Counts, Stage
+from phi_jax.curation.core.stage import Counts, Stage
 from phi_jax.errors import InputError
 
 FLAGS = ("repeated_opening", "low_distinct_2", "truncated")
@@ -89,14 +89,15 @@ def drop_duplicates_and_contaminated(records: Sequence[dict], config: GateConfig
     """{record id: reason} for the records to drop as duplicates or as benchmark overlap.
 
     Records are considered in the order given (plan order): of a cluster of duplicates the first
-    is kept (`phi_jax.curation.dedup.near_duplicates`: `exact_duplicate` for the same normalised
+    is kept (`phi_jax.curation.dedup.remove.near_duplicates`: `exact_duplicate` for the same normalised
     text, `near_duplicate` for MinHash-LSH Jaccard >= `near_threshold`); the kept ones are then
     checked against `against` (`phi_jax.curation.decontaminate`): `contaminated_ngram` for a
     shared word 13-gram, `contaminated_code` for a function whose AST matches a benchmark
     solution. Decontamination would cut an n-gram match out of a document; a synthetic record is
     dropped whole instead, since a cut exercise no longer splits into prompt and solution.
     """
-    from phi_jax.curation import decontaminate, dedup
+    from phi_jax.curation.decontaminate import remove as decontaminate
+    from phi_jax.curation.dedup import remove as dedup
 
     if not records:
         return {}

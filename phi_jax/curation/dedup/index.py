@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from phi_jax.curation import minhash, shingles
+from phi_jax.curation.dedup import minhash, shingles
 from phi_jax.data.records import InputShard, batched
 from phi_jax.errors import RunError
 from phi_jax import fileio
