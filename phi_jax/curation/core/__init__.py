@@ -8,6 +8,8 @@
     templates.py   prompt files: `load_template`, `PromptTemplate`, `template_sha256` (the hash that
                    keys the teacher's answer cache); the built-in files are package data in
                    `phi_jax/curation/prompts/`
+    text.py        `words`, `normalize`, `word_spans`: curation's one word rule (lm-eval's janitor's),
+                   used by dedup shingles, decontamination, the synthesis gates and the leak check
     chain.py       `curate`: the stages a training config asks for, chained under one directory
 
 The record schema, shards and manifests are `phi_jax.data.records`. Nothing here imports another

@@ -4,7 +4,7 @@
     result.kept, result.removed                        # records kept (some cut); removed.jsonl rows
     run_stage(decontaminate_stage(["humaneval"]), "data/*.jsonl", "out/clean")
 
-n-grams: texts are normalised as lm-eval's janitor does (`shingles.normalize`: ASCII lowercase,
+n-grams: texts are normalised as lm-eval's janitor does (`core.text.normalize`: ASCII lowercase,
 `string.punctuation` deleted, split on whitespace) and every word 13-gram of a document that is
 also a 13-gram of an evaluation item is a match (hashes found with one sorted search per batch,
 then the words compared, so a hash collision never cuts). Each match cuts `window` (200)
@@ -28,18 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Sequence
 
 import numpy as np
 
 from phi_jax.curation.core.stage import Counts, Stage
+from phi_jax.curation.core.text import normalize, word_spans
 from phi_jax.curation.decontaminate import code_similarity, eval_sets
 from phi_jax.curation.dedup import shingles
 from phi_jax.errors import InputError
 
 REMOVED = "removed.jsonl"
-_WORD = re.compile(r"\S+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +73,7 @@ class NgramIndex:
 
     def __init__(self, items: Sequence[eval_sets.EvalItem], n: int):
         self.n, self.items = n, list(items)
-        normalized = [shingles.normalize(item.text) for item in self.items]
+        normalized = [normalize(item.text) for item in self.items]
         self.words = [t.split() for t in normalized]
         self.too_short = sum(len(w) < n for w in self.words)
         grams = shingles.ngram_hashes(normalized, n, short=False)
@@ -100,12 +99,6 @@ class NgramIndex:
             if words == self.words[item][item_start:item_start + self.n]:
                 out[doc].append((start, item))
         return out
-
-
-def word_spans(text: str) -> list[tuple[int, int]]:
-    """[start, end) in `text` of each normalised word (words of punctuation only vanish)."""
-    table = shingles._TABLE
-    return [m.span() for m in _WORD.finditer(text) if m.group().translate(table)]
 
 
 def cut_windows(spans: Sequence[tuple[int, int]], length: int, hits: Sequence[tuple[int, int]], n: int,
@@ -147,7 +140,7 @@ class Decontaminator:
         kept = []
         dropped = self._code_matches(records)
         survivors = [i for i in range(len(records)) if i not in dropped]
-        normalized = {i: shingles.normalize(records[i]["text"]) for i in survivors}
+        normalized = {i: normalize(records[i]["text"]) for i in survivors}
         hits = dict(zip(survivors, self.ngrams.matches([normalized[i] for i in survivors])))
         for i, record in enumerate(records):
             if i in dropped:

@@ -2,8 +2,8 @@
 
     remove.py        `near_duplicates(records, threshold=0.8)` (in memory), `dedup_stage(...)` (a
                      stage over shards), `DedupConfig`
-    shingles.py      `normalize` (lm-eval's janitor normalisation, shared with decontamination),
-                     `ngram_hashes`: word or character n-grams as 64-bit hashes
+    shingles.py      `ngram_hashes`: word or character n-grams of normalised text (the words of
+                     `core.text.normalize`) as 64-bit hashes, shared with decontamination
     minhash.py       `signatures` (rensa), `LshParams.choose(threshold, num_perm)`: the banding, its
                      S-curve, `band_keys`
     index.py         the whole-corpus passes as arrays on disk: sketches, band buckets, edges,

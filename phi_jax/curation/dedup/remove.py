@@ -4,7 +4,7 @@
     result.kept, result.clusters                            # records kept; what was removed for what
     run_stage(dedup_stage(threshold=0.8), "data/*.jsonl", "out/dedup", runner="local" | "beam")
 
-Documents are normalised (`shingles.normalize`: the same normalisation as decontamination), cut
+Documents are normalised (`core.text.normalize`: curation's one word rule, as in decontamination), cut
 into word 5-grams (or `unit="char"` n-grams), and MinHashed (`minhash.signatures`, rensa). Two
 documents are linked when their normalised texts are equal (exact duplicates) or when they share
 one of the LSH bands chosen from the threshold (`minhash.LshParams.choose`, the S-curve); clusters

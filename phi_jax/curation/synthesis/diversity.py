@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from phi_jax.curation.core.text import words
 from phi_jax.curation.synthesis import output_gates
 
 _MAX_EMBEDDED = 2000  # pairwise distances of at most this many records (a seeded sample beyond)
@@ -78,7 +79,7 @@ def diversity_report(plan, generated: dict, gated: dict, kept: Sequence[dict], *
                      teacher: dict[str, Any], embedder=None, embedder_name: str | None = None,
                      sandbox: str | None = None) -> dict[str, Any]:
     """The report (JSON-able) of one run; `generated` / `gated` are the two stages' manifests."""
-    tokens = [output_gates.words(r["text"]) for r in kept]
+    tokens = [words(r["text"]) for r in kept]
     openings = collections.Counter(output_gates.opening(t, config.opening_words) for t in tokens)
     repeated = sum(n for n in openings.values() if n > 1)
     gen_counts, gate_counts = generated["counts"], gated["counts"]
