@@ -1,14 +1,16 @@
 """Vectorised n-gram hashing of normalised text, shared by dedup and decontamination.
 
-    grams = ngram_hashes([normalize(t) for t in texts], 5)   # word 5-grams of each text
-    ngram_hashes(["a b c d e f"], 5)                          # hashes [2], offsets [0, 2]
+    normalize("Don't  PANIC!\\n42")            -> "dont panic 42"   (`core.text.normalize`)
+    grams = ngram_hashes(["a b c d e f"], 5)   # word 5-grams: hashes [2], offsets [0, 2]
 
-Texts are first normalised by `phi_jax.curation.core.text.normalize` (curation's one word rule:
-lm-eval's janitor's, "Don't  PANIC!\\n42" -> "dont panic 42"). `ngram_hashes` computes the n-grams
-of those words without a Python loop per word or n-gram: the normalised texts are joined into one
-buffer, word (or character) boundaries found with numpy, and every n-gram hashed in O(1) from a
-prefix polynomial hash (mod 2^64) of the buffer, then mixed with splitmix64's finaliser. An n-gram
-never crosses a document boundary.
+The normalisation is curation's one word rule, lm-eval's decontamination janitor's (itself GPT-3's):
+ASCII letters are lowercased, ASCII punctuation (`string.punctuation`) is deleted (so "don't" ->
+"dont"), and words are what `str.split()` separates (any Unicode whitespace). Non-ASCII letters
+are left as they are (`phi_jax.curation.core.text`).
+`normalize` is the definition; `ngram_hashes` computes the same words without a Python loop per
+word or n-gram: the normalised texts are joined into one buffer, word (or character) boundaries
+found with numpy, and every n-gram hashed in O(1) from a prefix polynomial hash (mod 2^64) of the
+buffer, then mixed with splitmix64's finaliser. An n-gram never crosses a document boundary.
 
 Letters: N documents, L buffer length (bytes for words, code points for characters), G n-grams.
 """
