@@ -57,7 +57,7 @@ def model_config(config, quick: bool) -> None:
 def build_sets(work: pathlib.Path, tokenizer, *, uniform_size: int, hq_size: int, seed: int = 1234
                ) -> dict[str, Any]:
     """Curate the corpus (the main job's chain), then the two training sets and the held-out sets."""
-    from phi_jax.curation.chain import TokenCounter, curate
+    from phi_jax.curation.core.chain import TokenCounter, curate
     from phi_jax.data import records
     from phi_jax.training.config_file import load_config
 

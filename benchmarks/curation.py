@@ -78,9 +78,9 @@ def _documents(path: pathlib.Path, count: int) -> list[dict]:
 
 def _annotate(url: str, name: str, src: pathlib.Path, out: pathlib.Path, concurrency: int, *,
               max_tokens: int, max_chars: int, rubric: str = RUBRIC) -> dict[str, Any]:
-    from phi_jax.curation.annotate import annotate_stage, load_rubric
-    from phi_jax.curation.runners import run_stage
-    from phi_jax.curation.teacher import TeacherConfig
+    from phi_jax.curation.core.runners import run_stage
+    from phi_jax.curation.quality.annotate import annotate_stage, load_rubric
+    from phi_jax.curation.teacher.client import TeacherConfig
 
     teacher = TeacherConfig(url=url, model=name, concurrency=concurrency, max_tokens=max_tokens,
                             timeout_s=900, max_retries=2)
@@ -146,9 +146,9 @@ class _Memo:
 
 def _classifier(loaded, model_path: str, teacher_dir: pathlib.Path, work: pathlib.Path, *, documents: int,
                 max_tokens: int) -> dict[str, Any]:
-    from phi_jax.curation.annotate import annotate_stage, load_rubric
-    from phi_jax.curation.classify import scored_annotations, train_classifier
-    from phi_jax.curation.runners import run_stage
+    from phi_jax.curation.core.runners import run_stage
+    from phi_jax.curation.quality.annotate import annotate_stage, load_rubric
+    from phi_jax.curation.quality.classify import scored_annotations, train_classifier
     from phi_jax.inference.embed import Embedder
 
     scored, _ = scored_annotations([str(teacher_dir)])

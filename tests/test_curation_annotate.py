@@ -16,8 +16,8 @@ import pytest
 
 from fake_teacher import FakeTeacher, kill_when_hung
 from phi_jax import cli
-from phi_jax.curation.annotate import load_rubric, parse_score
-from phi_jax.curation.teacher import Answer
+from phi_jax.curation.quality.annotate import load_rubric, parse_score
+from phi_jax.curation.teacher.client import Answer
 from phi_jax.data import records
 
 ROOT = Path(__file__).resolve().parents[1]

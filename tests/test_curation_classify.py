@@ -14,7 +14,7 @@ import pytest
 
 from phi_jax import cli
 from phi_jax.config import preset
-from phi_jax.curation import classify
+from phi_jax.curation.quality import classify
 from phi_jax.data import corpus, records
 from phi_jax.inference import loader
 from phi_jax.inference.embed import Embedder

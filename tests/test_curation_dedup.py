@@ -1,7 +1,7 @@
 """`phi-jax data dedup` on corpora built here, with near-duplicate pairs planted at measured Jaccard.
 
 References: the exact Jaccard similarity of the pairs' word 5-gram sets (Python sets of strings),
-`shingles.normalize`'s one-line definition, datasketch's choice of bands x rows, and the local
+`core.text.normalize`'s one-line definition, datasketch's choice of bands x rows, and the local
 runner's own output (for Beam, worker processes and resumed runs).
 """
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from phi_jax import cli
-from phi_jax.curation import dedup, dedup_index, minhash, shingles
-from phi_jax.curation.runners import run_stage
+from phi_jax.curation.core.runners import run_stage
+from phi_jax.curation.core.text import normalize
+from phi_jax.curation.dedup import index as dedup_index, minhash, remove as dedup, shingles
 from phi_jax.data import records
 
 pytest.importorskip("rensa")
@@ -40,7 +41,7 @@ def _variant(rng: random.Random, words: list[str], edits: int) -> list[str]:
 
 
 def _grams(text: str, n: int = 5) -> set[str]:
-    words = shingles.normalize(text).split()
+    words = normalize(text).split()
     return {" ".join(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))}
 
 
@@ -92,10 +93,10 @@ def test_normalisation_and_ngram_hashes_match_their_python_definitions():
     alphabet = string.ascii_letters + string.digits + string.punctuation + " \t\n\x00\x01\x1c\x85\u00a0\u3000\u2028éß√中"
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 120))) for _ in range(200)]
     texts += ["Don't  PANIC!\n42", "", "   ", "a"]
-    normalized = [shingles.normalize(t) for t in texts]
+    normalized = [normalize(t) for t in texts]
     table = str.maketrans(string.ascii_uppercase, string.ascii_lowercase, string.punctuation)
     assert normalized == [" ".join(t.translate(table).split()) for t in texts]
-    assert shingles.normalize("Don't  PANIC!\n42") == "dont panic 42"
+    assert normalize("Don't  PANIC!\n42") == "dont panic 42"
     for unit, n in (("word", 5), ("word", 2), ("char", 7)):
         grams = shingles.ngram_hashes(normalized, n, unit)
         seen: dict[str, int] = {}

@@ -270,8 +270,8 @@ def test_a_changed_strategy_file_re_asks_only_the_tasks_it_answers(tmp_path, cap
 
 # ------------------------------------------------------------------------- strategies, leak check
 def test_the_built_in_strategies_and_map():
-    from phi_jax.curation.corpus_tasks import TASK_TYPES
-    from phi_jax.curation.strategies import load_strategies, load_strategy_map
+    from phi_jax.curation.instruct.corpus_tasks import TASK_TYPES
+    from phi_jax.curation.instruct.strategies import load_strategies, load_strategy_map
 
     strategies = load_strategies()
     assert tuple(strategies) == NAMES
@@ -281,7 +281,7 @@ def test_the_built_in_strategies_and_map():
 
 
 def test_the_leak_check_finds_13_word_runs_whatever_the_case_and_punctuation():
-    from phi_jax.curation.strategies import LeakCheck
+    from phi_jax.curation.instruct.strategies import LeakCheck
 
     prompt = PROMPTS["extract_generate"]
     check, w = LeakCheck(PROMPTS.values()), _words(prompt)
@@ -293,7 +293,7 @@ def test_the_leak_check_finds_13_word_runs_whatever_the_case_and_punctuation():
 
 
 def test_strategy_files_and_maps_are_checked(tmp_path):
-    from phi_jax.curation.strategies import load_strategies, load_strategy_map, parse_strategy
+    from phi_jax.curation.instruct.strategies import load_strategies, load_strategy_map, parse_strategy
     from phi_jax.errors import InputError
 
     long = "Explain every step of the argument with care before you give the final result to the user."

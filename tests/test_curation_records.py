@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from phi_jax.curation.filter import filter_stage
-from phi_jax.curation.runners import run_stage, summary
-from phi_jax.curation.stage import Stage
+from phi_jax.curation.core.runners import run_stage, summary
+from phi_jax.curation.core.stage import Stage
+from phi_jax.curation.quality.filter import filter_stage
 from phi_jax.data import corpus, records
 from phi_jax.errors import InputError, RunError
 

@@ -19,8 +19,8 @@ import pytest
 
 from fake_teacher import FakeTeacher, kill_when_hung
 from phi_jax import cli
-from phi_jax.curation import seeds
-from phi_jax.curation.synthesize import request_seed
+from phi_jax.curation.synthesis.plan import Topic, load_steering, load_template, load_topics, make_plan
+from phi_jax.curation.synthesis.run import request_seed
 from phi_jax.data import records
 from phi_jax.evals import humaneval
 from phi_jax.data.documents import DocumentTokenizer, RecordFormat
@@ -41,9 +41,9 @@ def _topics(path: Path, kinds) -> str:
 
 
 def _plan(kind="textbook", count=40, seed=0, topics=None, **mix):
-    topics = topics or tuple(seeds.Topic(f"topic {i}", "user" if i % 3 else "other", f"t{i}") for i in range(7))
-    return seeds.make_plan(kind, count=count, seed=seed, topics=topics, topic_source="test",
-                           steering=seeds.load_steering(kind), template=seeds.load_template(kind), **mix)
+    topics = topics or tuple(Topic(f"topic {i}", "user" if i % 3 else "other", f"t{i}") for i in range(7))
+    return make_plan(kind, count=count, seed=seed, topics=topics, topic_source="test",
+                     steering=load_steering(kind), template=load_template(kind), **mix)
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -82,7 +82,7 @@ def test_every_prefix_of_the_plan_tracks_the_target_mix():
 
 
 def test_default_topics_are_modules_functions_and_language_headings_of_the_corpus():
-    topics = seeds.load_topics("default")
+    topics = load_topics("default")
     names = {t.kind: set() for t in topics}
     for t in topics:
         names[t.kind].add(t.name)
@@ -92,8 +92,8 @@ def test_default_topics_are_modules_functions_and_language_headings_of_the_corpu
     dedent = next(t for t in topics if t.name == "textwrap.dedent")
     assert "textwrap.dedent" in dedent.text and "whitespace" in dedent.text  # the docstring's hint
     assert not any(part.startswith("_") for t in topics if t.kind != "language" for part in t.name.split("."))
-    plan = seeds.make_plan("exercises", count=30, seed=3, topics=topics, topic_source="default",
-                           steering=seeds.load_steering("exercises"), template=seeds.load_template("exercises"))
+    plan = make_plan("exercises", count=30, seed=3, topics=topics, topic_source="default",
+                     steering=load_steering("exercises"), template=load_template("exercises"))
     assert collections.Counter(i.topic.kind for i in plan.items()) == {"module": 10, "function": 10, "language": 10}
 
 
@@ -101,10 +101,10 @@ def test_topic_files(tmp_path):
     (tmp_path / "t.jsonl").write_text('"sorting"\n{"topic": "recursion", "kind": "cs"}\n\n')
     (tmp_path / "t.yaml").write_text("topics:\n  - sorting\n  - {topic: recursion, kind: cs, name: rec}\n")
     (tmp_path / "t.txt").write_text("sorting\n\nrecursion\n")
-    assert seeds.load_topics(str(tmp_path / "t.jsonl")) == (
-        seeds.Topic("sorting", "user", "sorting"), seeds.Topic("recursion", "cs", "recursion"))
-    assert seeds.load_topics(str(tmp_path / "t.yaml"))[1] == seeds.Topic("recursion", "cs", "rec")
-    assert [t.text for t in seeds.load_topics(str(tmp_path / "t.txt"))] == ["sorting", "recursion"]
+    assert load_topics(str(tmp_path / "t.jsonl")) == (
+        Topic("sorting", "user", "sorting"), Topic("recursion", "cs", "recursion"))
+    assert load_topics(str(tmp_path / "t.yaml"))[1] == Topic("recursion", "cs", "rec")
+    assert [t.text for t in load_topics(str(tmp_path / "t.txt"))] == ["sorting", "recursion"]
 
 
 @pytest.mark.parametrize("flags, files, error", [
@@ -255,7 +255,7 @@ def test_only_exercises_that_pass_their_own_check_are_kept_and_nothing_escapes(t
      "    return add_all(xs)\n\ndef add_all(xs):\n    \"\"\"Helper.\"\"\"\n    return sum(xs)\n", "total"),
 ])
 def test_an_answer_is_cut_into_prompt_and_solution(answer, prompt, solution, entry):
-    from phi_jax.curation.exercises import parse_exercise
+    from phi_jax.curation.synthesis.exercises import parse_exercise
 
     ex = parse_exercise(answer)
     assert (ex.prompt, ex.solution, ex.entry_point) == (prompt, solution, entry)
@@ -270,7 +270,7 @@ def test_an_answer_is_cut_into_prompt_and_solution(answer, prompt, solution, ent
      "no body"),
 ])
 def test_answers_that_are_not_exercises_say_why(answer, reason, detail):
-    from phi_jax.curation.exercises import parse_exercise
+    from phi_jax.curation.synthesis.exercises import parse_exercise
 
     got = parse_exercise(answer)
     assert got.reason == reason and detail in got.detail
@@ -394,7 +394,7 @@ def test_gates_and_the_diversity_report(tmp_path, capsys):
 def test_embedding_spread_is_the_mean_pairwise_cosine_distance():
     import numpy as np
 
-    from phi_jax.curation.diversity import embedding_spread
+    from phi_jax.curation.synthesis.diversity import embedding_spread
 
     vectors = {"a": [1.0, 0.0], "b": [0.0, 2.0], "c": [1.0, 1.0], "d": [-3.0, 0.0]}
     got = embedding_spread(list(vectors), lambda texts: np.array([vectors[t] for t in texts]))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from phi_jax.curation.corpus_tasks import BLANK, TASK_TYPES, generate_tasks
+from phi_jax.curation.instruct.corpus_tasks import BLANK, TASK_TYPES, generate_tasks
 from phi_jax.data import records
 from phi_jax.data.tasks import LETTERS, read_tasks, split_of
 

@@ -10,8 +10,9 @@ import time
 import pytest
 
 from fake_teacher import FakeTeacher
-from phi_jax.curation.teacher import Prompt, TeacherClient, TeacherConfig, template_sha256
-from phi_jax.curation.teacher_cache import TeacherCache
+from phi_jax.curation.core.templates import template_sha256
+from phi_jax.curation.teacher.cache import TeacherCache
+from phi_jax.curation.teacher.client import Prompt, TeacherClient, TeacherConfig
 from phi_jax.errors import InputError, RunError
 
 TEMPLATE = "Rate this:\n<code>\n{text}\n</code>"

@@ -182,8 +182,8 @@ def _rows(n):
 
 
 def test_curate_from_and_to_gcs_resumes_per_shard_and_chains(gcs, tmp_path):
-    from phi_jax.curation.filter import filter_stage
-    from phi_jax.curation.runners import run_stage
+    from phi_jax.curation.core.runners import run_stage
+    from phi_jax.curation.quality.filter import filter_stage
     from phi_jax.data import records
 
     text = "".join(json.dumps(r) + "\n" for r in _rows(35))
@@ -219,8 +219,8 @@ def test_dedup_from_and_to_gcs_decides_what_the_library_decides(gcs):
     pytest.importorskip("rensa")
     import random
 
-    from phi_jax.curation import dedup
-    from phi_jax.curation.runners import run_stage
+    from phi_jax.curation.core.runners import run_stage
+    from phi_jax.curation.dedup import remove as dedup
     from phi_jax.data import records
 
     rng, rows = random.Random(0), []

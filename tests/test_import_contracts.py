@@ -126,6 +126,65 @@ def test_phi_jax_follows_the_import_contract():
     assert violations(ROOT / "phi_jax") == []
 
 
+# Inside curation (one unit above), its rooms: room -> the rooms it may import (besides itself).
+# `core` is the floor every room stands on and imports no other room, so a newcomer reads it
+# first and alone; the rooms form layers (core < teacher < quality; core < dedup <
+# decontaminate; synthesis and instruct on top), so no two rooms import each other.
+CURATION_ROOMS: dict[str, set[str]] = {
+    "core": set(),
+    "teacher": {"core"},
+    "quality": {"core", "teacher"},
+    "dedup": {"core"},
+    "decontaminate": {"core", "dedup"},
+    "synthesis": {"core", "teacher", "quality", "dedup", "decontaminate"},
+    "instruct": {"core", "teacher", "quality"},
+}
+# The stage chain orchestrates the rooms (annotate -> filter -> dedup -> decontaminate).
+CURATION_ORCHESTRATORS = {"phi_jax.curation.core.chain"}
+
+
+def curation_room_violations(package_root: Path) -> list[str]:
+    """Every import between curation's rooms that CURATION_ROOMS does not allow."""
+    problems = []
+    files = sorted(package_root.rglob("*.py"))
+    modules = {_module_name(package_root, f) for f in files}
+    for file in sorted((package_root / "curation").rglob("*.py")):
+        module = _module_name(package_root, file)
+        parts = module.split(".")
+        if len(parts) < 4 or module in CURATION_ORCHESTRATORS:
+            continue            # the package's own __init__ (a docstring) and the orchestrator
+        here = parts[2]
+        for target, line in _imports(file, module, modules):
+            if not target.startswith("phi_jax.curation."):
+                continue
+            there = target.split(".")[2]
+            if there != here and there not in CURATION_ROOMS.get(here, set()):
+                problems.append(f"{file.relative_to(package_root.parent)}:{line}: curation room {here} "
+                                f"may not import {there} ({module} -> {target})")
+    return problems
+
+
+def test_curation_rooms_import_downward_only():
+    assert set(CURATION_ROOMS) == {p.name for p in (ROOT / "phi_jax" / "curation").iterdir()
+                                   if (p / "__init__.py").exists()}, "a new room needs a row"
+    assert curation_room_violations(ROOT / "phi_jax") == []
+
+
+@pytest.mark.parametrize("file, line, expected", [
+    ("curation/core/stage.py", "from phi_jax.curation.teacher import client", "core may not import teacher"),
+    ("curation/dedup/remove.py", "from phi_jax.curation.synthesis.plan import make_plan",
+     "dedup may not import synthesis"),
+    ("curation/teacher/client.py", "from phi_jax.curation.quality import annotate", "teacher may not import quality"),
+])
+def test_the_room_check_fails_on_an_upward_import(tmp_path, file, line, expected):
+    copy = tmp_path / "phi_jax"
+    shutil.copytree(ROOT / "phi_jax", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / file
+    target.write_text(target.read_text() + f"\n{line}\n")
+    found = curation_room_violations(copy)
+    assert any(expected in v for v in found), found
+
+
 @pytest.mark.parametrize("file, line, expected", [
     ("model.py", "from phi_jax.training import loop", "model may not import training"),
     ("serve/app.py", "from phi_jax import model", "serve may not import model"),

@@ -173,7 +173,7 @@ class Recipe:
         return _manifest_counts(self.out("annotate"))
 
     def classifier(self) -> dict:
-        from phi_jax.curation.classify import MIN_ANNOTATIONS
+        from phi_jax.curation.quality.classify import MIN_ANNOTATIONS
 
         scored = _manifest_counts(self.out("annotate"))["stage"].get("scored", 0)
         if scored < MIN_ANNOTATIONS:

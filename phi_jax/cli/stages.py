@@ -49,7 +49,7 @@ def curate_for_training(config, workdir: Path, *, progress: bool = True) -> list
         return []
     import jax
 
-    from phi_jax.curation.chain import TokenCounter, curate, format_line
+    from phi_jax.curation.core.chain import TokenCounter, curate, format_line
     from phi_jax.training.loop import run_tokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def training_lines(summary: dict[str, Any], config, seconds: float) -> list[dict
 
 
 def format_training_line(line: dict[str, Any]) -> str:
-    from phi_jax.curation.chain import human_count
+    from phi_jax.curation.core.chain import human_count
 
     name = line["stage"]
     if name == "pack":
@@ -121,7 +121,7 @@ def stage_report(curation_lines: list, summary: dict[str, Any], config, seconds:
     """(the printed table, its rows as dicts) for the whole job."""
     import dataclasses
 
-    from phi_jax.curation.chain import format_line
+    from phi_jax.curation.core.chain import format_line
 
     rows = [dataclasses.asdict(line) for line in curation_lines]
     text = [STAGES_HEADER] + [format_line(line) for line in curation_lines]

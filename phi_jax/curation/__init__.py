@@ -1,30 +1,30 @@
 """Curation: the data recipe of the Phi papers, as steps over records that runners execute.
 
-    records        phi_jax.data.records: the one record schema ({"id", "text", "meta"}), shards,
-                   and the manifest every output directory carries
-    stage.py       a stage = a plain step function over batches of records + its parameters;
-                   `process_shard` runs one over one shard and publishes it atomically
-    runners/       run_stage (plan, resume, manifest, summary); local (processes over shards) and
-                   beam (the same stage as an Apache Beam pipeline)
-    teacher.py     THE teacher client: any OpenAI-compatible endpoint, concurrency, retries,
-                   an on-disk cache written before an answer is used (teacher_cache.py)
-    annotate.py    rubric prompts (prompts/*.txt) -> a teacher's score per record
-    heuristic.py   an offline stand-in teacher, computed from the text itself
-    classify.py    embeddings -> a quality head (ridge / logistic / forest), `meta.quality`
-    filter.py      keep what passes a threshold, count what does not
-    dedup.py, decontaminate.py  near duplicates (MinHash-LSH); benchmark n-grams and code
-    chain.py       the stages a training config asks for, chained under WORKDIR/curated (the main job)
-    seeds.py       synthesis plans: topics x audiences x styles, scheduled to a target mix, a pure
-                   function of the seed (prompt templates and steering in prompts/)
-    synthesize.py  textbook sections and exercises from a teacher; exercises.py cuts an exercise
-                   into prompt / solution / check and keeps it only if it passes in the sandbox
-    gates.py       duplicates and benchmark overlap dropped, repetition flagged (whole-set)
-    diversity.py   the diversity report of a synthesis run (JSON + PNG)
-    strategies.py  Orca-2 strategy prompt files (prompts/strategies/), the type -> strategy map,
-                   the 13-word leak check
-    instruct.py    Orca-2 instruction data: strategy answers stored under a generic system
-                   message; strategy selection on a dev split
-    corpus_tasks.py  tasks with checkable references from the embedded corpus
+One room per job; each room's `__init__` names its modules and entry points. Every stage is a
+plain function over records (`core.stage.Stage`) that `core.runners.run_stage` runs over shards,
+resumably, writing a manifest; the record schema, shards and manifests are `phi_jax.data.records`.
 
+    core/           stage.py (a stage and one shard), runners/ (`run_stage`: local processes or
+                    Apache Beam), templates.py (prompt files and their hash), text.py (the one word
+                    rule every room counts words by), chain.py (`curate`: the stages a training
+                    config asks for, under WORKDIR/curated)
+    teacher/        client.py (THE teacher client: any OpenAI-compatible endpoint, concurrent,
+                    retried), cache.py (answers on disk before use), heuristic.py (offline stand-in)
+    quality/        annotate.py (a teacher's score per record against a rubric), classify.py (a
+                    head on embeddings that predicts it, `meta.quality`), filter.py (keep what passes)
+    dedup/          remove.py (exact + MinHash-LSH near duplicates), shingles.py, minhash.py,
+                    index.py (the whole-corpus passes), beam_buckets.py
+    decontaminate/  remove.py (13-gram cuts + code checks), eval_sets.py (what to check against),
+                    code_similarity.py (phi-1's AST and embedding distances)
+    synthesis/      plan.py (topics x audiences x styles, a pure function of the seed), run.py
+                    (generate -> gate -> report), exercises.py (executed in the sandbox),
+                    output_gates.py (the gates on the generated set), diversity.py (the report)
+    instruct/       run.py (Orca-2: strategy answers, prompt erasure, strategy selection),
+                    strategies.py (the system prompts and the leak check), corpus_tasks.py (tasks
+                    with checkable answers from the embedded corpus)
+    prompts/        package data: rubrics (edu, code), synthesis templates, steering.yaml,
+                    strategies/
+
+Rooms import `core`; `core` imports no other room (chain.py, the orchestrator, excepted).
 Teachers are reached over HTTP only; this package never imports the server.
 """

@@ -4,7 +4,7 @@
     result.passed, result.status, result.reason
 
 HumanEval (`phi_jax.evals.humaneval`) and executed synthetic exercises
-(`phi_jax.curation.exercises`) both judge code by running "solution + tests" in the sandbox, and
+(`phi_jax.curation.synthesis.exercises`) both judge code by running "solution + tests" in the sandbox, and
 both need the same guarantee: exit status 0 is not enough. The program is run by a small runner
 that reads a random nonce from stdin *before* executing it and prints the nonce only after the
 program (whose last statement calls the tests) has returned. An early `os._exit(0)`,

@@ -36,8 +36,8 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from phi_jax.curation.annotate import HEURISTIC, annotate_stage, load_rubric
-    from phi_jax.curation.teacher import default_cache_path
+    from phi_jax.curation.quality.annotate import HEURISTIC, annotate_stage, load_rubric
+    from phi_jax.curation.teacher.client import default_cache_path
 
     rubric = load_rubric(args.rubric)
     prose = load_rubric(args.prose_rubric) if args.prose_rubric else None

@@ -58,7 +58,7 @@ def add_teacher_arguments(p: argparse.ArgumentParser, *, seed_flag: str = "--see
 
 def teacher_config(args, *, max_tokens: int | None = None, seed: int | None = None):
     """A `TeacherConfig` from the flags of `add_teacher_arguments`."""
-    from phi_jax.curation.teacher import TeacherConfig
+    from phi_jax.curation.teacher.client import TeacherConfig
 
     return TeacherConfig(url=args.teacher, model=args.teacher_model, temperature=args.temperature,
                          top_p=args.top_p, max_tokens=args.max_tokens or max_tokens,
@@ -69,7 +69,7 @@ def teacher_config(args, *, max_tokens: int | None = None, seed: int | None = No
 
 def run(args, stage) -> int:
     """Run `stage` with the run flags, then print the one-screen summary."""
-    from phi_jax.curation.runners import run_stage, summary
+    from phi_jax.curation.core.runners import run_stage, summary
 
     manifest = run_stage(stage, args.input, args.output, runner=args.runner, workers=args.workers,
                          shard_size=args.shard_size, output_format=args.output_format,

@@ -48,7 +48,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from phi_jax.curation.decontaminate import decontaminate_stage
+    from phi_jax.curation.decontaminate.remove import decontaminate_stage
 
     stage = decontaminate_stage(args.against, ngram=args.ngram, window=args.window, max_splits=args.max_splits,
                                 min_piece=args.min_piece, code_check=args.code_check,

@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from phi_jax.curation.dedup import DedupConfig, dedup_stage
+    from phi_jax.curation.dedup.remove import DedupConfig, dedup_stage
 
     options = dict(ngram=args.ngram, unit=args.unit, num_perm=args.num_perm, seed=args.seed,
                    fp_weight=args.fp_weight, fn_weight=args.fn_weight)

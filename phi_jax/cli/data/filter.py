@@ -21,6 +21,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from phi_jax.curation.filter import filter_stage
+    from phi_jax.curation.quality.filter import filter_stage
 
     return run(args, filter_stage(args.min_quality, args.field))

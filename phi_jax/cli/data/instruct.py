@@ -52,9 +52,9 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from phi_jax.curation.instruct import run_instruct, selection_table
-    from phi_jax.curation.runners import summary
-    from phi_jax.curation.strategies import load_strategies, load_strategy_map
+    from phi_jax.curation.core.runners import summary
+    from phi_jax.curation.instruct.run import run_instruct, selection_table
+    from phi_jax.curation.instruct.strategies import load_strategies, load_strategy_map
 
     strategies = load_strategies(args.strategies)
     strategy_map = load_strategy_map(args.strategy_map, strategies)

@@ -25,6 +25,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from phi_jax.curation.classify import score_stage
+    from phi_jax.curation.quality.classify import score_stage
 
     return run(args, score_stage(args.classifier, embedder=args.embedder, batch_size=args.embed_batch_size))

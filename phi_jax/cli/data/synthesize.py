@@ -70,19 +70,20 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from phi_jax.curation import gates, seeds
-    from phi_jax.curation.exercises import ExecutionLimits
-    from phi_jax.curation.synthesize import run_synthesis, summary
+    from phi_jax.curation.synthesis import output_gates
+    from phi_jax.curation.synthesis.exercises import ExecutionLimits
+    from phi_jax.curation.synthesis.plan import load_steering, load_template, load_topics, make_plan
+    from phi_jax.curation.synthesis.run import run_synthesis, summary
 
-    plan = seeds.make_plan(args.kind, count=args.count, seed=args.seed, topics=seeds.load_topics(args.topics),
-                           topic_source=args.topics, steering=seeds.load_steering(args.kind, args.steering),
-                           template=seeds.load_template(args.kind, args.template), topic_mix=args.topic_mix,
-                           audiences=args.audiences, styles=args.styles)
+    plan = make_plan(args.kind, count=args.count, seed=args.seed, topics=load_topics(args.topics),
+                     topic_source=args.topics, steering=load_steering(args.kind, args.steering),
+                     template=load_template(args.kind, args.template), topic_mix=args.topic_mix,
+                     audiences=args.audiences, styles=args.styles)
     teacher = teacher_config(args, max_tokens=_MAX_TOKENS[args.kind], seed=args.seed)
     against = tuple(a.strip() for a in args.against.split(",") if a.strip() and args.against != "none")
-    gate_config = gates.GateConfig(opening_words=args.opening_words, min_distinct_2=args.min_distinct_2,
-                                   drop_flagged=tuple(f for f in args.drop_flagged.split(",") if f),
-                                   near_threshold=args.dedup_threshold, against=against)
+    gate_config = output_gates.GateConfig(opening_words=args.opening_words, min_distinct_2=args.min_distinct_2,
+                                          drop_flagged=tuple(f for f in args.drop_flagged.split(",") if f),
+                                          near_threshold=args.dedup_threshold, against=against)
     embedder = None
     if args.embedder:
         from phi_jax.inference import loader

@@ -19,7 +19,7 @@ import argparse
 
 
 def register(sub) -> None:
-    from phi_jax.curation.corpus_tasks import TASK_TYPES
+    from phi_jax.curation.instruct.corpus_tasks import TASK_TYPES
 
     p = sub.add_parser("tasks", help="generate instruction tasks with references from the embedded corpus",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +39,7 @@ def register(sub) -> None:
 def _run(args) -> int:
     import time
 
-    from phi_jax.curation.corpus_tasks import generate_tasks, write_tasks
+    from phi_jax.curation.instruct.corpus_tasks import generate_tasks, write_tasks
     from phi_jax.data.tasks import check_fractions
     from phi_jax.fileio import check_writable_output
 

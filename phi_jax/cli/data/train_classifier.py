@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from phi_jax.curation.classify import train_classifier
+    from phi_jax.curation.quality.classify import train_classifier
     from phi_jax.fileio import check_writable_output
     from phi_jax.inference import loader
     from phi_jax.inference.embed import Embedder

@@ -15,7 +15,7 @@ import queue as queue_lib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from phi_jax.curation.stage import Stage, close_step, process_shard
+from phi_jax.curation.core.stage import Stage, close_step, process_shard
 from phi_jax.data.records import InputShard
 from phi_jax.errors import RunError
 

@@ -1,6 +1,6 @@
 """Synthesis: a teacher writes textbook sections or executed exercises from a steered plan.
 
-    plan = seeds.make_plan("exercises", count=1000, seed=0, ...)
+    plan = make_plan("exercises", count=1000, seed=0, ...)
     result = run_synthesis(plan, TeacherConfig(url, model), "out/ex")
     result.report["distinct"], result.gated["counts"]["dropped"]
 
@@ -10,10 +10,10 @@ One run writes, under its output directory:
                  manifest by reason. Resumable per shard; the teacher cache is
                  generated/teacher_cache.sqlite, so a killed run never pays twice.
   data/          the `gate` stage over generated/: duplicates and benchmark overlap dropped, by
-                 reason; repetition flagged in meta.flags (`phi_jax.curation.gates`). Train on this.
+                 reason; repetition flagged in meta.flags (`phi_jax.curation.synthesis.output_gates`). Train on this.
   train.jsonl    exercises only: {"id", "prompt", "completion"} per kept exercise, the training form
                  `phi_jax.data` reads with the loss on the completion (the solution) only.
-  report.json, report.png   the diversity report (`phi_jax.curation.diversity`).
+  report.json, report.png   the diversity report (`phi_jax.curation.synthesis.diversity`).
 
 Record formats (`meta` besides the seed's topic, topic_kind, topic_name, audience, style,
 plan_index, seed):
@@ -38,9 +38,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from phi_jax.curation import diversity, exercises, gates
-from phi_jax.curation.stage import Counts, Stage
-from phi_jax.curation.teacher import Prompt, TeacherClient, TeacherConfig, default_cache_path
+from phi_jax.curation.core.stage import Counts, Stage
+from phi_jax.curation.synthesis import diversity, exercises, output_gates as gates
+from phi_jax.curation.teacher.client import Prompt, TeacherClient, TeacherConfig, default_cache_path
 from phi_jax.data import records
 from phi_jax.errors import InputError, RunError
 from phi_jax import fileio
@@ -168,7 +168,7 @@ def run_synthesis(plan, teacher: TeacherConfig, output: str | Path, *, cache: st
     `report_copy`: also write the report to this path (.json; the PNG beside it), e.g. under
     benchmarks/results/.
     """
-    from phi_jax.curation.runners import run_stage
+    from phi_jax.curation.core.runners import run_stage
     from phi_jax.sandbox import default_backend
 
     fileio.check_bucket(output, "--output")
@@ -222,7 +222,7 @@ def run_synthesis(plan, teacher: TeacherConfig, output: str | Path, *, cache: st
 
 def summary(result: SynthesisResult) -> str:
     """The runner's one-screen summary of the generation, then the gates and the report's numbers."""
-    from phi_jax.curation.runners import summary as stage_summary
+    from phi_jax.curation.core.runners import summary as stage_summary
 
     lines = [stage_summary(result.generated, result.output / GENERATED)]
     gated = result.gated["counts"]

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from phi_jax.curation.stage import Stage
+from phi_jax.curation.core.stage import Stage
 from phi_jax.data import records
 from phi_jax.errors import InputError
 from phi_jax.fileio import atomic_write_json
@@ -92,8 +92,8 @@ class TokenCounter:
 def build_stage(name: str, cc, output: Path) -> Stage:
     """The `phi-jax data` stage `name` configured by the `curation` ConfigDict."""
     if name == "annotate":
-        from phi_jax.curation.annotate import HEURISTIC, annotate_stage, load_rubric
-        from phi_jax.curation.teacher import TeacherConfig, default_cache_path
+        from phi_jax.curation.quality.annotate import HEURISTIC, annotate_stage, load_rubric
+        from phi_jax.curation.teacher.client import TeacherConfig, default_cache_path
 
         a = cc.annotate
         teacher = None if a.teacher == HEURISTIC else TeacherConfig(url=a.teacher, model=a.teacher_model,
@@ -102,15 +102,15 @@ def build_stage(name: str, cc, output: Path) -> Stage:
         return annotate_stage(load_rubric(a.rubric), teacher, cache=default_cache_path(output),
                               max_chars=a.max_chars, prose_rubric=prose)
     if name == "filter":
-        from phi_jax.curation.filter import filter_stage
+        from phi_jax.curation.quality.filter import filter_stage
 
         return filter_stage(cc.filter.min_score, cc.filter.field)
     if name == "dedup":
-        from phi_jax.curation.dedup import dedup_stage
+        from phi_jax.curation.dedup.remove import dedup_stage
 
         return dedup_stage(cc.dedup.threshold, ngram=cc.dedup.ngram)
     if name == "decontaminate":
-        from phi_jax.curation.decontaminate import decontaminate_stage
+        from phi_jax.curation.decontaminate.remove import decontaminate_stage
 
         x = cc.decontaminate
         return decontaminate_stage([s.strip() for s in x.against.split(",") if s.strip()], ngram=x.ngram,
@@ -131,7 +131,7 @@ def curate(cc, inputs: str, root: str | Path, *, count_tokens: Callable[[Iterabl
       text_field, max_records: how the first stage reads `inputs`.
       on_line: called with each stage's line as it finishes.
     """
-    from phi_jax.curation.runners import completed_run, run_stage
+    from phi_jax.curation.core.runners import completed_run, run_stage
 
     root = Path(root)
     saved = _read_lines(root)

@@ -24,10 +24,10 @@ import functools
 import re
 from pathlib import Path
 
-from phi_jax.curation import heuristic
-from phi_jax.curation.stage import Counts, Stage
-from phi_jax.curation.teacher import Answer, Prompt, TeacherClient, TeacherConfig
-from phi_jax.curation.templates import PromptTemplate, load_template
+from phi_jax.curation.core.stage import Counts, Stage
+from phi_jax.curation.core.templates import PromptTemplate, load_template
+from phi_jax.curation.teacher import heuristic
+from phi_jax.curation.teacher.client import Answer, Prompt, TeacherClient, TeacherConfig
 from phi_jax.errors import InputError
 
 BUILTIN_RUBRICS = ("edu", "code")

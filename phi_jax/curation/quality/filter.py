@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 
-from phi_jax.curation.stage import Counts, Stage
+from phi_jax.curation.core.stage import Counts, Stage
 from phi_jax.errors import InputError
 
 

@@ -3,10 +3,10 @@
     shards | Reshuffle | ParDo(sketch: (band key, doc) per band) | GroupByKey
            | FlatMap(bucket -> edges doc -> smallest doc) | BatchElements | ParDo(write edge file)
 
-Each shard is sketched by the very function the local runner uses (`dedup_index.sketch_shard`,
+Each shard is sketched by the very function the local runner uses (`index.sketch_shard`,
 published under OUTPUT/.work/dedup/sketch/, so a rerun does not sketch it again); Beam's shuffle
 then does what the local runner's sorted key ranges do. The edge files hold the same links, so the
-driver's components pass (`dedup_index.cluster`) decides the same documents, and the outputs of
+driver's components pass (`index.cluster`) decides the same documents, and the outputs of
 the two runners are byte-identical. The driver keeps one int64 per document there.
 """
 
@@ -18,9 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from phi_jax.curation import dedup_index as index
-from phi_jax.curation.runners.beam import beam, run_pipeline
-from phi_jax.curation.stage import record_shard_error
+from phi_jax.curation.core.runners.beam import beam, run_pipeline
+from phi_jax.curation.core.stage import record_shard_error
+from phi_jax.curation.dedup import index
 from phi_jax.data.records import InputShard
 from phi_jax.errors import PhiJaxError
 from phi_jax.fileio import atomic_write_json

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from phi_jax.curation.annotate import MAX_SCORE, MIN_SCORE
-from phi_jax.curation.stage import Counts, Stage
+from phi_jax.curation.core.stage import Counts, Stage
+from phi_jax.curation.quality.annotate import MAX_SCORE, MIN_SCORE
 from phi_jax.data import records
 from phi_jax.errors import InputError, MissingFileError, require
 from phi_jax import fileio

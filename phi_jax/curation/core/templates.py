@@ -10,12 +10,17 @@ the same way, with the same one-line errors.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 from pathlib import Path
 from typing import Sequence
 
-from phi_jax.curation.teacher import template_sha256
 from phi_jax.errors import InputError, MissingFileError
+
+
+def template_sha256(text: str) -> str:
+    """The hex SHA-256 of a template's text: what keys the teacher's answer cache and the manifests."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

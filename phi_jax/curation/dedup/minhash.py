@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from phi_jax.curation.shingles import Ngrams, mix64
+from phi_jax.curation.dedup.shingles import Ngrams, mix64
 from phi_jax.errors import InputError, require
 
 CURVE_POINTS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)

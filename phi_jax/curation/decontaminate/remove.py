@@ -4,7 +4,7 @@
     result.kept, result.removed                        # records kept (some cut); removed.jsonl rows
     run_stage(decontaminate_stage(["humaneval"]), "data/*.jsonl", "out/clean")
 
-n-grams: texts are normalised as lm-eval's janitor does (`shingles.normalize`: ASCII lowercase,
+n-grams: texts are normalised as lm-eval's janitor does (`core.text.normalize`: ASCII lowercase,
 `string.punctuation` deleted, split on whitespace) and every word 13-gram of a document that is
 also a 13-gram of an evaluation item is a match (hashes found with one sorted search per batch,
 then the words compared, so a hash collision never cuts). Each match cuts `window` (200)
@@ -15,7 +15,7 @@ than 13 words cannot match and are counted in the manifest. Unlike lm-eval, whic
 matching n-gram towards the 10, splits are counted after merging (a copied paragraph is one cut).
 
 code: documents that are Python or hold fenced Python blocks have each function compared with the
-benchmark functions (`codesim`): AST similarity >= `ast_threshold` (0.9: a renamed copy scores
+benchmark functions (`code_similarity`): AST similarity >= `ast_threshold` (0.9: a renamed copy scores
 1.0; of the embedded stdlib corpus's 15,116 functions the closest to a HumanEval solution scores
 0.88) drops the document, as does, with an `embedder`, embedding cosine >= `embedding_threshold`
 (0.95 by default, uncalibrated: set it for the model you embed with).
@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Sequence
 
 import numpy as np
 
-from phi_jax.curation import codesim, evalsets, shingles
-from phi_jax.curation.stage import Counts, Stage
+from phi_jax.curation.core.stage import Counts, Stage
+from phi_jax.curation.core.text import normalize, word_spans
+from phi_jax.curation.decontaminate import code_similarity, eval_sets
+from phi_jax.curation.dedup import shingles
 from phi_jax.errors import InputError
 
 REMOVED = "removed.jsonl"
-_WORD = re.compile(r"\S+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ class DecontamConfig:
     embed_max_tokens: int = 512
 
     def __post_init__(self):
-        object.__setattr__(self, "against", tuple(evalsets.parse_specs(self.against)))
+        object.__setattr__(self, "against", tuple(eval_sets.parse_specs(self.against)))
         for name, low in (("ngram", 1), ("window", 0), ("max_splits", 0), ("min_piece", 0), ("min_ast_tokens", 1)):
             if getattr(self, name) < low:
                 raise InputError(f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= {low}")
@@ -71,9 +71,9 @@ class NgramIndex:
     """The normalised word n-grams of evaluation items: sorted unique hashes, and for each the
     first item and position it came from."""
 
-    def __init__(self, items: Sequence[evalsets.EvalItem], n: int):
+    def __init__(self, items: Sequence[eval_sets.EvalItem], n: int):
         self.n, self.items = n, list(items)
-        normalized = [shingles.normalize(item.text) for item in self.items]
+        normalized = [normalize(item.text) for item in self.items]
         self.words = [t.split() for t in normalized]
         self.too_short = sum(len(w) < n for w in self.words)
         grams = shingles.ngram_hashes(normalized, n, short=False)
@@ -101,12 +101,6 @@ class NgramIndex:
         return out
 
 
-def word_spans(text: str) -> list[tuple[int, int]]:
-    """[start, end) in `text` of each normalised word (words of punctuation only vanish)."""
-    table = shingles._TABLE
-    return [m.span() for m in _WORD.finditer(text) if m.group().translate(table)]
-
-
 def cut_windows(spans: Sequence[tuple[int, int]], length: int, hits: Sequence[tuple[int, int]], n: int,
                 window: int) -> list[list[int]]:
     """The merged [start, end) character windows cut around each n-gram match.
@@ -131,21 +125,22 @@ class Decontaminator:
 
     def __init__(self, config: DecontamConfig, embedder=None):
         self.config = config
-        self.items = evalsets.load_eval_sets(config.against)
+        self.items = eval_sets.load_eval_sets(config.against)
         self.ngrams = NgramIndex(self.items, config.ngram)
         code = [(item.name, item.code) for item in self.items if item.code]
-        functions = [(name, unit) for name, unit in codesim.benchmark_functions(code)
+        functions = [(name, unit) for name, unit in code_similarity.benchmark_functions(code)
                      if len(unit.tokens) >= config.min_ast_tokens]  # the rest match too much
-        self.ast = codesim.AstIndex(functions, config.min_ast_tokens) if config.code_check and functions else None
+        self.ast = (code_similarity.AstIndex(functions, config.min_ast_tokens)
+                    if config.code_check and functions else None)
         self.embedding = None
         if functions and (embedder is not None or config.embedder is not None):
-            self.embedding = codesim.EmbeddingIndex(embedder or _load_embedder(config), functions)
+            self.embedding = code_similarity.EmbeddingIndex(embedder or _load_embedder(config), functions)
 
     def __call__(self, records: list[dict], counts: Counts) -> list[dict]:
         kept = []
         dropped = self._code_matches(records)
         survivors = [i for i in range(len(records)) if i not in dropped]
-        normalized = {i: shingles.normalize(records[i]["text"]) for i in survivors}
+        normalized = {i: normalize(records[i]["text"]) for i in survivors}
         hits = dict(zip(survivors, self.ngrams.matches([normalized[i] for i in survivors])))
         for i, record in enumerate(records):
             if i in dropped:
@@ -205,7 +200,7 @@ class Decontaminator:
             return {}
         c, out, units = self.config, {}, []
         for i, record in enumerate(records):
-            for unit in codesim.function_units(record["text"]):
+            for unit in code_similarity.function_units(record["text"]):
                 units.append((i, unit))
                 found = self.ast.best(unit.tokens, c.ast_threshold) if self.ast and i not in out else None
                 if found is not None:
@@ -252,7 +247,7 @@ def decontaminate(records: Sequence[dict], against: Sequence[str] | str = ("huma
                   embedder=None, **options) -> DecontamResult:
     """Decontaminate records held in memory; `options` are the other `DecontamConfig` fields.
     `embedder` (an `Embedder`, or any texts -> [N, D] callable) turns on the embedding check."""
-    config = DecontamConfig(tuple(evalsets.parse_specs(against)), **options)
+    config = DecontamConfig(tuple(eval_sets.parse_specs(against)), **options)
     step, counts = Decontaminator(config, embedder), Counts()
     batch = [{**r, "id": str(r.get("id", i)), "meta": dict(r.get("meta") or {})} for i, r in enumerate(records)]
     kept = step(batch, counts)
@@ -262,10 +257,10 @@ def decontaminate(records: Sequence[dict], against: Sequence[str] | str = ("huma
 def decontaminate_stage(against: Sequence[str] | str = ("humaneval",), **options) -> Stage:
     """The stage for `run_stage`. The evaluation sets are read here too, so a bad --against fails
     before any shard runs, and their digest is a parameter (an edited set is a different run)."""
-    config = DecontamConfig(tuple(evalsets.parse_specs(against)), **options)
+    config = DecontamConfig(tuple(eval_sets.parse_specs(against)), **options)
     probe = Decontaminator(dataclasses.replace(config, embedder=None))
     parameters = {**{k: v for k, v in dataclasses.asdict(config).items()}, "against": list(config.against),
-                  "eval_items": len(probe.items), "eval_sha256": evalsets.digest(probe.items),
+                  "eval_items": len(probe.items), "eval_sha256": eval_sets.digest(probe.items),
                   "eval_ngrams": len(probe.ngrams), "eval_items_too_short": probe.ngrams.too_short,
                   "eval_functions": len(probe.ast.functions) if probe.ast else 0}
     return Stage("decontaminate", functools.partial(Decontaminator, config), parameters,

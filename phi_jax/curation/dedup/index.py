@@ -30,7 +30,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from phi_jax.curation import minhash, shingles
+from phi_jax.curation.core.text import normalize
+from phi_jax.curation.dedup import minhash, shingles
 from phi_jax.data.records import InputShard, batched
 from phi_jax.errors import RunError
 from phi_jax import fileio
@@ -46,7 +47,7 @@ _SKETCH_BATCH = 1024
 
 def sketch(texts: Sequence[str], config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(signatures [N, P] uint32, exact digests [N] uint64, bucket keys [N, bands + 1] uint64)."""
-    normalized = [shingles.normalize(t) for t in texts]
+    normalized = [normalize(t) for t in texts]
     grams = shingles.ngram_hashes(normalized, config.ngram, config.unit)
     sig = minhash.signatures(grams, config.num_perm, config.seed)
     exact = shingles.exact_hashes(normalized)

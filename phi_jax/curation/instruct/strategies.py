@@ -18,9 +18,9 @@ A strategy map is JSON, `{"default": name, "types": {task type: name}}`: the bui
 
 The leak check (`LeakCheck`): teachers sometimes quote their instructions ("As a step-by-step
 solver, I will ..."), which would put the erased strategy prompt back into the data. An answer
-that shares any run of `LEAK_WORDS` (13) words with any strategy prompt, after lower-casing and
-stripping punctuation, is dropped. The prompts' 13-grams are kept as a set of 64-bit hashes, so a
-check costs one hash per word of the answer.
+that shares any run of `LEAK_WORDS` (13) words with any strategy prompt (words as curation counts
+them everywhere: `core.text.words`) is dropped. The prompts' 13-grams are kept as a set of 64-bit
+hashes, so a check costs one hash per word of the answer.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from phi_jax.curation.core.text import words
 from phi_jax.errors import InputError, MissingFileError
 
 BUILTIN_STRATEGIES = ("step_by_step", "recall_then_generate", "recall_reason_generate",
@@ -40,7 +41,6 @@ BUILTIN_STRATEGIES = ("step_by_step", "recall_then_generate", "recall_reason_gen
 DEFAULT_MAP = "default"
 LEAK_WORDS = 13
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +146,6 @@ def load_strategy_map(spec: str, strategies: Mapping[str, Strategy]) -> Strategy
             raise InputError(f"--strategy-map={spec}: {task_type} -> {name!r} is not a strategy; known: "
                              f"{', '.join(strategies)} (add yours with --strategies=FILE_OR_DIR)")
     return StrategyMap(data["default"], dict(types), source)
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased words without punctuation: the leak check's normal form."""
-    return _WORD.findall(text.lower())
 
 
 def _ngram_hashes(tokens: Sequence[str], n: int) -> Iterable[int]:

@@ -1,11 +1,12 @@
-"""One text normalisation and vectorised n-gram hashing, shared by dedup and decontamination.
+"""Vectorised n-gram hashing of normalised text, shared by dedup and decontamination.
 
-    normalize("Don't  PANIC!\\n42")            -> "dont panic 42"
+    normalize("Don't  PANIC!\\n42")            -> "dont panic 42"   (`core.text.normalize`)
     grams = ngram_hashes(["a b c d e f"], 5)   # word 5-grams: hashes [2], offsets [0, 2]
 
-The normalisation is lm-eval's decontamination janitor's (itself GPT-3's): ASCII letters are
-lowercased, ASCII punctuation (`string.punctuation`) is deleted (so "don't" -> "dont"), and words
-are what `str.split()` separates (any Unicode whitespace). Non-ASCII letters are left as they are.
+The normalisation is curation's one word rule, lm-eval's decontamination janitor's (itself GPT-3's):
+ASCII letters are lowercased, ASCII punctuation (`string.punctuation`) is deleted (so "don't" ->
+"dont"), and words are what `str.split()` separates (any Unicode whitespace). Non-ASCII letters
+are left as they are (`phi_jax.curation.core.text`).
 `normalize` is the definition; `ngram_hashes` computes the same words without a Python loop per
 word or n-gram: the normalised texts are joined into one buffer, word (or character) boundaries
 found with numpy, and every n-gram hashed in O(1) from a prefix polynomial hash (mod 2^64) of the
@@ -18,21 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import string
 from typing import Sequence
 
 import numpy as np
 
 UNITS = ("word", "char")
-_TABLE = str.maketrans(string.ascii_uppercase, string.ascii_lowercase, string.punctuation)
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so it has an inverse mod 2^64
 _BASE_INV = np.uint64(pow(int(_BASE), -1, 1 << 64))
 _POWERS: dict[str, np.ndarray] = {}
-
-
-def normalize(text: str) -> str:
-    """ASCII-lowercased, ASCII punctuation deleted, whitespace runs -> one space, stripped."""
-    return " ".join(text.translate(_TABLE).split())
 
 
 def exact_hashes(normalized: Sequence[str]) -> np.ndarray:
@@ -60,7 +54,7 @@ def ngram_hashes(normalized: Sequence[str], n: int, unit: str = "word", *, short
     """Hashes of every n-gram (of words or characters) of each normalised text.
 
     Args:
-      normalized: texts already passed through `normalize`.
+      normalized: texts already passed through `core.text.normalize`.
       n: units per n-gram (>= 1).
       unit: "word" or "char".
       short: a text with fewer than n units (but at least one) gives one n-gram of all of them

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from phi_jax import fileio
-from phi_jax.curation.stage import MARKERS, PlannedInputs, Prepare, Stage, finished, log_path, work_dir
+from phi_jax.curation.core.stage import MARKERS, PlannedInputs, Prepare, Stage, finished, log_path, work_dir
 from phi_jax.data import records
 from phi_jax.errors import InputError, RunError
 
@@ -88,11 +88,11 @@ def run_stage(stage: Stage, inputs: str | Sequence[str] | PlannedInputs, output:
                             enabled=progress)
         try:
             if runner == "local":
-                from phi_jax.curation.runners.local import run_local
+                from phi_jax.curation.core.runners.local import run_local
 
                 run_local(stage, todo, output, fmt, workers=workers, on_progress=bar.update)
             else:
-                from phi_jax.curation.runners.beam import run_beam
+                from phi_jax.curation.core.runners.beam import run_beam
 
                 run_beam(stage, todo, output, fmt, options=beam_options, workers=workers)
                 bar.update(sum(s.size for s in todo))

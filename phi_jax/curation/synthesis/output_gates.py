@@ -18,6 +18,7 @@ Flagged (`meta.flags`, counted as `flagged_<flag>`; kept unless asked otherwise)
   * `low_distinct_2`: fewer than `min_distinct_2` of the record's word bigrams are distinct
     (a small teacher looping on one sentence), for records of at least `min_words` words;
   * `truncated`: the teacher stopped at max_tokens.
+Words (for openings and distinct-n) are curation's one word rule, `core.text.words`.
 """
 
 from __future__ import annotations
@@ -26,20 +27,13 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import re
 from typing import Iterable, Sequence
 
-from phi_jax.curation.stage import Counts, Stage
+from phi_jax.curation.core.stage import Counts, Stage
+from phi_jax.curation.core.text import words
 from phi_jax.errors import InputError
 
 FLAGS = ("repeated_opening", "low_distinct_2", "truncated")
-_WORD = re.compile(r"\w+")
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased word tokens: what distinct-n and openings are counted over."""
-    return _WORD.findall(text.lower())
-
 
 def ngrams(tokens: Sequence[str], n: int) -> Iterable[tuple[str, ...]]:
     return zip(*(tokens[i:] for i in range(n)))
@@ -89,14 +83,15 @@ def drop_duplicates_and_contaminated(records: Sequence[dict], config: GateConfig
     """{record id: reason} for the records to drop as duplicates or as benchmark overlap.
 
     Records are considered in the order given (plan order): of a cluster of duplicates the first
-    is kept (`phi_jax.curation.dedup.near_duplicates`: `exact_duplicate` for the same normalised
+    is kept (`phi_jax.curation.dedup.remove.near_duplicates`: `exact_duplicate` for the same normalised
     text, `near_duplicate` for MinHash-LSH Jaccard >= `near_threshold`); the kept ones are then
     checked against `against` (`phi_jax.curation.decontaminate`): `contaminated_ngram` for a
     shared word 13-gram, `contaminated_code` for a function whose AST matches a benchmark
     solution. Decontamination would cut an n-gram match out of a document; a synthetic record is
     dropped whole instead, since a cut exercise no longer splits into prompt and solution.
     """
-    from phi_jax.curation import decontaminate, dedup
+    from phi_jax.curation.decontaminate import remove as decontaminate
+    from phi_jax.curation.dedup import remove as dedup
 
     if not records:
         return {}

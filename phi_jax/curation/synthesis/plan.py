@@ -33,9 +33,8 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
-from phi_jax.curation import templates
-from phi_jax.curation.teacher import template_sha256
-from phi_jax.curation.templates import PromptTemplate
+from phi_jax.curation.core import templates
+from phi_jax.curation.core.templates import PromptTemplate, template_sha256
 from phi_jax.errors import InputError
 
 KINDS = ("textbook", "exercises")

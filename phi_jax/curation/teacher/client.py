@@ -26,7 +26,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import email.utils
-import hashlib
 import os
 import random
 import threading
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from phi_jax.curation.teacher_cache import TeacherCache, cache_key
+from phi_jax.curation.teacher.cache import TeacherCache, cache_key
 from phi_jax.errors import InputError, RunError
 
 API_KEY_ENV = ("PHI_JAX_TEACHER_API_KEY", "OPENAI_API_KEY")
@@ -328,10 +327,6 @@ def _retry_after(response) -> float | None:
             return None
         seconds = when.timestamp() - time.time()
     return min(max(0.0, seconds), _MAX_RETRY_AFTER_S)
-
-
-def template_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def default_cache_path(output: str | os.PathLike) -> Path:

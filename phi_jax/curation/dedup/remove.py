@@ -4,7 +4,7 @@
     result.kept, result.clusters                            # records kept; what was removed for what
     run_stage(dedup_stage(threshold=0.8), "data/*.jsonl", "out/dedup", runner="local" | "beam")
 
-Documents are normalised (`shingles.normalize`: the same normalisation as decontamination), cut
+Documents are normalised (`core.text.normalize`: curation's one word rule, as in decontamination), cut
 into word 5-grams (or `unit="char"` n-grams), and MinHashed (`minhash.signatures`, rensa). Two
 documents are linked when their normalised texts are equal (exact duplicates) or when they share
 one of the LSH bands chosen from the threshold (`minhash.LshParams.choose`, the S-curve); clusters
@@ -12,7 +12,7 @@ are the connected components of these links, and the document kept in each is th
 order* (the smallest document number), so adding data at the end never changes what was kept
 before. A removed document is `exact` when its normalised text equals the kept one's, else `near`.
 
-On a corpus (`dedup_stage` under `run_stage`) the whole-corpus passes of `dedup_index` run first
+On a corpus (`dedup_stage` under `run_stage`) the whole-corpus passes of `index` run first
 (locally in worker processes, or with `runner="beam"` as a Beam pipeline: band keys ->
 GroupByKey -> edges), then the usual per-shard pass drops what they decided and writes the kept
 records unchanged. OUTPUT/clusters.jsonl says what was removed in favour of what.
@@ -30,10 +30,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from phi_jax.curation import dedup_index as index
-from phi_jax.curation.minhash import LshParams
-from phi_jax.curation.shingles import UNITS
-from phi_jax.curation.stage import Counts, Prepare, Stage
+from phi_jax.curation.core.stage import Counts, Prepare, Stage
+from phi_jax.curation.dedup import index
+from phi_jax.curation.dedup.minhash import LshParams
+from phi_jax.curation.dedup.shingles import UNITS
 from phi_jax.data.records import InputShard
 from phi_jax.errors import InputError
 
@@ -128,19 +128,19 @@ def dedup_stage(threshold: float = 0.8, **options) -> Stage:
 
 
 def prepare(config: DedupConfig, ctx: Prepare) -> dict:
-    """Passes 1-3 of `dedup_index` (each resumable); returns the manifest's `global` entry."""
-    from phi_jax.curation.runners import progress_bar
+    """Passes 1-3 of `index` (each resumable); returns the manifest's `global` entry."""
+    from phi_jax.curation.core.runners import progress_bar
 
     work = _work(ctx.work, config, ctx.shards)
     starts = index.offsets(ctx.shards)
     done = (index.edges_dir(work) / "done.json").is_file()
     if not done and ctx.runner == "beam":
-        from phi_jax.curation.runners.beam_dedup import beam_edges
+        from phi_jax.curation.dedup.beam_buckets import beam_edges
 
         _clear_edges(work)
         beam_edges(config, ctx.shards, starts, work, options=ctx.beam_options, workers=ctx.workers)
     elif not done:
-        from phi_jax.curation.runners.local import map_shards
+        from phi_jax.curation.core.runners.local import map_shards
 
         for path in index.edges_dir(work).glob("beam-*.npy"):
             path.unlink()
@@ -196,7 +196,7 @@ class _DedupStep:
         self._row = 0
 
     def begin_shard(self, shard: InputShard, output: Path) -> None:
-        from phi_jax.curation.stage import work_dir
+        from phi_jax.curation.core.stage import work_dir
 
         self._drop, self._row = index.load_decisions(work_dir(output) / "dedup", shard), 0
 

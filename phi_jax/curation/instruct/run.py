@@ -38,9 +38,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from phi_jax.curation.stage import Counts, Stage
-from phi_jax.curation.strategies import LEAK_WORDS, LeakCheck, Strategy, StrategyMap
-from phi_jax.curation.teacher import Answer, Prompt, TeacherClient, TeacherConfig, default_cache_path
+from phi_jax.curation.core.stage import Counts, Stage
+from phi_jax.curation.instruct.strategies import LEAK_WORDS, LeakCheck, Strategy, StrategyMap
+from phi_jax.curation.teacher.client import Answer, Prompt, TeacherClient, TeacherConfig, default_cache_path
 from phi_jax.data import records
 from phi_jax.data.answers import checked_score, load_scorer
 from phi_jax.data.tasks import (DEV_FRACTION, GENERIC_SYSTEM_MESSAGE, HELDOUT_FRACTION, Task,
@@ -230,10 +230,10 @@ def run_instruct(tasks: str | Sequence[str], output: str | Path, *, teacher: Tea
                  **run_options: Any) -> dict:
     """Select strategies (select="dev"), then run the instruct stage; returns the manifest.
 
-    `run_options` go to `phi_jax.curation.runners.run_stage` (runner, workers, shard_size,
+    `run_options` go to `phi_jax.curation.core.runners.run_stage` (runner, workers, shard_size,
     output_format, max_records, overwrite, beam_options, progress).
     """
-    from phi_jax.curation.runners import run_stage
+    from phi_jax.curation.core.runners import run_stage
 
     if select not in SELECT_MODES:
         raise InputError(f"--select-strategy={select!r}; choose one of {', '.join(SELECT_MODES)}")

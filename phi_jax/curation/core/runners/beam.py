@@ -20,7 +20,7 @@ import shlex
 from pathlib import Path
 from typing import Callable, Sequence
 
-from phi_jax.curation.stage import (Stage, close_step, process_shard, record_shard_error,
+from phi_jax.curation.core.stage import (Stage, close_step, process_shard, record_shard_error,
                                     shard_error)
 from phi_jax.data.records import InputShard
 from phi_jax.errors import PhiJaxError, RunError, require

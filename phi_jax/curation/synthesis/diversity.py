@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from phi_jax.curation import gates
+from phi_jax.curation.core.text import words
+from phi_jax.curation.synthesis import output_gates
 
 _MAX_EMBEDDED = 2000  # pairwise distances of at most this many records (a seeded sample beyond)
 
@@ -74,12 +75,12 @@ def embedding_spread(texts: Sequence[str], embedder, *, seed: int = 0) -> dict[s
             "histogram": {"counts": counts.tolist(), "edges": [round(float(e), 4) for e in edges]}}
 
 
-def diversity_report(plan, generated: dict, gated: dict, kept: Sequence[dict], *, config: gates.GateConfig,
+def diversity_report(plan, generated: dict, gated: dict, kept: Sequence[dict], *, config: output_gates.GateConfig,
                      teacher: dict[str, Any], embedder=None, embedder_name: str | None = None,
                      sandbox: str | None = None) -> dict[str, Any]:
     """The report (JSON-able) of one run; `generated` / `gated` are the two stages' manifests."""
-    tokens = [gates.words(r["text"]) for r in kept]
-    openings = collections.Counter(gates.opening(t, config.opening_words) for t in tokens)
+    tokens = [words(r["text"]) for r in kept]
+    openings = collections.Counter(output_gates.opening(t, config.opening_words) for t in tokens)
     repeated = sum(n for n in openings.values() if n > 1)
     gen_counts, gate_counts = generated["counts"], gated["counts"]
     flags = {k[len("flagged_"):]: v for k, v in gate_counts["stage"].items() if k.startswith("flagged_")}
@@ -93,14 +94,14 @@ def diversity_report(plan, generated: dict, gated: dict, kept: Sequence[dict], *
         "counts": {"planned": plan.count, "generated": gen_counts["records_out"], "kept": len(kept),
                    "dropped": {**gen_counts["dropped"], **gate_counts["dropped"]}, "flagged": flags},
         "coverage": coverage(plan, kept, gen_counts["records_out"]),
-        "distinct": {f"distinct_{n}": round(gates.distinct_n(tokens, n), 4) for n in (1, 2, 3)},
+        "distinct": {f"distinct_{n}": round(output_gates.distinct_n(tokens, n), 4) for n in (1, 2, 3)},
         "openings": {"words": config.opening_words,
                      "share_repeated": round(repeated / len(kept), 4) if kept else 0.0,
                      "top": [[" ".join(o), n] for o, n in openings.most_common(5) if n > 1]},
         "tokens_per_record": {"source": "teacher usage (completion_tokens)", **_percentiles(completion)},
         "words_per_record": _percentiles([len(t) for t in tokens]),
         "teacher_usage": usage,
-        "gates": gates.gates_run(config),
+        "gates": output_gates.gates_run(config),
     }
     if plan.kind == "exercises":
         executed = gen_counts["stage"].get("executed", 0)
