@@ -46,9 +46,12 @@ ALLOWED: dict[str, set[str]] = {
     "serve": _BASE | {"inference", "chat", "tokenizer"},
     "evals": _BASE | {"inference", "data", "sandbox", "tokenizer", "chat"},
     "curation": _BASE | {"data", "tokenizer", "inference", "sandbox", "chat", "config"},
-    "__init__": {"config", "model", "inference", "tokenizer", "hf", "gguf", "_lazy", "lora"},
+    # the jobs a user runs (main job, finetune, recipe): wire the units below, never the CLI
+    "jobs": _BASE | {"training", "curation", "evals", "inference", "data", "checkpoint", "config", "lora",
+                     "tokenizer", "distributed"},
+    "__init__": {"config", "model", "inference", "tokenizer", "hf", "gguf", "_lazy", "lora", "jobs"},
 }
-# The CLI wires everything; nothing imports it.
+# The CLI parses, calls the jobs (or another library function) and prints; nothing imports it.
 CLI = "cli"
 FORBIDDEN_EXTERNAL = ("transformers", "torch", "peft")
 

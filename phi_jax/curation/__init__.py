@@ -13,7 +13,6 @@
     classify.py    embeddings -> a quality head (ridge / logistic / forest), `meta.quality`
     filter.py      keep what passes a threshold, count what does not
     dedup.py, decontaminate.py  near duplicates (MinHash-LSH); benchmark n-grams and code
-    chain.py       the stages a training config asks for, chained under WORKDIR/curated (the main job)
     seeds.py       synthesis plans: topics x audiences x styles, scheduled to a target mix, a pure
                    function of the seed (prompt templates and steering in prompts/)
     synthesize.py  textbook sections and exercises from a teacher; exercises.py cuts an exercise
