@@ -20,11 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
-# Public names issue 28 adds on other branches (the loader's text door and the jobs). Until they are
-# merged into this tree the test of them skips, naming them; everything else must resolve now.
-PENDING = ("phi_jax.load", "phi_jax.Loaded", "phi_jax.train", "phi_jax.finetune", "phi_jax.recipe",
-           "phi_jax.jobs")
-
 _NAME = re.compile(r"(?<![\w./-])phi_jax(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
@@ -80,26 +75,20 @@ def resolve(name: str) -> str | None:
     return f"no module {parts[0]!r}"
 
 
-def _pending(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in PENDING)
-
-
 def test_every_phi_jax_name_in_the_docs_resolves():
     names = mentioned_names()
     assert len(names) > 50, "the name scan found almost nothing: is the regex broken?"
     missing = {name: (why, sorted(set(pages))) for name, pages in names.items()
-               if not _pending(name) and (why := resolve(name))}
+               if (why := resolve(name))}
     assert not missing, "names in the docs that do not exist:\n" + "\n".join(
         f"  {name}: {why} (in {', '.join(pages)})" for name, (why, pages) in sorted(missing.items()))
 
 
-def test_the_new_public_door_resolves():
-    names = [n for n in mentioned_names() if _pending(n)]
-    assert "phi_jax.load" in names  # the README's library example is written against it
-    missing = {n: why for n in names if (why := resolve(n))}
-    if missing:
-        pytest.skip("phi_jax.load / phi_jax.train / phi_jax.finetune / phi_jax.recipe (issue 28) are "
-                    f"not in this tree yet: {sorted(missing)}")
+def test_the_public_door_is_documented():
+    names = mentioned_names()
+    for name in ("phi_jax.load", "phi_jax.train", "phi_jax.finetune",
+                 "phi_jax.recipe"):
+        assert name in names, f"{name} is never mentioned in the README or docs"
 
 
 def test_the_name_check_fails_on_a_name_that_does_not_exist():

@@ -133,7 +133,7 @@ def test_a_stage_switched_off_is_passed_over(tmp_path, tokenizer_dir):
 def test_curation_off_trains_on_the_data_as_given(tmp_path):
     """In process (the CLI path of `--config.curation.enabled=False` runs in test_train's subprocess
     tests): nothing is curated and the table says why."""
-    from phi_jax.cli import stages
+    from phi_jax.jobs import main as stages
     from phi_jax.training.config_file import apply_overrides, load_config
 
     summary = {"start_step": 0, "end_step": 1, "losses": [9.0], "heldout": [], "heldout_tokens": 0,

@@ -42,44 +42,28 @@ def register(subparsers) -> None:
 
 def load_validated(args) -> "ml_collections.ConfigDict":  # noqa: F821
     """The config named by --config with the command line's overrides applied and validated."""
+    from phi_jax.jobs.config import resolve
     from phi_jax.training import config_file
 
-    config = config_file.load_config(args.config)
-    config_file.apply_overrides(config, args.config_overrides)
+    config = resolve(args.config, argv=args.config_overrides)
     config_file.validate_training(config)
     return config
 
 
 def run(args) -> int:
-    from phi_jax.errors import InputError
-
     config = load_validated(args)
     if args.show_config:
         print(config)
         return 0
-    if not args.workdir:
-        raise InputError("phi-jax train needs --workdir=DIR (where checkpoints and metrics go)")
     from phi_jax import distributed
 
     distributed.maybe_initialize(coordinator_address=args.coordinator_address,
                                  num_processes=args.num_processes, process_id=args.process_id)
-    import time
-    from pathlib import Path
-
-    from phi_jax.cli import stages
-    from phi_jax.training.loop import preflight, train
+    from phi_jax.jobs.main import run_validated
     from phi_jax.training.summary import format_summary
 
-    checked = preflight(config, args.workdir)  # what can fail without data fails before curation writes
-    curation = stages.curate_for_training(config, Path(args.workdir), progress=config.train.progress_bar)
-    start = time.perf_counter()
-    summary = train(config, args.workdir, checked=checked)
-    table, rows = stages.stage_report(curation, summary, config, time.perf_counter() - start)
-    print(format_summary(summary))
-    print(table)
-    losses = summary.pop("losses")
-    if losses:
-        summary.update(first_loss=losses[0], last_loss=losses[-1])
-    summary["stages"] = rows
-    print(json.dumps(summary))
+    result = run_validated(config, args.workdir)
+    print(format_summary(result.summary))
+    print(result.table)
+    print(json.dumps(result.to_json()))
     return 0

@@ -6,8 +6,7 @@ resumably, writing a manifest; the record schema, shards and manifests are `phi_
 
     core/           stage.py (a stage and one shard), runners/ (`run_stage`: local processes or
                     Apache Beam), templates.py (prompt files and their hash), text.py (the one word
-                    rule every room counts words by), chain.py (`curate`: the stages a training
-                    config asks for, under WORKDIR/curated)
+                    rule every room counts words by)
     teacher/        client.py (THE teacher client: any OpenAI-compatible endpoint, concurrent,
                     retried), cache.py (answers on disk before use), heuristic.py (offline stand-in)
     quality/        annotate.py (a teacher's score per record against a rubric), classify.py (a
@@ -25,6 +24,7 @@ resumably, writing a manifest; the record schema, shards and manifests are `phi_
     prompts/        package data: rubrics (edu, code), synthesis templates, steering.yaml,
                     strategies/
 
-Rooms import `core`; `core` imports no other room (chain.py, the orchestrator, excepted).
+Rooms import `core`; `core` imports no other room. Chaining stages into a job is
+`phi_jax.jobs`' (the main job's curation, the recipe).
 Teachers are reached over HTTP only; this package never imports the server.
 """

@@ -122,11 +122,13 @@ def tasks_report(results: Mapping[str, Mapping[str, Any]], output: str | Path, *
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from phi_jax.fileio import atomic_write_json
+    import io
+
+    from phi_jax.fileio import as_path, atomic_write_bytes, atomic_write_json
 
     if not results:
         raise InputError("tasks_report needs at least one model's results")
-    output = Path(output)
+    output = as_path(output)  # local or gs://
     output.mkdir(parents=True, exist_ok=True)
     report = {name: {k: v for k, v in r.items() if k != "examples"} for name, r in results.items()}
     atomic_write_json(output / "tasks_report.json", report)
@@ -144,8 +146,10 @@ def tasks_report(results: Mapping[str, Mapping[str, Any]], output: str | Path, *
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(output / "tasks_report.png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    atomic_write_bytes(output / "tasks_report.png", png.getvalue())
     return report
 
 

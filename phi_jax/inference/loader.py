@@ -238,7 +238,9 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
     if adapter is not None:
         from phi_jax import lora
 
-        lora_config, variables = lora.load_adapter(adapter, model.config, variables)
+        # a bucket adapter is read from a local copy (safetensors needs a real file)
+        local = fileio.local_copy(adapter) if fileio.is_remote(adapter) else adapter
+        lora_config, variables = lora.load_adapter(local, model.config, variables)
         model = Phi(lora_config)
         meta["adapter"] = str(adapter)
     if step is not None and kind != "workdir":

@@ -1,4 +1,4 @@
-"""The machinery every curation room runs on: stages, runners, prompt templates, the stage chain.
+"""The machinery every curation room runs on: stages, runners, prompt templates, the word rule.
 
     stage.py       a stage = a plain step function over batches of records + its parameters
                    (`Stage`, `Counts`, `PlannedInputs`); `process_shard` runs one over one shard
@@ -10,8 +10,8 @@
                    `phi_jax/curation/prompts/`
     text.py        `words`, `normalize`, `word_spans`: curation's one word rule (lm-eval's janitor's),
                    used by dedup shingles, decontamination, the synthesis gates and the leak check
-    chain.py       `curate`: the stages a training config asks for, chained under one directory
 
 The record schema, shards and manifests are `phi_jax.data.records`. Nothing here imports another
-curation room (chain.py, the orchestrator, excepted); every room builds on this one.
+curation room; every room builds on this one. Chaining stages into a job (the main job's
+annotate -> filter -> dedup -> decontaminate) is `phi_jax.jobs.curate`'s.
 """

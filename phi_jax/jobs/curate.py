@@ -1,6 +1,6 @@
-"""The curation stages a training config asks for, chained under one directory, each resumable.
+"""The main job's curation: the stages a training config asks for, chained under WORKDIR/curated.
 
-    result = curate(config.curation, "default", workdir / "curated", count_tokens=TokenCounter(tok))
+    result = curate(config.curation, "default", workdir + "/curated", count_tokens=TokenCounter(tok))
     result.files                       # the last stage's shards: what training reads
     print("\n".join(format_line(l) for l in result.lines))
 
@@ -10,27 +10,29 @@ directory; a stage switched off is passed over and the next reads its input inst
 has its manifest, which names its input files' sha256 and the sha256 of the manifest of the stage
 before it (`upstream`), so the chain from corpus to training shards can be checked by hash.
 
-A stage whose output is complete for the same parameters and inputs is skipped (nothing is
-written, so the hashes downstream stay valid); an unfinished one is resumed shard by shard; one
-made with other settings is refused, since a checkpoint beside it was trained on that data.
+The stages run through the one pipeline orchestrator (`phi_jax.jobs.pipeline`): markers in
+WORKDIR/curated/stages/, one "settings differ" error. A stage whose output is complete for the same
+parameters and inputs (its manifest says so) is skipped (nothing is written, so the hashes
+downstream stay valid); an unfinished one is resumed shard by shard; one made with other settings
+is refused, since a checkpoint beside it was trained on that data. Every path goes through
+`phi_jax.fileio`, so a gs:// workdir's curated shards live in the bucket.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
+from phi_jax import fileio
 from phi_jax.curation.core.stage import Stage
 from phi_jax.data import records
 from phi_jax.errors import InputError
-from phi_jax.fileio import atomic_write_json
+from phi_jax.jobs.pipeline import Step, run_pipeline, settings_differ
 
 STAGES = ("annotate", "filter", "dedup", "decontaminate")
-LINES = "stages.json"
+MARKS = "stages"  # WORKDIR/curated/stages/<stage>.json: the pipeline's markers
 
 
 @dataclasses.dataclass
@@ -89,7 +91,7 @@ class TokenCounter:
         return sum(self._known[key] for key in pending)  # a text twice in a batch counts twice
 
 
-def build_stage(name: str, cc, output: Path) -> Stage:
+def build_stage(name: str, cc, output):
     """The `phi-jax data` stage `name` configured by the `curation` ConfigDict."""
     if name == "annotate":
         from phi_jax.curation.quality.annotate import HEURISTIC, annotate_stage, load_rubric
@@ -118,7 +120,7 @@ def build_stage(name: str, cc, output: Path) -> Stage:
     raise ValueError(f"unknown curation stage {name!r}; the stages are {STAGES}")
 
 
-def curate(cc, inputs: str, root: str | Path, *, count_tokens: Callable[[Iterable[str]], int],
+def curate(cc, inputs: str, root: Any, *, count_tokens: Callable[[Iterable[str]], int],
            text_field: str = "text", max_records: int = 0, progress: bool = True,
            on_line: Callable[[StageLine], None] | None = None) -> Curated:
     """Run (or skip, or resume) every enabled stage of `cc` over `inputs` into `root/<stage>`.
@@ -126,63 +128,80 @@ def curate(cc, inputs: str, root: str | Path, *, count_tokens: Callable[[Iterabl
     Args:
       cc: the `curation` ConfigDict (`phi_jax.training.defaults.curation_config()`).
       inputs: what the first stage reads (`default`, files or globs; see `records.plan_shards`).
-      root: the directory of the stages' outputs (`WORKDIR/curated`).
+      root: the directory of the stages' outputs (`WORKDIR/curated`; local or gs://).
       count_tokens: texts -> their token count (a `TokenCounter`), for the lines.
       text_field, max_records: how the first stage reads `inputs`.
       on_line: called with each stage's line as it finishes.
     """
     from phi_jax.curation.core.runners import completed_run, run_stage
 
-    root = Path(root)
-    saved = _read_lines(root)
-    lines: list[StageLine] = []
-    current, previous, last = inputs, None, None
-    for name in STAGES:
+    root = fileio.as_path(root)
+    state = {"current": inputs, "previous": None, "last": None}
+
+    def step(name: str) -> Step:
         if not cc[name].enabled:
-            lines.append(StageLine(name, "off", note=f"--config.curation.{name}.enabled=False"))
-            if on_line:
-                on_line(lines[-1])
-            continue
+            return Step(name, off=f"--config.curation.{name}.enabled=False")
         output = root / name
-        first = previous is None
-        options = dict(shard_size=cc.shard_size, text_field=text_field if first else "text",
-                       max_records=max_records if first else 0)
-        stage = build_stage(name, cc, output)
-        done, problems = completed_run(stage, current, output, **options)
-        if problems:
-            raise InputError(f"{output} was curated with other settings or inputs ({'; '.join(problems)[:300]}); "
-                             "a checkpoint in this workdir was trained on it: use a new --workdir, or delete "
-                             f"{output} and the stages after it to redo them")
-        clock = time.perf_counter()
-        if done is not None:
-            manifest, status = done, "skipped"
-        else:
+
+        def options():
+            first = state["previous"] is None
+            return dict(shard_size=cc.shard_size, text_field=text_field if first else "text",
+                        max_records=max_records if first else 0)
+
+        def line(manifest: dict, status: str, saved: dict | None, seconds: float | None = None) -> dict:
+            sha = records.file_sha256(output / records.MANIFEST)
+            old = (saved or {}).get("result") or {}
+            if status == "skipped" and old.get("manifest_sha256") == sha:
+                tokens_in, tokens_out = old.get("tokens_in"), old.get("tokens_out")
+            else:
+                previous = state["previous"]
+                tokens_in = previous["tokens_out"] if previous is not None else count_tokens(
+                    _texts(records.plan_shards(state["current"], cc.shard_size, text_field=text_field,
+                                               max_records=max_records)))
+                tokens_out = count_tokens(r["text"] for r in records.iter_output(str(output)))
+            counts = manifest["counts"]
+            state["last"] = manifest
+            return dataclasses.asdict(StageLine(
+                name, status, counts["records_in"], counts["records_out"], tokens_in, tokens_out,
+                manifest.get("wall_seconds", seconds), dict(counts["dropped"]), str(output), sha))
+
+        def complete(saved):
+            done, problems = completed_run(build_stage(name, cc, output), state["current"], str(output),
+                                           **options())
+            if problems:
+                raise settings_differ(output, problems)
+            return None if done is None else line(done, "skipped", saved)
+
+        def run():
             status = "resumed" if (output / records.MANIFEST).is_file() else "ran"
-            manifest = run_stage(stage, current, output, runner=cc.runner, workers=cc.workers,
-                                 beam_options=cc.beam_options, progress=progress, **options)
-        sha = records.file_sha256(output / records.MANIFEST)
-        old = saved.get(name, {})
-        if status == "skipped" and old.get("manifest_sha256") == sha:
-            tokens_in, tokens_out = old.get("tokens_in"), old.get("tokens_out")
+            clock = time.perf_counter()
+            manifest = run_stage(build_stage(name, cc, output), state["current"], str(output),
+                                 runner=cc.runner, workers=cc.workers, beam_options=cc.beam_options,
+                                 progress=progress, **options())
+            return line(manifest, status, None, round(time.perf_counter() - clock, 3))
+
+        return Step(name, run=run, output=output, complete=complete)
+
+    lines: list[StageLine] = []
+
+    def finished(name: str, out: dict) -> None:
+        if out["status"] == "off":
+            lines.append(StageLine(name, "off", note=out["reason"]))
         else:
-            tokens_in = previous.tokens_out if previous is not None else count_tokens(
-                _texts(records.plan_shards(current, cc.shard_size, text_field=text_field,
-                                           max_records=max_records)))
-            tokens_out = count_tokens(r["text"] for r in records.iter_output(output))
-        counts = manifest["counts"]
-        line = StageLine(name, status, counts["records_in"], counts["records_out"], tokens_in, tokens_out,
-                         manifest.get("wall_seconds", round(time.perf_counter() - clock, 3)),
-                         dict(counts["dropped"]), str(output), sha)
-        lines.append(line)
+            lines.append(StageLine(**out["result"]))
+            state["previous"], state["current"] = out["result"], out["result"]["output"]
         if on_line:
-            on_line(line)
-        previous, last, current = line, manifest, str(output)
-        if line.documents_out == 0:
-            raise InputError(f"curation kept no document ({name} left 0 of {line.documents_in}); lower "
+            on_line(lines[-1])
+        if lines[-1].documents_out == 0:
+            raise InputError(f"curation kept no document ({name} left 0 of {lines[-1].documents_in}); lower "
                              "--config.curation.filter.min_score or switch a stage off")
-    _write_lines(root, lines)
+
+    # built lazily, one at a time: each step reads the previous one's output
+    run_pipeline([step(name) for name in STAGES], root / MARKS, on_outcome=finished)
+    last = state["last"]
     # a shard the stages emptied is left out: the training pipeline refuses empty files
-    files = [str(Path(current) / o["path"]) for o in last["outputs"] if o["records"]] if last else []
+    files = [str(fileio.as_path(state["current"]) / o["path"]) for o in last["outputs"] if o["records"]] \
+        if last else []
     return Curated(lines, files)
 
 
@@ -190,19 +209,6 @@ def _texts(shards) -> Iterable[str]:
     for shard in shards:
         for record in shard.read():
             yield record["text"]
-
-
-def _read_lines(root: Path) -> dict[str, dict]:
-    try:
-        return {line["stage"]: line for line in json.loads((root / LINES).read_text())}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def _write_lines(root: Path, lines: list[StageLine]) -> None:
-    if any(line.status != "skipped" and line.status != "off" for line in lines) or not (root / LINES).exists():
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(root / LINES, [dataclasses.asdict(line) for line in lines])
 
 
 def human_count(n: int | None) -> str:
