@@ -134,8 +134,8 @@ def architecture(config: ModelConfig) -> str:
 
 
 # ------------------------------------------------------------------------------- metadata
-def _rope_metadata(config: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
-    """(keys, extra F32 tensors, notes) for the rotary scaling, as the converter writes it."""
+def _rope_metadata(config: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(keys, extra F32 tensors) for the rotary scaling, as the converter writes it."""
     keys: dict[str, Any] = {}
     tensors: dict[str, np.ndarray] = {}
     kind = config.rope_type
@@ -144,9 +144,8 @@ def _rope_metadata(config: ModelConfig, arch: str) -> tuple[dict[str, Any], dict
     if kind == "linear":
         keys.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(config.rope_factor)})
     elif kind == "llama3" and arch == "llama":  # llama.cpp: per-frequency divisors in rope_freqs
-        import jax.numpy as jnp  # noqa: F401 - the rope maths below runs in jnp
-
         from phi_jax.kernels.rope import inverse_frequencies
+
         plain = np.asarray(inverse_frequencies(config.rotary_dim, config.rope_theta))
         scaled = np.asarray(inverse_frequencies(config.rotary_dim, config.rope_theta, rope_scaling(config)))
         tensors["rope_freqs.weight"] = (plain / scaled).astype(np.float32)
@@ -162,7 +161,7 @@ def _rope_metadata(config: ModelConfig, arch: str) -> tuple[dict[str, Any], dict
     elif kind != "default":
         raise InputError(f"rope_type {kind!r} has no representation in llama.cpp's {arch!r} files; "
                          "export a model with default, linear rope (or llama3 for llama, longrope for phi3)")
-    return keys, tensors, []
+    return keys, tensors
 
 
 def _arch_metadata(config: ModelConfig, arch: str) -> tuple[dict[str, Any], list[str]]:
@@ -223,7 +222,10 @@ def _gguf_names(config: ModelConfig, arch: str, hf_names) -> dict[str, str]:
     names, unknown = {}, []
     for hf_name in hf_names:
         name = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        (unknown.append(hf_name) if name is None else names.__setitem__(hf_name, name))
+        if name is None:
+            unknown.append(hf_name)
+        else:
+            names[hf_name] = name
     if unknown:
         raise InputError(f"tensors {unknown[:4]} have no name in llama.cpp's {arch!r} architecture; "
                          "this model cannot be exported to GGUF")
@@ -293,7 +295,7 @@ def save_gguf(loaded, path: str | os.PathLike, *, quant: str = "f32", overwrite:
     config, variables = lora.merge(loaded.model.config, loaded.variables)
     arch = architecture(config)
     keys, notes = _arch_metadata(config, arch)
-    rope_keys, rope_tensors, _ = _rope_metadata(config, arch)
+    rope_keys, rope_tensors = _rope_metadata(config, arch)
     keys.update(rope_keys)
     check_output(path, overwrite=overwrite)
     tensors = hf.params_to_hf(variables, config, "float32")

@@ -4,6 +4,7 @@
     phi-jax finetune --config=FILE --model=BASE --data=DIR --workdir=DIR [--merge=OUT]
     phi-jax sample   --model=PATH --prompt="def fibonacci(n):"
     phi-jax convert  SRC DST                    HF dir / workdir / .gguf -> the other form
+    phi-jax export   --model=PATH --output=OUT.gguf --quant=q8_0   (llama.cpp / Ollama file)
     phi-jax serve    --model=PATH --port=8000
     phi-jax eval     humaneval|perplexity|choice --model=PATH --output=DIR
     phi-jax data     annotate|train-classifier|score|filter --input=... --output=DIR
@@ -30,7 +31,8 @@ import traceback
 from phi_jax import errors
 
 # Subcommands in the order `phi-jax --help` lists them; each is phi_jax.cli.<name>.
-SUBCOMMANDS = ("train", "finetune", "sample", "convert", "serve", "eval", "data", "recipe", "plan")
+SUBCOMMANDS = ("train", "finetune", "sample", "convert", "export", "serve", "eval", "data", "recipe",
+               "plan")
 # Subcommands whose unrecognised arguments are `--config.a.b=value` overrides.
 _TAKES_CONFIG_OVERRIDES = ("train", "finetune", "recipe", "plan")
 
