@@ -304,6 +304,34 @@ def test_transformers_loads_our_llama_and_phi3_files(name, quant, tokenizer, tmp
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_sentencepiece_vocabulary_is_written_as_llama_cpp_reads_it(tmp_path):
+    """Phi-3 / Llama 2 style: `tokenizer.ggml.model` = llama with scores and types; transformers'
+    GGUF tokenizer rebuilt from our file gives the ids of the source sentencepiece model."""
+    import io
+
+    import sentencepiece as spm
+    transformers = pytest.importorskip("transformers")
+    from phi_jax.tokenizer import SentencePieceTokenizer
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["hello world the quick brown fox jumps over the lazy dog"] * 200
+                               + ["def f(x): return x + 1"] * 200), model_writer=proto,
+        vocab_size=300, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        minloglevel=2)
+    sp = SentencePieceTokenizer(proto.getvalue(), {})
+    summary = gguf_export.save_gguf(tiny("test-phi3", sp), tmp_path / "m.gguf")
+    assert summary.tokenizer == {"model": "llama", "pre": "default", "tokens": 320}
+    md = {k: f.contents() for k, f in gguf.GGUFReader(str(tmp_path / "m.gguf")).fields.items()}
+    assert md["tokenizer.ggml.tokens"][:4] == ["<unk>", "<s>", "</s>", "<0x00>"]
+    assert md["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]  # unknown, control, control, byte
+    assert (md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ("hello world", "the quick brown fox jumps", "def f(x): return x + 1 é"):
+        assert theirs.encode(text, add_special_tokens=False) == sp.encode(text)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from phi_jax.gguf import find_smollm2
