@@ -82,7 +82,8 @@ class ExportSummary:
         tok = ("none" if self.tokenizer is None else
                f"{self.tokenizer['model']} (pre {self.tokenizer['pre']}), {self.tokenizer['tokens']} tokens")
         out = [f"wrote {self.path}: {self.file_size / 2**20:.1f} MiB in {self.seconds:.1f} s",
-               f"  architecture {self.architecture}, {self.parameters / 1e6:.1f}M parameters, quant {self.quant}",
+               f"  architecture {self.architecture}, {self.parameters / 1e6:.1f}M parameters, "
+               f"quant {self.quant}",
                f"  {self.tensors} tensors: {types}", f"  tokenizer: {tok}"]
         by_reason = collections.defaultdict(list)
         for f in self.fallbacks:

@@ -215,6 +215,17 @@ def test_writes_are_atomic(tokenizer, tmp_path, monkeypatch):
     assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.gguf"]
 
 
+def test_export_to_a_bucket(gcs, tokenizer, tmp_path):
+    """gs:// outputs go through the one path layer: written locally, uploaded as one object."""
+    source = tiny("test-qwen2", tokenizer)
+    url = gcs.url("export") + "/m.gguf"
+    gguf_export.save_gguf(source, url, quant="q8_0")
+    with pytest.raises(InputError, match="--overwrite"):
+        gguf_export.save_gguf(source, url)
+    back = load(url)
+    assert back.metadata["path"] == url and back.metadata["quantization"]["Q8_0"] == 22
+
+
 _KILLED = """
 import os, signal, sys
 import gguf, jax
