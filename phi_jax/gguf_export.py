@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from phi_jax import fileio, gguf_file, gguf_vocab, hf, lora
@@ -293,6 +295,9 @@ def save_gguf(loaded, path: str | os.PathLike, *, quant: str = "f32", overwrite:
 
     start = time.perf_counter()
     quant = check_quant(quant)
+    if any(jnp.issubdtype(x.dtype, jnp.integer) for x in jax.tree.leaves(loaded.variables)):
+        raise InputError("the model holds integer (quantized) weights; export from a float load "
+                         "(load without --quantize) and choose the file's quantization with --quant")
     config, variables = lora.merge(loaded.model.config, loaded.variables)
     arch = architecture(config)
     keys, notes = _arch_metadata(config, arch)

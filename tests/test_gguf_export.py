@@ -215,6 +215,14 @@ def test_writes_are_atomic(tokenizer, tmp_path, monkeypatch):
     assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.gguf"]
 
 
+def test_quantized_in_memory_weights_are_refused_with_the_fix(tokenizer, tmp_path):
+    source = tiny("test-qwen2", tokenizer)
+    params = dict(source.variables["params"], embed_tokens={"embedding": jnp.zeros((320, 64), jnp.int8)})
+    with pytest.raises(InputError, match="load without --quantize"):
+        gguf_export.save_gguf(Loaded(source.model, {"params": params}, tokenizer, None, {}), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_export_to_a_bucket(gcs, tokenizer, tmp_path):
     """gs:// outputs go through the one path layer: written locally, uploaded as one object."""
     source = tiny("test-qwen2", tokenizer)
