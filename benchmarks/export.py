@@ -4,7 +4,7 @@
 
 For each quant (f32, f16, bf16, q8_0, q4_0, q4_1): `phi_jax.gguf_export.save_gguf` of the loaded
 model, the file's size and the export's wall time; the file reloaded by phi_jax (the one loader);
-the largest |logit| difference from the source model on a 64-token text (and that over the
+the largest |logit| difference from the source model on a short text (and that over the
 largest logit); and greedy decoding of up to 32 tokens (a sequence stops at EOS) on 5 prompts by
 the source and by the reload, compared position by position (agreement) and as the length of the
 common prefix.
