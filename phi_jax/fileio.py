@@ -192,6 +192,42 @@ def upload_file(local: AnyPath, dst: AnyPath) -> None:
         _fs(dst).put_file(os.fspath(local), os.fspath(dst))
 
 
+@contextlib.contextmanager
+def staged_file(dst: AnyPath, *, overwrite: bool = False, flag: str = "--overwrite") -> Iterator[Path]:
+    """Yield a local temporary file path for a writer that needs a real file (GGUF, say); on
+    success it becomes `dst`, on an exception it is removed and `dst` is untouched.
+
+    Why: a killed or failed write must never leave a half file under the output's name. Locally
+    the temporary file is a hidden sibling (same filesystem) renamed into place; for a bucket it is
+    written in the local scratch space and uploaded as one object. An existing `dst` is refused
+    unless `overwrite`, naming `flag`.
+    """
+    check_bucket(dst)
+    target = as_path(dst)
+    if target.exists() and not overwrite:
+        raise InputError(f"{os.fspath(dst)} already exists; choose a new output path, or pass {flag} "
+                         "to replace it (the old file is replaced only once the new one is complete)")
+    if target.exists() and target.is_dir():
+        raise InputError(f"{os.fspath(dst)} is a directory; the output is a file: choose a file path")
+    if isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f"phi_jax-{target.name}-")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if isinstance(target, Path):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            upload_file(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 # ------------------------------------------------------------------------------ directories
 def is_nonempty_dir(path: AnyPath) -> bool:
     p = as_path(path)

@@ -5,9 +5,10 @@
     phi_jax.gguf.convert_to_hf("model.gguf", "empty_dir")  # what transformers loads
 
 Architectures (`general.architecture`): llama (Llama 1-3, SmolLM2, Mistral stored as llama), qwen2,
-phi3 (Phi-3, Phi-3.5, Phi-4-mini). Tensor types: see `gguf_file.SUPPORTED_TYPES`; each is
-dequantized to float32 by the `gguf` package and cast to the requested dtype (the quantization
-error stays: this is the model the file describes, not the original checkpoint).
+phi3 (Phi-3, Phi-3.5, Phi-4-mini), phi2 (Phi-1, 1.5, 2). Tensor types: see
+`gguf_file.SUPPORTED_TYPES`; each is dequantized to float32 by the `gguf` package and cast to the
+requested dtype (the quantization error stays: this is the model the file describes, not the
+original checkpoint).
 
 The weights go through the one HF mapping (`phi_jax.hf`): GGUF tensor names are renamed to HF's,
 and llama.cpp's re-ordering of the q/k projection rows undone. llama.cpp rotates interleaved
@@ -41,7 +42,7 @@ from phi_jax.errors import InputError, MissingFileError
 from phi_jax.hf_config import FAMILY_SWITCHES
 from phi_jax.tokenizer import Tokenizer, tokenizer_from_gguf
 
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3"}  # GGUF arch -> model_type
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "phi2": "phi"}  # GGUF arch -> model_type
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
@@ -52,6 +53,10 @@ _LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
           "attn_output.weight": "self_attn.o_proj.weight", "attn_qkv.weight": "self_attn.qkv_proj.weight",
           "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
           "ffn_down.weight": "mlp.down_proj.weight"}
+# phi2 files (Phi-1/1.5/2): LayerNorm with biases, biases everywhere, HF's phi module names
+_PHI2 = {"output_norm": "model.final_layernorm", "output": "lm_head", "attn_norm": "input_layernorm",
+         "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
 _ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -128,7 +133,8 @@ def config_from_gguf(md: dict[str, Any], tensors: dict[str, Any], path: str | os
         mlp_dim=meta.get("feed_forward_length", int, required=True),
         partial_rotary_factor=meta.get("rope.dimension_count", int, head_dim) / head_dim,
         rope_theta=meta.get("rope.freq_base", float, 10000.0),
-        layer_norm_eps=meta.get("attention.layer_norm_rms_epsilon", float, 1e-5),
+        layer_norm_eps=meta.get("attention.layer_norm_epsilon" if arch == "phi2" else
+                                "attention.layer_norm_rms_epsilon", float, 1e-5),
         max_len=max_len, tie_embeddings="output.weight" not in tensors,
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
         sliding_window=meta.get("attention.sliding_window", int) if model_type == "phi3" else None,
@@ -147,6 +153,8 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _hf_name(name: str, model_type: str) -> str | None:
+    if model_type == "phi":
+        return _phi2_name(name)
     if name in _TOP:
         return _TOP[name]
     parts = name.split(".", 2)
@@ -156,6 +164,18 @@ def _hf_name(name: str, model_type: str) -> str | None:
             suffix = "mlp.gate_up_proj.weight"  # llama.cpp keeps Phi-3's fused gate and up
         return f"model.layers.{parts[1]}.{suffix}"
     return None
+
+
+def _phi2_name(name: str) -> str | None:
+    base, _, what = name.rpartition(".")
+    if what not in ("weight", "bias"):
+        return None
+    if base in ("output_norm", "output"):
+        return f"{_PHI2[base]}.{what}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _PHI2:
+        return f"model.layers.{parts[1]}.{_PHI2[parts[2]]}.{what}"
+    return _TOP.get(name)
 
 
 def _hf_tensors(tensors: dict[str, Any], config: ModelConfig, arch: str, path: Path) -> dict[str, np.ndarray]:

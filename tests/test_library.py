@@ -150,3 +150,14 @@ def test_text_methods_reject_bad_input_in_one_line(hub):
     bare = phi_jax.Loaded(m.model, m.variables, None, None, {})
     with pytest.raises(InputError, match="without a tokenizer"):
         bare.generate("x")
+
+
+def test_save_to_gguf_reloads_to_transformers_logits(hub, tmp_path):
+    _, ref, m = hub
+    summary = m.save(tmp_path / "m.gguf", quant="f32")
+    assert (tmp_path / "m.gguf").is_file() and summary is not None
+    again = phi_jax.load(tmp_path / "m.gguf")
+    tokens = np.asarray([m.tokenizer.encode("def add(a, b)")])
+    np.testing.assert_allclose(again.model.apply(again.variables, tokens)[0], hf_logits(ref, tokens),
+                               atol=TOL)
+    assert again.generate("the quick", max_new_tokens=8) == m.generate("the quick", max_new_tokens=8)

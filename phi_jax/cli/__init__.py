@@ -7,6 +7,7 @@ notebook never has to build argv.
     phi-jax finetune --config=FILE --model=BASE --data=DIR --workdir=DIR [--merge=OUT]
     phi-jax sample   --model=SOURCE --prompt="def fibonacci(n):" [--adapter=DIR]
     phi-jax convert  SRC DST [--adapter=DIR]      HF dir / workdir / .gguf -> HF dir or workdir
+    phi-jax export   --model=SOURCE --output=OUT.gguf --quant=q8_0   (llama.cpp / Ollama file)
     phi-jax serve    --model=SOURCE --port=8000   (OpenAI-compatible HTTP)
     phi-jax eval     humaneval|perplexity|choice|tasks --model=SOURCE --output=DIR
     phi-jax data     annotate|train-classifier|score|filter|dedup|decontaminate|synthesize|tasks|instruct
@@ -37,7 +38,8 @@ import traceback
 from phi_jax import errors
 
 # Subcommands in the order `phi-jax --help` lists them; each is phi_jax.cli.<name>.
-SUBCOMMANDS = ("train", "finetune", "sample", "convert", "serve", "eval", "data", "recipe", "plan")
+SUBCOMMANDS = ("train", "finetune", "sample", "convert", "export", "serve", "eval", "data", "recipe",
+               "plan")
 # Subcommands whose unrecognised arguments are `--config.a.b=value` overrides.
 _TAKES_CONFIG_OVERRIDES = ("train", "finetune", "recipe", "plan")
 
