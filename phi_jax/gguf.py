@@ -68,9 +68,12 @@ class _Meta:
     def __init__(self, md: dict[str, Any], arch: str, path: Path):
         self.md, self.arch, self.path = md, arch, path
 
-    def get(self, name: str, kind: type, default: Any = None, *, required: bool = False):
+    def get(self, name: str, kind: type, default: Any = None, *, required: bool = False,
+            zero_is_none: bool = False):
         key = f"{self.arch}.{name}"
         value = self.md.get(key, default)
+        if zero_is_none and value == 0 and not isinstance(value, bool):
+            value = None
         if value is None:
             if required:
                 raise InputError(f"{self.path} lacks the metadata key {key!r}; the file is incomplete: "
@@ -137,7 +140,9 @@ def config_from_gguf(md: dict[str, Any], tensors: dict[str, Any], path: str | os
                                 "attention.layer_norm_rms_epsilon", float, 1e-5),
         max_len=max_len, tie_embeddings="output.weight" not in tensors,
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
-        sliding_window=meta.get("attention.sliding_window", int) if model_type == "phi3" else None,
+        # llama.cpp's converter writes 0 for "no window" (Phi-4-mini): the same as absent
+        sliding_window=(meta.get("attention.sliding_window", int, zero_is_none=True)
+                        if model_type == "phi3" else None),
     )
     if model_type == "llama":  # llama GGUFs may carry attention biases (e.g. InternLM-style)
         kwargs["qkv_bias"] = kwargs["out_bias"] = "blk.0.attn_q.bias" in tensors

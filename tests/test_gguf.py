@@ -114,7 +114,7 @@ def _metadata(arch: str, config, **extra) -> dict:
         "rope.dimension_count": config.rotary_dim, **extra}.items()}
 
 
-def _phi3_file(path, ref, config):
+def _phi3_file(path, ref, config, **extra):
     """What llama.cpp's converter writes for Phi-3 (no q/k permutation: NeoX rotation)."""
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     tensors = {"token_embd.weight": (sd["model.embed_tokens.weight"], "F32"),
@@ -131,7 +131,8 @@ def _phi3_file(path, ref, config):
     scale = config.max_len / config.rope_original_max_len
     metadata = _metadata("phi3", config, **{
         "rope.scaling.original_context_length": config.rope_original_max_len,
-        "rope.scaling.attn_factor": math.sqrt(1 + math.log(scale) / math.log(config.rope_original_max_len))})
+        "rope.scaling.attn_factor": math.sqrt(1 + math.log(scale) / math.log(config.rope_original_max_len)),
+        **extra})
     return write_gguf(path, "phi3", metadata, tensors, vocab_size=config.vocab_size)
 
 
@@ -180,6 +181,18 @@ def test_rope_factor_tensors_match_the_source_model(name, write, tmp_path):
         tokens = _tokens(config.vocab_size, length)
         diff = np.abs(np.asarray(Phi(loaded).apply(variables, tokens)[0]) - hf_logits(ref, tokens)).max()
         assert diff <= FP32_TOL, (length, diff)
+
+
+def test_phi3_sliding_window_zero_means_no_window(tmp_path):
+    """llama.cpp's converter writes `phi3.attention.sliding_window = 0` for Phi-4-mini (no window)."""
+    config = preset("test-phi3")
+    ref = random_hf_model(config, seed=9)
+    path = _phi3_file(tmp_path / "phi4.gguf", ref, config, **{"attention.sliding_window": 0})
+    loaded, variables, _, _ = gguf.load_gguf(path)
+    assert loaded.sliding_window is None
+    tokens = _tokens(config.vocab_size, 24)
+    diff = np.abs(np.asarray(Phi(loaded).apply(variables, tokens)[0]) - hf_logits(ref, tokens)).max()
+    assert diff <= FP32_TOL
 
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm"])
