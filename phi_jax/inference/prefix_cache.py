@@ -68,7 +68,7 @@ def _load_layer(x, pool, slot, ids):
     """x [B,K,S,H] with row `slot`'s first M*Z positions set from pool [NB,K,Z,H] blocks `ids` [M]."""
     if x.ndim == 5:  # stacked layers: the same per layer
         return jax.vmap(_load_layer, in_axes=(0, 0, None, None))(x, pool, slot, ids)
-    k, _, z, h = pool.shape
+    _, k, z, h = pool.shape
     blocks = jnp.take(pool, ids, axis=0)  # [M,K,Z,H]
     seq = blocks.transpose(1, 0, 2, 3).reshape(1, k, ids.shape[0] * z, h)  # [1,K,M*Z,H]
     return jax.lax.dynamic_update_slice(x, seq.astype(x.dtype), (slot, 0, 0, 0))
