@@ -16,6 +16,9 @@ is that one instead, at concurrency 1 and 16 — the teacher endpoint the curati
 
 Writes benchmarks/results/serve.json and serve.png (serve_quick.* for --quick; serve_<name>.* with
 --model).
+
+`--part=prefill` measures prefill instead (`benchmarks.serve_prefill`): the prefix cache on
+annotation-like prompts, batched vs one-by-one prefill, and cold vs warm starts.
 """
 
 from __future__ import annotations
@@ -269,7 +272,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="32 requests of 32 tokens (a few minutes)")
     parser.add_argument("--model", help="serve this model (any --model source, e.g. smollm2) instead "
                         "of a random tiny one; concurrency 1 and 16")
+    parser.add_argument("--part", choices=("load", "prefill"), default="load",
+                        help="load: tokens/s under concurrency (default); prefill: prefix cache, "
+                             "batched prefill, cold vs warm start")
+    parser.add_argument("--no-start", dest="start", action="store_false",
+                        help="--part=prefill: skip the cold/warm start measurements")
     args = parser.parse_args(argv)
+    if args.part == "prefill":
+        from benchmarks import serve_prefill
+
+        serve_prefill.run(quick=args.quick, model_source=args.model, start=args.start)
+        return
     run(quick=args.quick, model_source=args.model)
 
 

@@ -496,11 +496,21 @@ def put_cache_rows(kv, sub):
     return jax.lax.dynamic_update_slice(kv, sub, (0,) * 5)
 
 
-def scatter_cache_rows(kv, slots: jax.Array, rows_kv):
-    """`kv` with the sequences `rows_kv` (N rows of P slots) written into rows `slots` [N]."""
+def gather_cache_rows(kv, slots: jax.Array, span: int):
+    """The sequences `slots` [N] of a cache's k or v, their first `span` positions (a copy).
+    Out-of-range slots (padding rows) read the last row."""
     if isinstance(kv, tuple):
-        return tuple(x.at[slots, :, :y.shape[2]].set(y.astype(x.dtype)) for x, y in zip(kv, rows_kv))
-    return kv.at[:, slots, :, :rows_kv.shape[3]].set(rows_kv.astype(kv.dtype))
+        return tuple(jnp.take(x[:, :, :span], slots, axis=0, mode="clip") for x in kv)
+    return jnp.take(kv[:, :, :, :span], slots, axis=1, mode="clip")
+
+
+def scatter_cache_rows(kv, slots: jax.Array, rows_kv):
+    """`kv` with the sequences `rows_kv` (N rows of P slots) written into rows `slots` [N];
+    out-of-range slots (padding rows) are dropped."""
+    if isinstance(kv, tuple):
+        return tuple(x.at[slots, :, :y.shape[2]].set(y.astype(x.dtype), mode="drop")
+                     for x, y in zip(kv, rows_kv))
+    return kv.at[:, slots, :, :rows_kv.shape[3]].set(rows_kv.astype(kv.dtype), mode="drop")
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:

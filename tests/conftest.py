@@ -8,6 +8,15 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CLI subprocesses keep compiled programs in a per-session temporary cache, never the user's own
+# (phi_jax.compile_cache); sharing it across the session's subprocesses also makes them start faster.
+if "PHI_JAX_COMPILE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PHI_JAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="phi-jax-test-compile-cache-")
+    atexit.register(shutil.rmtree, os.environ["PHI_JAX_COMPILE_CACHE"], True)
 
 import jax  # noqa: E402
 

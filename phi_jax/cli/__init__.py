@@ -24,7 +24,9 @@ One style for every subcommand: argparse subparsers, one module per subcommand i
 instant), `--help` everywhere, and one error path: a `phi_jax.errors.PhiJaxError` becomes a single
 line on stderr and exit code 2 (bad input) or 1 (failure); `--debug` shows the traceback.
 Run as a program, it first re-executes itself under a retaining allocator when one is installed
-(`phi_jax.allocator`; `PHI_JAX_ALLOCATOR=system` opts out).
+(`phi_jax.allocator`; `PHI_JAX_ALLOCATOR=system` opts out). Every command keeps its compiled
+programs in JAX's persistent compilation cache (`phi_jax.compile_cache`; `PHI_JAX_COMPILE_CACHE=DIR`
+moves it, `=0` turns it off), so the second start of a command does not compile again.
 """
 from __future__ import annotations
 
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in _TAKES_CONFIG_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.config_overrides = extra
+    from phi_jax import compile_cache
+
+    compile_cache.enable()
     try:
         return int(args.func(args) or 0)
     except errors.PhiJaxError as e:

@@ -40,8 +40,18 @@ def register(subparsers) -> None:
     p.add_argument("--chat-template", help="a Jinja chat template file (default: the model's own, else "
                                            "ChatML)")
     p.add_argument("--add-bos", action="store_true", help="prepend the BOS token to every prompt")
+    p.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                   help="tokens of prompt prefixes (system prompts, rubrics) whose KV is kept and "
+                        "reused, least recently used evicted first; 0 turns the prefix cache off")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="longer prompts are prefilled in chunks of this many tokens, with decode "
+                        "steps for the running requests between them")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip compiling every prefill bucket before accepting requests")
+                   help="compile nothing before accepting requests (the first ones compile)")
+    p.add_argument("--warmup-all", action="store_true",
+                   help="compile every prefill bucket and decode batch before accepting requests "
+                        "(default: only what a first request needs; the rest compiles on first use "
+                        "and is kept in the compile cache for the next start)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -70,10 +80,12 @@ def run(args) -> int:
             server.should_exit = True
 
     engine = Engine(model, variables, num_slots=args.num_slots, max_len=args.max_len,
-                    max_queue=args.max_queue, decode_chunk=args.decode_chunk, on_fatal=on_fatal)
+                    max_queue=args.max_queue, decode_chunk=args.decode_chunk, on_fatal=on_fatal,
+                    prefill_chunk=args.prefill_chunk, prefix_cache_tokens=args.prefix_cache_tokens)
     if args.warmup:
-        _log.info("compiling the decode step and %d prefill buckets ...", len(engine.prefill_buckets()))
-        engine.warmup()
+        _log.info("compiling %s ...", "every prefill bucket and decode batch" if args.warmup_all
+                  else "the first prefill and decode step")
+        engine.warmup(everything=args.warmup_all)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -83,8 +95,9 @@ def run(args) -> int:
                      args.host)
     app = create_app(engine, tokenizer, ServerConfig(model_name=name, chat_template=chat_template or
                                                      loaded.chat_template, add_bos=args.add_bos))
-    _log.info("serving %r on http://%s:%d/v1 (%d slots x %d tokens)", name, args.host, args.port,
-              engine.num_slots, engine.max_len)
+    _log.info("serving %r on http://%s:%d/v1 (%d slots x %d tokens; prefix cache %s; metrics at "
+              "/metrics)", name, args.host, args.port, engine.num_slots, engine.max_len,
+              f"{engine.prefix_cache.capacity_tokens} tokens" if engine.prefix_cache else "off")
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, http=DeadlineH11Protocol,
         limit_concurrency=args.max_connections, timeout_keep_alive=5, timeout_graceful_shutdown=10))

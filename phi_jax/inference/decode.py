@@ -8,9 +8,10 @@ Two jitted functions do all of it, and both `generate` (a fixed batch) and the s
 (requests that come and go) call them, so there is one implementation of prefill, decode, stop
 handling and sampling:
 
-  * `prefill`: N prompts, right-padded to a power-of-two bucket P, run through the model into a
-    fresh N-row cache that is then copied into cache rows `slots`; each row's first new token is
-    picked from the logits at its own last prompt position;
+  * `prefill`: N prompts (or the parts of them not yet in the cache: the rest after a reused
+    prefix, or one chunk of a long prompt), right-padded to a power-of-two bucket P, run through
+    the model on their cache rows `slots` from each row's own start; each row's next token is
+    picked from the logits at its own last position;
   * `decode_chunk`: up to C steps over the first R rows in one `lax.while_loop`, which stops early
     once every row is finished. A row finishes at one of its stop ids or when its token budget is
     spent; finished and inactive rows do not advance (their cache length stays put).
@@ -32,7 +33,8 @@ import numpy as np
 
 from phi_jax.errors import InputError
 from phi_jax.inference.sampling import sample_logits
-from phi_jax.model import Phi, cache_rows, init_cache, put_cache_rows, scatter_cache_rows
+from phi_jax.model import (Phi, cache_rows, gather_cache_rows, init_cache, put_cache_rows,
+                           scatter_cache_rows)
 
 MIN_BUCKET = 16
 TOP_LOGPROBS = 5  # W: the most alternatives a caller may ask for (OpenAI's limit for completions)
@@ -92,23 +94,31 @@ def _pick(logits: jax.Array, seeds: jax.Array, index: jax.Array, temperature, to
     return tokens, chosen, top_ids.astype(jnp.int32), top_lp
 
 
-def _prefill(model: Phi, with_logprobs: bool, variables, cache, last_tokens, tokens, lengths, slots,
-             seeds, temperature, top_k, top_p):
-    """Prefill tokens [N,P] (row n's first lengths[n] real) into cache rows slots [N].
+def _prefill(model: Phi, with_logprobs: bool, span: int, variables, cache, last_tokens, tokens,
+             starts, lengths, slots, seeds, temperature, top_k, top_p):
+    """Prefill tokens [N,P] (row n's first lengths[n] real) into cache rows slots [N], after the
+    starts[n] positions each row already holds (a reused prefix, or earlier chunks of its prompt).
 
-    Returns (cache, last_tokens with the picked tokens at `slots`, picked tuple of [N] arrays).
+    The rows are copied out of the cache for their first `span` positions (a static bucket >=
+    starts + P), run through the model at positions starts[n] + t, and written back; so one
+    function prefills a whole prompt (starts 0), the rest of a prompt after a cached prefix, and
+    each chunk of a long prompt. Rows whose slot is out of range (>= B) are padding: they read
+    some row and write nothing, so N can be bucketed too.
+    Returns (cache, last_tokens with the picked tokens at `slots`, picked tuple of [N] arrays);
+    a row's pick is its next token only on the chunk that ends its prompt.
     """
     n, bucket = tokens.shape
-    dtype = jax.tree.leaves(cache["k"])[0].dtype
-    rows = init_cache(model.config, n, bucket, dtype=dtype)
+    rows = {name: gather_cache_rows(cache[name], slots, span) for name in ("k", "v")}
+    rows["lengths"] = starts  # [layers,N,K,span,H] holding starts[n] valid positions
     segment_ids = (jnp.arange(bucket)[None, :] < lengths[:, None]).astype(jnp.int32)  # [N,P]
     logits, rows = model.apply(variables, tokens, segment_ids=segment_ids, cache=rows)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [N,V]
+    at = jnp.maximum(lengths - 1, 0)[:, None, None]
+    last = jnp.take_along_axis(logits, at, axis=1)[:, 0]  # [N,V]
     picked = _pick(last, seeds, jnp.zeros_like(lengths), temperature, top_k, top_p, with_logprobs)
     new_cache = {name: scatter_cache_rows(cache[name], slots, rows[name])
-                 for name in ("k", "v")}  # [layers,B,K,S,H] <- [layers,N,K,P,H] at rows `slots`
-    new_cache["lengths"] = cache["lengths"].at[slots].set(lengths)
-    return new_cache, last_tokens.at[slots].set(picked[0]), picked
+                 for name in ("k", "v")}  # [layers,B,K,S,H] <- [layers,N,K,span,H] at rows `slots`
+    new_cache["lengths"] = cache["lengths"].at[slots].set(starts + lengths, mode="drop")
+    return new_cache, last_tokens.at[slots].set(picked[0], mode="drop"), picked
 
 
 def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: int, variables,
@@ -164,8 +174,10 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: 
 
 @functools.lru_cache(maxsize=32)
 def compiled_prefill(model: Phi, with_logprobs: bool = False) -> Callable:
-    """`_prefill` jitted once per (model, with_logprobs); cache and last tokens are donated."""
-    return jax.jit(functools.partial(_prefill, model, with_logprobs), donate_argnums=(1, 2))
+    """`_prefill` jitted once per (model, with_logprobs); span is static, cache and last tokens
+    are donated."""
+    return jax.jit(functools.partial(_prefill, model, with_logprobs), static_argnums=(0,),
+                   donate_argnums=(2, 3))
 
 
 @functools.lru_cache(maxsize=32)
@@ -250,8 +262,8 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
 
     cache, last = new_cache(config, batch, slots), new_last_tokens(batch)
     cache, last, picked = compiled_prefill(model)(
-        variables, cache, last, tokens, np.asarray(lengths, np.int32), np.arange(batch, dtype=np.int32),
-        seeds, *sampling)
+        bucket, variables, cache, last, tokens, np.zeros(batch, np.int32), np.asarray(lengths, np.int32),
+        np.arange(batch, dtype=np.int32), seeds, *sampling)
     decode = compiled_decode_chunk(model)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(batch, bool)

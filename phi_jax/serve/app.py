@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from phi_jax.chat import ChatTemplateError, render_chat
@@ -255,6 +255,19 @@ class _Server:
                 "max_len": engine.max_len}
         return JSONResponse(body, status_code=200 if engine.healthy else 503)
 
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus' text format (what vLLM's /metrics speaks): the engine's counters, among them
+        prefill tokens computed vs reused and the prefix cache's hit rate."""
+        lines = []
+        for key, value in self.engine.metrics().items():
+            kind = "gauge" if key.startswith(("requests_running", "requests_waiting",
+                                              "requests_prefilling", "prefix_cache_hit_rate",
+                                              "prefix_cache_cached", "prefix_cache_capacity")) else "counter"
+            name = f"phi_jax_{key}" + ("_total" if kind == "counter" else "")
+            lines += [f"# TYPE {name} {kind}", f"{name} {value:g}" if isinstance(value, float)
+                      else f"{name} {value}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
     def _model_card(self) -> dict:
         return {"id": self.config.model_name, "object": "model", "created": self.created,
                 "owned_by": "phi_jax", "max_model_len": self.engine.max_len}
@@ -450,6 +463,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig | None = None) ->
 
     routes = [
         Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics, methods=["GET"]),
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/v1/models/{model:path}", server.model, methods=["GET"]),
         Route("/v1/completions", server.completions, methods=["POST"]),

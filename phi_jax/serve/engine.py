@@ -8,12 +8,18 @@ batches (as `generate` does) makes every request wait for the slowest in its bat
 request owns one row ("slot") of the cache while it runs, and the engine only schedules: all
 device work is `phi_jax.inference.decode`'s, the same prefill and decode `generate` runs.
 
-* admission: the prompt is prefilled into its slot (`decode.prefill`, one row, a power-of-two
-  bucket, so at most log2(S) prefill programs are ever compiled);
+* admission: every waiting request that finds a free slot is admitted at once; its prompt's
+  longest cached prefix (whole blocks, `inference.prefix_cache`) is copied into its slot, and the
+  rest is prefilled together with the other newcomers: one `decode.prefill` call per power-of-two
+  bucket of length (rows padded to a power of two too, so the compiled variants stay few);
+* chunked prefill: a prompt longer than `prefill_chunk` is prefilled one chunk per loop turn, with
+  a decode step for the running requests between chunks, so a long prompt does not stall every
+  stream for its whole prefill; its first token comes with its last chunk;
 * decoding: `decode.decode_chunk` advances every busy slot at once over R rows, the smallest power
   of two covering the highest busy slot (new requests take the lowest free slot), so a quiet server
   does not pay for B rows, and at most log2(B)+1 decode programs exist. While no request waits,
-  up to `decode_chunk` steps run per device call; otherwise one, so a newcomer is admitted at once;
+  up to `decode_chunk` steps run per device call; otherwise one, so a newcomer is admitted at once
+  (and a chunked prefill goes on at the next step);
 * leaving: rows stop on the device at a stop token or when their budget is spent; a cancelled
   request just marks its slot free on the host.
 
@@ -31,6 +37,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -39,6 +46,7 @@ import numpy as np
 from phi_jax import _faults
 from phi_jax.errors import InputError, RunError
 from phi_jax.inference import decode
+from phi_jax.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from phi_jax.inference.decode import TOP_LOGPROBS  # noqa: F401  (re-exported for the HTTP layer)
 from phi_jax.inference.sampling import SamplingParams
 
@@ -97,9 +105,20 @@ class RequestHandle:
 class _Stats:
     submitted: int = 0
     finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    prefills: int = 0
+    prefills: int = 0  # requests whose prompt was prefilled (all chunks)
+    prefill_calls: int = 0  # device calls that prefilled (rows of one bucket, or one chunk each)
+    prefill_tokens_computed: int = 0  # prompt tokens run through the model
+    prefill_tokens_reused: int = 0  # prompt tokens copied from the prefix cache instead
     decode_steps: int = 0
     generated_tokens: int = 0
+
+
+@dataclasses.dataclass
+class _Prefilling:
+    """A request that holds a slot while its prompt is prefilled (maybe over several chunks)."""
+
+    handle: "RequestHandle"
+    done: int  # prompt tokens already in the slot's cache row (reused prefix + chunks so far)
 
 
 class Engine:
@@ -116,11 +135,19 @@ class Engine:
         request arriving mid-chunk waits at most decode_chunk - 1 steps to be admitted.
       on_fatal: called (on the engine thread) with the exception when the engine stops because
         of a failure every request shares; the CLI server shuts down and exits non-zero.
+      prefill_chunk: the most prompt tokens one request prefills per loop turn; longer prompts
+        are prefilled in chunks with decode steps between them (a power of two keeps the chunks
+        in one prefill bucket).
+      prefix_cache_tokens: size of the prefix cache in tokens (0 = off); its KV takes as much
+        memory as that many cache slots.
+      prefix_block: tokens per prefix-cache block (reuse is by whole blocks).
     """
 
     def __init__(self, model: Any, variables, *, num_slots: int = 8, max_len: int | None = None,
                  max_queue: int = 256, decode_chunk: int = 8,
-                 on_fatal: Callable[[BaseException], None] | None = None):
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 prefill_chunk: int = 512, prefix_cache_tokens: int = 0,
+                 prefix_block: int = DEFAULT_BLOCK_SIZE):
         config = model.config
         max_len = config.max_len if max_len is None else max_len
         if not 2 <= max_len <= config.max_len:
@@ -129,13 +156,21 @@ class Engine:
         if num_slots < 1 or max_queue < 0 or decode_chunk < 1:
             raise InputError(f"need num_slots >= 1, max_queue >= 0 and decode_chunk >= 1, got "
                              f"{num_slots}, {max_queue}, {decode_chunk}")
+        if prefill_chunk < decode.MIN_BUCKET or prefix_cache_tokens < 0:
+            raise InputError(f"need prefill_chunk >= {decode.MIN_BUCKET} and prefix_cache_tokens >= 0 "
+                             f"(--prefill-chunk, --prefix-cache-tokens), got {prefill_chunk} and "
+                             f"{prefix_cache_tokens}")
         self.model, self.variables = model, variables
         self.num_slots, self.max_len, self.max_queue = num_slots, max_len, max_queue
         self.decode_chunk = decode_chunk
         self.on_fatal = on_fatal
         self._prefill_fn = decode.compiled_prefill(model, True)
         self._decode_fn = decode.compiled_decode_chunk(model, True)
+        self.prefill_chunk = prefill_chunk
         self._cache = decode.new_cache(config, num_slots, max_len)
+        self.prefix_cache = None if not prefix_cache_tokens else PrefixCache(
+            config, prefix_cache_tokens, block_size=prefix_block,
+            dtype=jax.tree.leaves(self._cache["k"])[0].dtype)
         self._last_tokens = decode.new_last_tokens(num_slots)
         b = num_slots
         self._slots: list[RequestHandle | None] = [None] * b
@@ -145,6 +180,8 @@ class Engine:
         self._top_p = np.ones(b, np.float32)
         self._stop_ids = decode.padded_stop_ids([()] * b)
         self._pending: collections.deque[RequestHandle] = collections.deque()
+        self._prefilling: dict[int, _Prefilling] = {}  # slot -> request whose prompt is going in
+        self._last_log = time.monotonic()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -232,17 +269,24 @@ class Engine:
         with self._cv:
             self._thread = None
 
-    def warmup(self, buckets: Sequence[int] | None = None) -> None:
-        """Compile the decode step and the prefill of each bucket now (default: all of them).
+    def warmup(self, buckets: Sequence[int] | None = None, *, everything: bool = False) -> None:
+        """Compile, before `start`, what the first request needs: a one-row prefill of the smallest
+        bucket (or of each of `buckets`) and a one-row decode step over the smallest span.
 
-        Call before `start`; it only writes into slot 0, which is free.
+        Everything else (wider batches, longer prompts and spans) compiles on first use, so a
+        server answers /health within seconds of loading; with the persistent compile cache
+        (`phi_jax.compile_cache`) those programs are read back from disk at every later start.
+        `everything=True` compiles every prefill bucket and every decode batch x span now instead
+        (minutes for a real model on a CPU). It only writes into slot 0, which is free.
         """
         if self._thread is not None:
             raise RuntimeError("warmup() must run before start()")
-        for bucket in self.prefill_buckets() if buckets is None else buckets:
-            self._run_prefill(0, [0], bucket, SamplingParams(max_tokens=1))
-        for rows in self.row_buckets():
-            for span in self.span_buckets():
+        if buckets is None:
+            buckets = self.prefill_buckets() if everything else self.prefill_buckets()[:1]
+        for bucket in buckets:
+            self._run_prefill([(0, [0], 0, SamplingParams(max_tokens=1))], bucket)
+        for rows in self.row_buckets() if everything else self.row_buckets()[:1]:
+            for span in self.span_buckets() if everything else self.span_buckets()[:1]:
                 self._run_decode(rows, np.zeros(rows, bool), np.zeros(rows, np.int32),
                                  np.ones(rows, np.int32), 1, span)
         jax.block_until_ready(self._cache)
@@ -260,6 +304,33 @@ class Engine:
         return len(self._pending)
 
     @property
+    def num_prefilling(self) -> int:
+        """Requests holding a slot whose prompt is still being prefilled (chunk by chunk)."""
+        return len(self._prefilling)
+
+    def metrics(self) -> dict[str, float]:
+        """Counters since start (a snapshot) for /metrics and the log: requests, prefill tokens
+        computed vs reused from the prefix cache, the cache's hit rate, decode steps, tokens."""
+        st = self.stats
+        out = {"requests_submitted": st.submitted, "requests_prefilled": st.prefills,
+               "prefill_calls": st.prefill_calls, "prefill_tokens_computed": st.prefill_tokens_computed,
+               "prefill_tokens_reused": st.prefill_tokens_reused, "decode_steps": st.decode_steps,
+               "generated_tokens": st.generated_tokens, "requests_running": self.num_active,
+               "requests_waiting": self.num_waiting, "requests_prefilling": self.num_prefilling}
+        for reason, count in st.finished.items():
+            out[f"requests_finished_{reason}"] = count
+        cache = self.prefix_cache
+        if cache is not None:
+            out.update(prefix_cache_queried_tokens=cache.stats.queried_tokens,
+                       prefix_cache_hit_tokens=cache.stats.hit_tokens,
+                       prefix_cache_hit_rate=cache.stats.hit_rate,
+                       prefix_cache_stored_blocks=cache.stats.stored_blocks,
+                       prefix_cache_evicted_blocks=cache.stats.evicted_blocks,
+                       prefix_cache_cached_blocks=cache.cached_blocks,
+                       prefix_cache_capacity_tokens=cache.capacity_tokens)
+        return out
+
+    @property
     def healthy(self) -> bool:
         return self.error is None and self._thread is not None and not self._stopping
 
@@ -272,20 +343,23 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not (self._stopping or self._pending or self.num_active):
+                    while not (self._stopping or self._pending or self.num_active or self._prefilling):
                         self._cv.wait()
                     if self._stopping:
                         break
                     admitted = []
-                    free = [b for b, s in enumerate(self._slots) if s is None]
+                    free = [b for b, s in enumerate(self._slots)
+                            if s is None and b not in self._prefilling]
                     while free and self._pending:
                         handle = self._pending.popleft()
                         if handle.cancelled:
                             self._finish(handle, None, "cancelled")
                         else:
                             admitted.append((free.pop(0), handle))
-                for slot, handle in admitted:
-                    self._admit(slot, handle)
+                self._begin_prefills(admitted)
+                if self._prefilling:
+                    self._prefill_turn()
+                    self._maybe_log()
                 for slot, handle in enumerate(self._slots):
                     if handle is not None and handle.cancelled:
                         self._release(slot, "cancelled")
@@ -296,25 +370,39 @@ class Engine:
             self.error = e
         finally:
             with self._cv:
-                leftovers = [h for h in self._slots if h is not None] + list(self._pending)
+                leftovers = ([h for h in self._slots if h is not None]
+                             + [p.handle for p in self._prefilling.values()] + list(self._pending))
                 self._slots = [None] * self.num_slots
+                self._prefilling.clear()
                 self._pending.clear()
                 self._stopping = True
             for handle in leftovers:
                 self._finish(handle, None, "cancelled")
+            if self.stats.prefills:
+                self._maybe_log(every_s=0.0)
         if self.error is not None and self.on_fatal is not None:
             self.on_fatal(self.error)
 
-    def _run_prefill(self, slot: int, prompt: list[int], bucket: int, params: SamplingParams):
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, :len(prompt)] = prompt
-        one = lambda value, dtype: np.asarray([value], dtype)
+    def _run_prefill(self, rows: list[tuple[int, list[int], int, SamplingParams]], bucket: int):
+        """One device call prefilling `rows` = [(slot, new tokens, start, params)] padded to
+        `bucket` tokens; the row count is padded to a decode batch size (padding rows write
+        nothing). Returns the picked tuple ([N] tokens, log-probs, top ids, top log-probs)."""
+        n = next(r for r in self.row_buckets() if r >= len(rows))
+        tokens = np.zeros((n, bucket), np.int32)
+        starts, lengths = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        slots = np.full(n, self.num_slots, np.int32)
+        seeds, top_k = np.zeros(n, np.uint32), np.zeros(n, np.int32)
+        temperature, top_p = np.zeros(n, np.float32), np.ones(n, np.float32)
+        for i, (slot, piece, start, p) in enumerate(rows):
+            tokens[i, :len(piece)] = piece
+            starts[i], lengths[i], slots[i] = start, len(piece), slot
+            seeds[i], temperature[i], top_k[i], top_p[i] = p.seed % 2**32, p.temperature, p.top_k, p.top_p
+        span = min(self.max_len, decode.prompt_bucket(int(starts.max()) + bucket))
         self._cache, self._last_tokens, picked = self._prefill_fn(
-            self.variables, self._cache, self._last_tokens, tokens, one(len(prompt), np.int32),
-            one(slot, np.int32), one(params.seed % 2**32, np.uint32),
-            one(params.temperature, np.float32), one(params.top_k, np.int32),
-            one(params.top_p, np.float32))
-        self.stats.prefills += 1
+            span, self.variables, self._cache, self._last_tokens, tokens, starts, lengths, slots,
+            seeds, temperature, top_k, top_p)
+        self.stats.prefill_calls += 1
+        self.stats.prefill_tokens_computed += int(lengths.sum())
         return picked
 
     def _run_decode(self, rows: int, active: np.ndarray, steps: np.ndarray, budgets: np.ndarray,
@@ -333,21 +421,76 @@ class Engine:
         self.stats.decode_steps += 1
         return count, outs
 
-    def _admit(self, slot: int, handle: RequestHandle) -> None:
-        p = handle.params
-        try:
-            _faults.engine_prefill(handle.prompt)
-            picked = self._run_prefill(slot, handle.prompt, self.bucket(len(handle.prompt)), p)
-            token, logprob, top_ids, top_lps = (x[0] for x in jax.device_get(picked))
-        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
-            _log.exception("prefill of a request failed; answering it with an error")
-            self._finish(handle, None, "error", error=f"{type(e).__name__}: {e}")
+    def _begin_prefills(self, admitted: list[tuple[int, RequestHandle]]) -> None:
+        """Give each admitted request its slot and, from the prefix cache, its prompt's longest
+        cached prefix; the rest is prefilled by `_prefill_turn`."""
+        for slot, handle in admitted:
+            start = 0
+            try:
+                _faults.engine_prefill(handle.prompt)
+                if self.prefix_cache is not None:
+                    blocks = self.prefix_cache.lookup(handle.prompt)
+                    if blocks:
+                        self._cache = self.prefix_cache.load(self._cache, slot, blocks)
+                        start = len(blocks) * self.prefix_cache.block_size
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                _log.exception("prefill of a request failed; answering it with an error")
+                self._finish(handle, None, "error", error=f"{type(e).__name__}: {e}")
+                continue
+            self.stats.prefill_tokens_reused += start
+            self._prefilling[slot] = _Prefilling(handle, start)
+
+    def _prefill_turn(self) -> None:
+        """Prefill the next chunk (up to `prefill_chunk` tokens) of every request in prefill: one
+        device call per bucket of chunk length. A request whose prompt is then complete starts
+        decoding: its slot becomes active and its first token is emitted."""
+        groups: dict[int, list] = {}
+        for slot, state in list(self._prefilling.items()):
+            if state.handle.cancelled:
+                del self._prefilling[slot]
+                self._finish(state.handle, None, "cancelled")
+                continue
+            piece = state.handle.prompt[state.done:state.done + self.prefill_chunk]
+            groups.setdefault(self.bucket(len(piece)), []).append(
+                (slot, piece, state.done, state.handle.params))
+        for bucket, rows in sorted(groups.items()):
+            try:
+                picked = jax.device_get(self._run_prefill(rows, bucket))
+            except Exception as e:  # noqa: BLE001 - these requests fail; the others carry on
+                _log.exception("prefill of %d request(s) failed; answering them with an error", len(rows))
+                for slot, *_ in rows:
+                    self._finish(self._prefilling.pop(slot).handle, None, "error",
+                                 error=f"{type(e).__name__}: {e}")
+                continue
+            for i, (slot, piece, _, p) in enumerate(rows):
+                state = self._prefilling[slot]
+                state.done += len(piece)
+                if state.done < len(state.handle.prompt):
+                    continue
+                del self._prefilling[slot]
+                self.stats.prefills += 1
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(self._cache, slot, state.handle.prompt)
+                self._slots[slot] = state.handle
+                self._seeds[slot] = p.seed % 2**32
+                self._temperature[slot], self._top_k[slot], self._top_p[slot] = p.temperature, p.top_k, p.top_p
+                self._stop_ids[slot] = decode.padded_stop_ids([p.stop_token_ids])[0, :self._stop_ids.shape[1]]
+                token, logprob, top_ids, top_lps = (x[i] for x in picked)
+                self._emit(slot, int(token), float(logprob), top_ids, top_lps)
+
+    def _maybe_log(self, every_s: float = 30.0) -> None:
+        """A line in the server log at most every `every_s` seconds while prompts are prefilled:
+        tokens computed vs reused and the prefix cache's hit rate."""
+        now = time.monotonic()
+        if now - self._last_log < every_s:
             return
-        self._slots[slot] = handle
-        self._seeds[slot] = p.seed % 2**32
-        self._temperature[slot], self._top_k[slot], self._top_p[slot] = p.temperature, p.top_k, p.top_p
-        self._stop_ids[slot] = decode.padded_stop_ids([p.stop_token_ids])[0, :self._stop_ids.shape[1]]
-        self._emit(slot, int(token), float(logprob), top_ids, top_lps)
+        self._last_log = now
+        st, cache = self.stats, self.prefix_cache
+        hits = ("prefix cache off" if cache is None else
+                f"prefix cache hit rate {cache.stats.hit_rate:.1%} ({cache.cached_blocks} of "
+                f"{cache.num_blocks} blocks in use, {cache.stats.evicted_blocks} evicted)")
+        _log.info("prefill: %d requests, %d prompt tokens computed, %d reused; %s", st.prefills,
+                  st.prefill_tokens_computed, st.prefill_tokens_reused, hits)
 
     def _step(self) -> None:
         rows = self.rows_for(max(b for b, s in enumerate(self._slots) if s is not None))
@@ -356,7 +499,8 @@ class Engine:
         steps = np.array([0 if h is None else h.num_generated for h in handles], np.int32)
         budgets = np.array([1 if h is None else h.params.max_tokens - h.num_generated for h in handles],
                            np.int32)
-        many = 1 if self._pending else self.decode_chunk  # someone waits: admit them next step
+        # someone waits, or a prompt is half prefilled: back to them after one step
+        many = 1 if self._pending or self._prefilling else self.decode_chunk
         used = max(len(h.prompt) + h.num_generated for h in handles if h is not None)
         span = decode.span_bucket(used + many, self.max_len)
         count, outs = jax.device_get(self._run_decode(rows, active, steps, budgets, many, span))
