@@ -15,7 +15,11 @@ device work is `phi_jax.inference.decode`'s, the same prefill and decode `genera
   does not pay for B rows, and at most log2(B)+1 decode programs exist. While no request waits,
   up to `decode_chunk` steps run per device call; otherwise one, so a newcomer is admitted at once;
 * leaving: rows stop on the device at a stop token or when their budget is spent; a cancelled
-  request just marks its slot free on the host.
+  request just marks its slot free on the host;
+* structured outputs: a request with a `grammar.Constraint` carries its own matcher. While any busy
+  slot is constrained, each device call is one step with an [R,M] token mask (the grammar's for
+  constrained rows, all tokens for the others), filled on the host between steps; the matchers
+  advance by the tokens chosen. Free rows' tokens are the same as without the constrained ones.
 
 Every request samples token i with fold_in(key(seed), i), exactly as `generate` does, so its tokens
 do not depend on who shares the batch. The engine runs in one thread (JAX calls block); callers talk
@@ -38,7 +42,7 @@ import numpy as np
 
 from phi_jax import _faults
 from phi_jax.errors import InputError, RunError
-from phi_jax.inference import decode
+from phi_jax.inference import decode, grammar
 from phi_jax.inference.decode import TOP_LOGPROBS  # noqa: F401  (re-exported for the HTTP layer)
 from phi_jax.inference.sampling import SamplingParams
 
@@ -74,8 +78,9 @@ class RequestHandle:
     """What `submit` returns: the request's identity and a thread-safe `cancel()`."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, sink: Callable[[TokenEvent], None],
-                 engine: "Engine"):
+                 engine: "Engine", matcher: "grammar.RowMatcher | None" = None):
         self.prompt = prompt
+        self.matcher = matcher
         self.params = params
         self.sink = sink
         self.num_generated = 0
@@ -187,8 +192,12 @@ class Engine:
                              "lower max_tokens")
 
     def submit(self, prompt: Sequence[int], params: SamplingParams,
-               sink: Callable[[TokenEvent], None]) -> RequestHandle:
+               sink: Callable[[TokenEvent], None],
+               constraint: "grammar.Constraint | None" = None) -> RequestHandle:
         """Queue a request; `sink(event)` is then called on the engine thread for every new token.
+
+        `constraint` (from `grammar.compile_constraint`) limits the answer to a JSON schema, a
+        choice, a regex or a lark grammar; it needs the model's eos among the stop token ids.
 
         Raises InputError (bad parameters / does not fit / bad ids), QueueFullError,
         EngineStoppedError.
@@ -201,7 +210,14 @@ class Engine:
             raise InputError(f"prompt token ids must be in [0, {vocab})")
         if len(params.stop_token_ids) > decode.stop_id_width(0):
             raise InputError(f"at most {decode.stop_id_width(0)} stop token ids per request")
-        handle = RequestHandle(prompt, params, sink, self)
+        matcher = None
+        if constraint is not None:
+            eos = self.model.config.eos_token_id
+            if eos not in params.stop_token_ids:
+                raise InputError("a constrained answer ends with the eos token; keep the model's eos "
+                                 f"({eos}) among the stop token ids")
+            matcher = constraint.new_matcher()  # built here, off the engine thread
+        handle = RequestHandle(prompt, params, sink, self, matcher)
         with self._cv:
             if self.error is not None or self._stopping or self._thread is None:
                 raise EngineStoppedError("the generation engine is not running"
@@ -305,7 +321,8 @@ class Engine:
         if self.error is not None and self.on_fatal is not None:
             self.on_fatal(self.error)
 
-    def _run_prefill(self, slot: int, prompt: list[int], bucket: int, params: SamplingParams):
+    def _run_prefill(self, slot: int, prompt: list[int], bucket: int, params: SamplingParams,
+                     matcher: "grammar.RowMatcher | None" = None):
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, :len(prompt)] = prompt
         one = lambda value, dtype: np.asarray([value], dtype)
@@ -313,14 +330,15 @@ class Engine:
             self.variables, self._cache, self._last_tokens, tokens, one(len(prompt), np.int32),
             one(slot, np.int32), one(params.seed % 2**32, np.uint32),
             one(params.temperature, np.float32), one(params.top_k, np.int32),
-            one(params.top_p, np.float32))
+            one(params.top_p, np.float32),
+            None if matcher is None else grammar.fill_masks([matcher], self.model.config.vocab_size))
         self.stats.prefills += 1
         return picked
 
     def _run_decode(self, rows: int, active: np.ndarray, steps: np.ndarray, budgets: np.ndarray,
-                    many: int, span: int):
+                    many: int, span: int, masks: np.ndarray | None = None):
         """Up to `many` decode steps over the first `rows` slots (and `span` cache positions) in one
-        device call.
+        device call; `masks` [R,M] limit the first step's tokens (None: no row is constrained).
 
         Returns (count of steps run, outputs: [C,R] tokens, log-probs, [C,R,W] top ids, top lps).
         """
@@ -329,7 +347,7 @@ class Engine:
         _faults.engine_decode(self.stats.decode_steps + 1)
         self._cache, self._last_tokens, _, count, outs = self._decode_fn(
             rows, chunk, True, span, self.variables, self._cache, self._last_tokens, active,
-            self._seeds[:rows], steps, budgets, self._stop_ids[:rows], *sampling, np.int32(many))
+            self._seeds[:rows], steps, budgets, self._stop_ids[:rows], *sampling, np.int32(many), masks)
         self.stats.decode_steps += 1
         return count, outs
 
@@ -337,7 +355,8 @@ class Engine:
         p = handle.params
         try:
             _faults.engine_prefill(handle.prompt)
-            picked = self._run_prefill(slot, handle.prompt, self.bucket(len(handle.prompt)), p)
+            picked = self._run_prefill(slot, handle.prompt, self.bucket(len(handle.prompt)), p,
+                                       handle.matcher)
             token, logprob, top_ids, top_lps = (x[0] for x in jax.device_get(picked))
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
             _log.exception("prefill of a request failed; answering it with an error")
@@ -356,10 +375,14 @@ class Engine:
         steps = np.array([0 if h is None else h.num_generated for h in handles], np.int32)
         budgets = np.array([1 if h is None else h.params.max_tokens - h.num_generated for h in handles],
                            np.int32)
-        many = 1 if self._pending else self.decode_chunk  # someone waits: admit them next step
+        matchers = [None if h is None else h.matcher for h in handles]
+        masks = None
+        if any(m is not None for m in matchers):  # the host advances grammars between tokens
+            masks = grammar.fill_masks(matchers, self.model.config.vocab_size)
+        many = 1 if self._pending or masks is not None else self.decode_chunk  # admit / mask next step
         used = max(len(h.prompt) + h.num_generated for h in handles if h is not None)
         span = decode.span_bucket(used + many, self.max_len)
-        count, outs = jax.device_get(self._run_decode(rows, active, steps, budgets, many, span))
+        count, outs = jax.device_get(self._run_decode(rows, active, steps, budgets, many, span, masks))
         tokens, logprobs, top_ids, top_lps = outs
         for i in range(int(count)):
             for slot in np.flatnonzero(active):
@@ -376,8 +399,11 @@ class Engine:
             reason = "stop"
         elif handle.num_generated >= handle.params.max_tokens:
             reason = "length"
+        error = None
+        if reason is None and handle.matcher is not None and not handle.matcher.consume(token):
+            reason, error = "error", f"the grammar rejected token {token}: {handle.matcher.error[:200]}"
         event = TokenEvent(token, logprob, tuple(int(i) for i in top_ids),
-                           tuple(float(x) for x in top_lps), reason)
+                           tuple(float(x) for x in top_lps), reason, error)
         if reason is not None:
             self._slots[slot] = None
             handle.finished = True
