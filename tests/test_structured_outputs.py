@@ -131,7 +131,7 @@ def test_mixed_batch_over_http_choice_regex_json_and_free_rows(tiny):
     def regex(seed):
         r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "date?"}],
                                       max_tokens=20, temperature=1.0, seed=seed,
-                                      extra_body={"structured_outputs": {"regex": r"\d{4}-\d{2}-\d{2}"}})
+                                      extra_body={"structured_outputs": {"regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"}})
         return r.choices[0]
 
     def schema(seed):
@@ -153,7 +153,7 @@ def test_mixed_batch_over_http_choice_regex_json_and_free_rows(tiny):
     for f in picks:
         assert f.result().text in choices and f.result().finish_reason == "stop"
     for f in dates:
-        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", f.result().message.content)
+        assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", f.result().message.content)
     for f in people:
         assert f.result().finish_reason == "stop"
         _validate(f.result().message.content)
