@@ -16,7 +16,9 @@ CPU, so it is started once):
     `--scoring=answer` (the teacher writes reasons and a score line, parsed): docs/s, % scored /
     uncertain / unparsed, and what the labels look like (the expected scores' spread, the mass).
 
-Every timed pass follows an untimed one of the same shape, so compilation is not timed. Writes
+Untimed passes first compile what the timed ones run (prefill buckets; decode programs for 1, 2, 4
+and 8 rows with and without masks; the annotation prompts' buckets and spans), so compilation is
+(mostly) not timed. Writes
 benchmarks/results/teacher_engine_<name>.json and .png (_quick for --quick).
 """
 
@@ -68,8 +70,9 @@ def _valid(text: str) -> bool:
         return False
 
 
-def _decode_pass(client, name: str, requests: int, max_tokens: int, constrained: bool) -> dict[str, Any]:
-    """`requests` chat requests, SLOTS in flight; tokens/s over the whole pass."""
+def _decode_pass(client, name: str, requests: int, max_tokens: int, constrained: bool,
+                 in_flight: int = SLOTS) -> dict[str, Any]:
+    """`requests` chat requests, `in_flight` at once; tokens/s over the whole pass."""
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
 
     def ask(i: int):
@@ -82,7 +85,7 @@ def _decode_pass(client, name: str, requests: int, max_tokens: int, constrained:
         return r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
 
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(SLOTS) as pool:
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
         answers = list(pool.map(ask, range(requests)))
     seconds = time.perf_counter() - start
     tokens = sum(a[1] for a in answers)
@@ -179,9 +182,11 @@ def main(argv: list[str] | None = None) -> None:
                 url = f"http://127.0.0.1:{port}/v1"
                 client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=1800)
                 start_s = time.perf_counter() - started
-                # untimed passes of the same shapes: compile the prefill buckets and decode programs
-                _decode_pass(client, name, SLOTS, 64, True)
-                _decode_pass(client, name, SLOTS, 64, False)
+                # untimed passes: compile the prefill buckets and the decode programs of every row
+                # count (1, 2, 4, 8 requests in flight), with and without masks
+                for rows in (1, 2, 4, SLOTS):
+                    for constrained in (True, False):
+                        _decode_pass(client, name, rows, 8, constrained, in_flight=rows)
                 constrained = _decode_pass(client, name, requests, 96, True)
                 free = _decode_pass(client, name, requests, 96, False)
                 src = tmp / "docs.jsonl"
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                 warm = tmp / "warm.jsonl"
                 warm.write_text("".join(src.read_text().splitlines(True)[:SLOTS]))
                 _annotate(url, name, warm, tmp / "warm-l", "logprobs", max_tokens=1, max_chars=args.max_chars)
+                _annotate(url, name, warm, tmp / "warm-a", "answer", max_tokens=16, max_chars=args.max_chars)
                 by_scoring = {s: _annotate(url, name, src, tmp / s, s, max_tokens=args.answer_max_tokens,
                                            max_chars=args.max_chars) for s in ("logprobs", "answer")}
             finally:

@@ -13,7 +13,8 @@ textbook section chosen from the prompt).
 A request for log-probs that continues the assistant's message (logprobs scoring) gets one token
 and its `top_logprobs`: `logprobs_of(doc)` -> [(token, logprob), ...] when given, else all the mass
 on the score the answer would have written (a non-score token when it has none). `logprobs=False`
-plays an endpoint that returns no log-probs (it answers as for a free-text request).
+plays an endpoint that returns no log-probs (it answers as for a free-text request);
+`refuse_fields=("response_format",)` one that answers 400 naming such a field, as OpenAI does.
 
 Faults: "500", "429" (with Retry-After: `retry_after`), "stall" (nothing for `stall_s`, past the
 client's timeout), "malformed" (truncated JSON), "shape" (JSON that is not a chat completion),
@@ -61,10 +62,12 @@ class FakeTeacher:
     def __init__(self, score_of: Callable[[str], int | None] | None = None,
                  faults: Callable[[str, int], str | None] | None = None, *, retry_after: str = "0",
                  stall_s: float = 1.5, delay_s: float = 0.0, answer_of: Callable[[str], str] | None = None,
-                 logprobs_of: Callable[[str], list] | None = None, logprobs: bool = True):
+                 logprobs_of: Callable[[str], list] | None = None, logprobs: bool = True,
+                 refuse_fields: tuple[str, ...] = ()):
         self.score_of, self.faults = score_of, faults or (lambda doc, attempt: None)
         self.answer_of, self.logprobs_of, self.logprobs = answer_of, logprobs_of, logprobs
         self.bodies: list[dict] = []  # every request body received
+        self.refuse_fields = refuse_fields  # 400 naming the field, as OpenAI answers unknown ones
         self.seeds: dict[str, int | None] = {}  # the sampling seed each document was last asked with
         self.retry_after, self.stall_s, self.delay_s = retry_after, stall_s, delay_s
         self.lock = threading.Lock()
@@ -159,6 +162,9 @@ class FakeTeacher:
                     return self._send(503, error("stalled"))
                 if teacher.delay_s:
                     time.sleep(teacher.delay_s)
+                refused = [f for f in teacher.refuse_fields if f in request]
+                if refused:
+                    return self._send(400, error(f"Unrecognized request argument supplied: {refused[0]}"))
                 if fault == "500":
                     return self._send(500, error("internal error"))
                 if fault == "429":

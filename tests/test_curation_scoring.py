@@ -135,3 +135,36 @@ def test_bad_scoring_flags_are_one_line(tmp_path, capsys, flag, error):
     rc = cli.main(_annotate(_inputs(tmp_path), tmp_path / "a", "http://127.0.0.1:9/v1", flag)[3:])
     err = capsys.readouterr().err
     assert rc == 2 and error in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_endpoint_that_refuses_a_structured_field_is_asked_plainly_once_warned(tmp_path, caplog):
+    """Synthesis asks for an exercise's shape (a regex); an endpoint without structured outputs
+    answers 400 naming the field: the client asks without it, warns once, and stops sending it."""
+    from phi_jax.curation.exercises import ANSWER_REGEX
+    from phi_jax.curation.teacher import Prompt, TeacherClient, TeacherConfig
+
+    teacher = FakeTeacher(answer_of=lambda doc: "```python\ndef f():\n    pass\n```",
+                          refuse_fields=("structured_outputs",))
+    prompts = []
+    for i in range(6):
+        plain = Prompt([{"role": "user", "content": f"exercise {i}"}], "sha")
+        prompts.append(Prompt(plain.messages, "sha", request={"structured_outputs": {"regex": ANSWER_REGEX}},
+                              fallback=plain))
+    with teacher, caplog.at_level("WARNING"), \
+            TeacherClient(TeacherConfig(url=teacher.url, model="m", concurrency=1), tmp_path / "c.sqlite") as c:
+        answers = c.ask(prompts)
+    assert all(a.error is None and a.text.startswith("```python") for a in answers)
+    assert sum("structured_outputs" in r.getMessage() for r in caplog.records) == 1
+    assert "structured_outputs" in teacher.bodies[0]
+    assert not any("structured_outputs" in b for b in teacher.bodies[2:])  # asked plainly from then on
+
+
+def test_the_exercise_regex_accepts_what_the_parser_keeps():
+    import re
+
+    from phi_jax.curation.exercises import ANSWER_REGEX, Exercise, parse_exercise
+
+    answer = ('```python\nimport math\n\ndef area(r):\n    """Area of a circle of radius r."""\n'
+              '    return math.pi * r * r\n\n\ndef check(candidate):\n    assert candidate(1) == math.pi\n```')
+    assert re.fullmatch(ANSWER_REGEX, answer) and isinstance(parse_exercise(answer), Exercise)
+    assert not re.fullmatch(ANSWER_REGEX, "def area(r):\n    return r\n")

@@ -213,15 +213,15 @@ class TeacherClient:
         if prompt.fallback is not None and self._refuses_extras:
             prompt = prompt.fallback
         answer = self._answer_one(prompt, stop)
-        if (prompt.fallback is not None and answer.error is not None
-                and "HTTP 400" in answer.error):  # e.g. no response_format there: ask it plainly
+        extras = set(prompt.request) - set(prompt.fallback.request) if prompt.fallback else set()
+        if (answer.error is not None and "HTTP 400" in answer.error
+                and any(k in answer.error for k in extras)):  # e.g. no response_format there: ask plainly
             with self._usage_lock:
                 warn = not self._refuses_extras
                 self._refuses_extras = True
             if warn:
                 _log.warning("the teacher at %s refused a request with %s (%s); asking without them "
-                             "from now on", self.config.endpoint, ", ".join(sorted(
-                                 set(prompt.request) - set(prompt.fallback.request))), answer.error)
+                             "from now on", self.config.endpoint, ", ".join(sorted(extras)), answer.error)
             return self._answer_one(prompt.fallback, stop)
         return answer
 
