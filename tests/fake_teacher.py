@@ -10,6 +10,12 @@ else the whole message), so a test decides per document what the teacher does on
 `answer_of(doc)` instead of `score_of` gives the whole answer text (synthesis: an exercise or a
 textbook section chosen from the prompt).
 
+A request for log-probs that continues the assistant's message (logprobs scoring) gets one token
+and its `top_logprobs`: `logprobs_of(doc)` -> [(token, logprob), ...] when given, else all the mass
+on the score the answer would have written (a non-score token when it has none). `logprobs=False`
+plays an endpoint that returns no log-probs (it answers as for a free-text request);
+`refuse_fields=("response_format",)` one that answers 400 naming such a field, as OpenAI does.
+
 Faults: "500", "429" (with Retry-After: `retry_after`), "stall" (nothing for `stall_s`, past the
 client's timeout), "malformed" (truncated JSON), "shape" (JSON that is not a chat completion),
 "400" (a refusal), "404". `hang_after(n)` makes every request after the n-th valid answer block
@@ -55,9 +61,13 @@ def kill_when_hung(teacher: "FakeTeacher", proc, threads: int, limit_s: float = 
 class FakeTeacher:
     def __init__(self, score_of: Callable[[str], int | None] | None = None,
                  faults: Callable[[str, int], str | None] | None = None, *, retry_after: str = "0",
-                 stall_s: float = 1.5, delay_s: float = 0.0, answer_of: Callable[[str], str] | None = None):
+                 stall_s: float = 1.5, delay_s: float = 0.0, answer_of: Callable[[str], str] | None = None,
+                 logprobs_of: Callable[[str], list] | None = None, logprobs: bool = True,
+                 refuse_fields: tuple[str, ...] = ()):
         self.score_of, self.faults = score_of, faults or (lambda doc, attempt: None)
-        self.answer_of = answer_of
+        self.answer_of, self.logprobs_of, self.logprobs = answer_of, logprobs_of, logprobs
+        self.bodies: list[dict] = []  # every request body received
+        self.refuse_fields = refuse_fields  # 400 naming the field, as OpenAI answers unknown ones
         self.seeds: dict[str, int | None] = {}  # the sampling seed each document was last asked with
         self.retry_after, self.stall_s, self.delay_s = retry_after, stall_s, delay_s
         self.lock = threading.Lock()
@@ -130,7 +140,10 @@ class FakeTeacher:
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                doc = document_of(request["messages"][-1]["content"])
+                with teacher.lock:
+                    teacher.bodies.append(request)
+                user = [m["content"] for m in request["messages"] if m["role"] == "user"]
+                doc = document_of(user[-1] if user else request["messages"][-1]["content"])
                 teacher.seeds[doc] = request.get("seed")
                 fault, _ = teacher._decide(doc)
                 try:
@@ -149,6 +162,9 @@ class FakeTeacher:
                     return self._send(503, error("stalled"))
                 if teacher.delay_s:
                     time.sleep(teacher.delay_s)
+                refused = [f for f in teacher.refuse_fields if f in request]
+                if refused:
+                    return self._send(400, error(f"Unrecognized request argument supplied: {refused[0]}"))
                 if fault == "500":
                     return self._send(500, error("internal error"))
                 if fault == "429":
@@ -162,13 +178,26 @@ class FakeTeacher:
                 if teacher.answer_of is not None:
                     text = teacher.answer_of(doc)
                 else:
-                    score = teacher.score_of(doc)
+                    score = None if teacher.score_of is None else teacher.score_of(doc)
                     text = ("A fine file, I suppose." if score is None
                             else f"Some reasons.\nEducational score: {score}")
                 completion = 5 if teacher.answer_of is None else len(text.split())
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                if teacher.logprobs and request.get("top_logprobs") and request.get("continue_final_message"):
+                    if teacher.logprobs_of is not None:
+                        top = list(teacher.logprobs_of(doc))
+                    else:
+                        found = re.findall(r"Educational score: (\d)", text)
+                        top = [(found[-1], 0.0)] if found else [("A", 0.0)]
+                    top = top[:request["top_logprobs"]]
+                    entry = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode())}  # noqa: E731
+                    text, completion = top[0][0], 1
+                    choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                              "finish_reason": "length",
+                              "logprobs": {"content": [dict(entry(*top[0]),
+                                                            top_logprobs=[entry(t, lp) for t, lp in top])]}}
                 body = {"id": "x", "object": "chat.completion", "model": request["model"],
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}],
+                        "choices": [choice],
                         "usage": {"prompt_tokens": len(doc.split()) + 10, "completion_tokens": completion,
                                   "total_tokens": len(doc.split()) + 10 + completion}}
                 with teacher.lock:

@@ -49,7 +49,7 @@ def _write_inputs(directory: Path) -> str:
 def _command(inputs: str, out: Path, url: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "phi_jax.cli", "data", "annotate", f"--input={inputs}", f"--output={out}",
             f"--teacher={url}", "--teacher-model=fake", "--rubric=code", "--concurrency=4", "--timeout=0.5",
-            "--backoff=0.01", "--max-retries=4", "--shard-size=10", "--no-progress", *extra]
+            "--backoff=0.01", "--max-retries=4", "--shard-size=10", "--no-progress", "--scoring=answer", *extra]
 
 
 def _env() -> dict:

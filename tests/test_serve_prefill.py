@@ -107,7 +107,8 @@ def test_batched_prefill_equals_one_by_one(tiny):
 def test_long_prompt_prefills_in_chunks_between_decode_steps(tiny):
     model, variables = tiny
     rng = np.random.default_rng(1)
-    running = ([int(t) for t in rng.integers(1, VOCAB, 6)], SamplingParams(max_tokens=60))
+    # a long budget: however late (a loaded machine) the long prompt arrives, this one still runs
+    running = ([int(t) for t in rng.integers(1, VOCAB, 6)], SamplingParams(max_tokens=240))
     long = ([int(t) for t in rng.integers(1, VOCAB, 150)], SamplingParams(max_tokens=8))
     chunked = Engine(model, variables, num_slots=2, max_len=256, prefill_chunk=16).start()
     whole = Engine(model, variables, num_slots=1, max_len=256).start()

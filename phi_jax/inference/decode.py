@@ -2,7 +2,8 @@
 
 Letters: B cache rows (slots), N rows prefilled in one call, P padded prompt length (a bucket),
 R decode rows in use (a prefix of the slots), C chunk size (decode steps per device call),
-E stop ids per row, W top log-probs per token, V vocab. The cache is [layers,B,K,S,H] (see model.py).
+E stop ids per row, W top log-probs per token, V vocab, M = ceil(V/32) token-mask words per row.
+The cache is [layers,B,K,S,H] (see model.py).
 
 Two jitted functions do all of it, and both `generate` (a fixed batch) and the serving engine
 (requests that come and go) call them, so there is one implementation of prefill, decode, stop
@@ -15,6 +16,14 @@ handling and sampling:
   * `decode_chunk`: up to C steps over the first R rows in one `lax.while_loop`, which stops early
     once every row is finished. A row finishes at one of its stop ids or when its token budget is
     spent; finished and inactive rows do not advance (their cache length stays put).
+
+Structured outputs are a per-row token mask ([N,M] / [R,M] int32 bitmasks, llguidance's layout,
+see `phi_jax.inference.grammar`) that both functions take: a forbidden token's logit becomes -inf
+before sampling. An unconstrained row's mask allows everything, which leaves its logits, and so its
+tokens, exactly as they were; with no constrained row at all the mask is None and the programs are
+those without masks. A mask holds for one token, so a batch with a constrained row decodes
+one step per call (`num_steps=1`), the host advancing each row's grammar between calls; a chunk's
+later steps are unmasked.
 
 Every row samples token i with key fold_in(key(seed_row), i) (the prefill token is i = 0), so a
 sequence's tokens depend only on its prompt, its seed and its settings — never on the batch it
@@ -31,13 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phi_jax.errors import InputError
+from phi_jax.errors import InputError, RunError
+from phi_jax.inference.grammar import Constraint, fill_masks
 from phi_jax.inference.sampling import sample_logits
 from phi_jax.model import (Phi, cache_rows, gather_cache_rows, init_cache, put_cache_rows,
                            scatter_cache_rows)
 
 MIN_BUCKET = 16
-TOP_LOGPROBS = 5  # W: the most alternatives a caller may ask for (OpenAI's limit for completions)
+TOP_LOGPROBS = 20  # W: the most alternatives a caller may ask for (OpenAI's limit for chat)
 _CACHE_ROUND = 64
 
 
@@ -75,16 +85,27 @@ def new_last_tokens(rows: int) -> jax.Array:
     return jnp.zeros((rows,), jnp.int32)
 
 
+def apply_token_masks(logits: jax.Array, masks: jax.Array) -> jax.Array:
+    """logits [R,V] with every token that masks [R,M] (bit v%32 of word v//32) forbids at -inf."""
+    rows, vocab = logits.shape
+    bits = (masks[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [R,M,32]
+    allowed = bits.reshape(rows, -1)[:, :vocab].astype(bool)  # [R,V]
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def _pick(logits: jax.Array, seeds: jax.Array, index: jax.Array, temperature, top_k, top_p,
-          with_logprobs: bool):
-    """Token for each row of logits [R,V] with key fold_in(key(seeds[r]), index[r]).
+          with_logprobs: bool, masks: jax.Array | None = None):
+    """Token for each row of logits [R,V] with key fold_in(key(seeds[r]), index[r]), among the
+    tokens masks [R,M] allow (None: all).
 
     Returns (tokens [R], and with_logprobs: their log-probs [R], top-W ids [R,W], top-W
     log-probs [R,W]). Batched rather than vmapped, so an all-greedy batch skips the sampling
-    filters. Log-probs are the model's own (before temperature and filtering), as OpenAI's are.
+    filters. Log-probs are the model's own (before temperature, filtering and masks), as OpenAI's
+    and vLLM's are.
     """
     keys = jax.vmap(lambda s, i: jax.random.fold_in(seed_key(s), i))(seeds, index)
-    tokens = sample_logits(logits, keys, temperature, top_k, top_p)
+    allowed = logits if masks is None else apply_token_masks(logits, masks)
+    tokens = sample_logits(allowed, keys, temperature, top_k, top_p)
     if not with_logprobs:
         return (tokens,)
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
@@ -95,9 +116,10 @@ def _pick(logits: jax.Array, seeds: jax.Array, index: jax.Array, temperature, to
 
 
 def _prefill(model: Phi, with_logprobs: bool, span: int, variables, cache, last_tokens, tokens,
-             starts, lengths, slots, seeds, temperature, top_k, top_p):
+             starts, lengths, slots, seeds, temperature, top_k, top_p, masks=None):
     """Prefill tokens [N,P] (row n's first lengths[n] real) into cache rows slots [N], after the
-    starts[n] positions each row already holds (a reused prefix, or earlier chunks of its prompt).
+    starts[n] positions each row already holds (a reused prefix, or earlier chunks of its prompt);
+    the first new tokens are chosen among those masks [N,M] allow (None: any).
 
     The rows are copied out of the cache for their first `span` positions (a static bucket >=
     starts + P), run through the model at positions starts[n] + t, and written back; so one
@@ -114,7 +136,7 @@ def _prefill(model: Phi, with_logprobs: bool, span: int, variables, cache, last_
     logits, rows = model.apply(variables, tokens, segment_ids=segment_ids, cache=rows)
     at = jnp.maximum(lengths - 1, 0)[:, None, None]
     last = jnp.take_along_axis(logits, at, axis=1)[:, 0]  # [N,V]
-    picked = _pick(last, seeds, jnp.zeros_like(lengths), temperature, top_k, top_p, with_logprobs)
+    picked = _pick(last, seeds, jnp.zeros_like(lengths), temperature, top_k, top_p, with_logprobs, masks)
     new_cache = {name: scatter_cache_rows(cache[name], slots, rows[name])
                  for name in ("k", "v")}  # [layers,B,K,S,H] <- [layers,N,K,span,H] at rows `slots`
     new_cache["lengths"] = cache["lengths"].at[slots].set(starts + lengths, mode="drop")
@@ -123,7 +145,7 @@ def _prefill(model: Phi, with_logprobs: bool, span: int, variables, cache, last_
 
 def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: int, variables,
                   cache, last_tokens, active, seeds, steps, budgets, stop_ids, temperature, top_k,
-                  top_p, num_steps):
+                  top_p, num_steps, masks=None):
     """Up to min(chunk, num_steps) decode steps over cache rows [0, rows) (R) and slots [0, span).
 
     Attention reads every slot it is given, so the caller passes the smallest `span` (a static
@@ -136,6 +158,8 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: 
       steps: index of each row's next token (its key is fold_in(key(seed), steps + i)).
       budgets: tokens each row may still produce; a row stops when it is spent.
       stop_ids: [R,E] stop tokens per row, padded with -1.
+      masks: [R,M] the tokens each row may choose at the chunk's first step (later steps: any);
+        None (no row constrained) compiles the unmasked program.
     Returns (cache, last_tokens, active after the chunk, count of steps run, outputs) where outputs
     are [C,R] tokens (-1 where a row was not active) and, with_logprobs, [C,R] log-probs, [C,R,W]
     top ids and [C,R,W] top log-probs; columns from `count` on are unused.
@@ -157,7 +181,9 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: 
         i, sub, tokens, active, outs = state
         logits, sub = model.apply(variables, tokens[:, None], segment_ids=active.astype(jnp.int32)[:, None],
                                   cache=sub)
-        picked = _pick(logits[:, 0], seeds, steps + i, temperature, top_k, top_p, with_logprobs)
+        step_masks = None if masks is None else jnp.where(i == 0, masks, -1)  # holds for one token
+        picked = _pick(logits[:, 0], seeds, steps + i, temperature, top_k, top_p, with_logprobs,
+                       step_masks)
         new = jnp.where(active, picked[0], -1)
         tokens = jnp.where(active, picked[0], tokens)
         hit_stop = jnp.any(new[:, None] == stop_ids, axis=1)
@@ -200,7 +226,8 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | Sequence[int] = 0, stop_tokens: Sequence[int] | None = None,
              callback: Callable[[int, int], None] | None = None,
-             chunk_size: int = 16) -> list[list[int]]:
+             chunk_size: int = 16,
+             constraints: Sequence[Constraint | None] | Constraint | None = None) -> list[list[int]]:
     """Generate up to `max_new_tokens` for each prompt.
 
     Args:
@@ -218,6 +245,11 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
         without waiting for its token budget).
       chunk_size: decode steps per device call. The tokens never depend on it; it only sets how
         often control returns to Python (and so the callback's granularity: 1 = every token).
+      constraints: a `grammar.Constraint` for every prompt, or one per prompt (None = free), from
+        `phi_jax.inference.grammar.compile_constraint` (a JSON schema, choice, regex or lark
+        grammar). A constrained sequence only ever holds tokens its grammar allows and ends with
+        the eos token once the grammar is complete; while any sequence is constrained the batch
+        decodes one token per device call. Free rows keep exactly the tokens they get without.
     On CPU, pass the model through `phi_jax.model.inference_layout` first (`phi_jax.inference.load`
     does): it unstacks scanned layers, which decodes up to ~2x faster there.
     Returns:
@@ -249,6 +281,21 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
     if stop_tokens is None:
         stop_tokens = [] if config.eos_token_id is None else [config.eos_token_id]
     stop = set(int(t) for t in stop_tokens)
+    if isinstance(constraints, Constraint) or constraints is None:
+        constraints = [constraints] * batch
+    if len(constraints) != batch:
+        raise InputError(f"{len(constraints)} constraints for {batch} prompts; give one or one per prompt")
+    matchers = [None if c is None else c.new_matcher() for c in constraints]
+    eos = config.eos_token_id
+    if any(matchers) and (eos is None or eos not in stop):
+        raise InputError("a constrained sequence ends with the eos token; keep the model's eos "
+                         f"({eos}) among stop_tokens")
+
+    def masks(rows: np.ndarray) -> np.ndarray | None:
+        """Token masks for the rows still running (all tokens where free or finished)."""
+        if not any(matchers):
+            return None
+        return fill_masks([m if r else None for m, r in zip(matchers, rows)], config.vocab_size)
 
     bucket = prompt_bucket(max(lengths))
     slots = -(-(bucket + max_new_tokens) // _CACHE_ROUND) * _CACHE_ROUND
@@ -263,7 +310,7 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
     cache, last = new_cache(config, batch, slots), new_last_tokens(batch)
     cache, last, picked = compiled_prefill(model)(
         bucket, variables, cache, last, tokens, np.zeros(batch, np.int32), np.asarray(lengths, np.int32),
-        np.arange(batch, dtype=np.int32), seeds, *sampling)
+        np.arange(batch, dtype=np.int32), seeds, *sampling, masks(np.ones(batch, bool)))
     decode = compiled_decode_chunk(model)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(batch, bool)
@@ -275,14 +322,19 @@ def generate(model: Phi, variables, prompts: Sequence[Sequence[int]], max_new_to
             ended = callback is not None and callback(int(i), token) is True
             if ended or token in stop or len(outputs[i]) >= max_new_tokens:
                 done[i] = True
+            elif matchers[i] is not None and not matchers[i].consume(token):
+                raise RunError(f"the grammar of prompt {i} rejected token {token} that its mask "
+                               f"allowed ({matchers[i].error}); this is a bug, please report it")
 
     emit(np.asarray(picked[0]))
+    constrained = any(matchers)
     while not done.all():
         produced = len(outputs[int(np.flatnonzero(~done)[0])])
         cache, last, _, count, outs = decode(
             batch, chunk_size, False, slots, variables, cache, last, ~done, seeds,
             np.full(batch, produced, np.int32), np.full(batch, max_new_tokens - produced, np.int32),
-            stop_ids, *sampling, np.int32(max_new_tokens - produced))
+            stop_ids, *sampling, np.int32(1 if constrained else max_new_tokens - produced),
+            masks(~done))
         new = np.asarray(outs[0])
         for column in range(int(count)):
             emit(new[column])

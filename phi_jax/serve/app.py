@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from phi_jax.chat import ChatTemplateError, render_chat
 from phi_jax.errors import InputError
-from phi_jax.inference import scoring
+from phi_jax.inference import grammar, scoring
 from phi_jax.inference.sampling import SamplingParams
 from phi_jax.serve import protocol
 from phi_jax.serve.engine import Engine, EngineStoppedError, QueueFullError, TokenEvent
@@ -69,7 +69,8 @@ class _Choice:
 class _Generation:
     """All choices of one HTTP request: submission, the event stream, cancellation."""
 
-    def __init__(self, server: "_Server", prompts: list[list[int]], req, max_tokens: list[int]):
+    def __init__(self, server: "_Server", prompts: list[list[int]], req, max_tokens: list[int],
+                 constraint: "grammar.Constraint | None" = None):
         self.server, self.prompts = server, prompts
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: list[_Choice] = []
@@ -85,7 +86,7 @@ class _Generation:
                                             top_k=max(req.top_k, 0), top_p=req.top_p,
                                             seed=base_seed + j, stop_token_ids=stop_ids)
                     sink = self._sink(loop, index)
-                    handle = server.engine.submit(prompt, params, sink)
+                    handle = server.engine.submit(prompt, params, sink, constraint)
                     self.choices.append(_Choice(index, handle, TextAssembler(server.tokenizer, req.stop)))
         except QueueFullError as e:
             self.cancel()
@@ -198,6 +199,17 @@ class _Server:
                 raise APIError(413, f"the request body is larger than {self.config.max_body_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def constraint(self, req) -> "grammar.Constraint | None":
+        """The request's structured-output constraint, compiled for this model's tokenizer; 400
+        naming the field and the reason (an unsupported schema feature, a bad regex) otherwise."""
+        try:
+            return grammar.compile_constraint(self.tokenizer, self.engine.model.config.vocab_size,
+                                              req.response_format, req.structured_outputs)
+        except grammar.ConstraintError as e:
+            raise APIError(400, str(e), param=e.field) from None
+        except InputError as e:
+            raise APIError(400, f"structured outputs: {e}") from None
 
     def plan_tokens(self, prompts: list[list[int]], req, default: int | None, prompt_param: str):
         """max_tokens per prompt; 400 when a prompt (plus max_tokens) cannot fit the context."""
@@ -328,7 +340,7 @@ class _Server:
             return JSONResponse(dict(head, choices=choices, usage={
                 "prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}))
         budget = self.plan_tokens(prompts, req, DEFAULT_COMPLETION_TOKENS, "prompt")
-        gen = _Generation(self, prompts, req, budget)
+        gen = _Generation(self, prompts, req, budget, self.constraint(req))
 
         def choice_body(choice, text, records, echo=None):
             lp = None if req.logprobs is None else self.logprobs_completion(records, req.logprobs)
@@ -357,12 +369,16 @@ class _Server:
         messages = [{"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
                     for m in req.messages]
         try:
-            text = render_chat(messages, self.chat_template, **special)
+            text = render_chat(messages, self.chat_template, **special,
+                               add_generation_prompt=req.add_generation_prompt
+                               and not req.continue_final_message)
         except ChatTemplateError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
+        if req.continue_final_message:
+            text = _continue(text, messages[-1]["content"])
         prompts = [self.encode(text)]
         budget = self.plan_tokens(prompts, req, None, "messages")
-        gen = _Generation(self, prompts, req, budget)
+        gen = _Generation(self, prompts, req, budget, self.constraint(req))
         top = (req.top_logprobs or 0) if req.logprobs else None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -388,6 +404,16 @@ class _Server:
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": self.config.model_name, "choices": choices,
                              "usage": gen.usage()})
+
+
+def _continue(rendered: str, final: str) -> str:
+    """The rendered chat cut right after the last message's content, so the answer continues it
+    (what transformers' and vLLM's `continue_final_message` do)."""
+    at = rendered.rfind(final) if final else -1
+    if at < 0:
+        raise APIError(400, "continue_final_message: the chat template does not show the last message's "
+                            "content verbatim, so the answer cannot continue it", param="messages")
+    return rendered[:at + len(final)]
 
 
 async def _collect(request: Request, gen: _Generation) -> None:

@@ -21,7 +21,11 @@ device work is `phi_jax.inference.decode`'s, the same prefill and decode `genera
   up to `decode_chunk` steps run per device call; otherwise one, so a newcomer is admitted at once
   (and a chunked prefill goes on at the next step);
 * leaving: rows stop on the device at a stop token or when their budget is spent; a cancelled
-  request just marks its slot free on the host.
+  request just marks its slot free on the host;
+* structured outputs: a request with a `grammar.Constraint` carries its own matcher. While any busy
+  slot is constrained, each device call is one step with an [R,M] token mask (the grammar's for
+  constrained rows, all tokens for the others), filled on the host between steps; the matchers
+  advance by the tokens chosen. Free rows' tokens are the same as without the constrained ones.
 
 Every request samples token i with fold_in(key(seed), i), exactly as `generate` does, so its tokens
 do not depend on who shares the batch. The engine runs in one thread (JAX calls block); callers talk
@@ -45,7 +49,7 @@ import numpy as np
 
 from phi_jax import _faults
 from phi_jax.errors import InputError, RunError
-from phi_jax.inference import decode
+from phi_jax.inference import decode, grammar
 from phi_jax.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from phi_jax.inference.decode import TOP_LOGPROBS  # noqa: F401  (re-exported for the HTTP layer)
 from phi_jax.inference.sampling import SamplingParams
@@ -82,8 +86,9 @@ class RequestHandle:
     """What `submit` returns: the request's identity and a thread-safe `cancel()`."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, sink: Callable[[TokenEvent], None],
-                 engine: "Engine"):
+                 engine: "Engine", matcher: "grammar.RowMatcher | None" = None):
         self.prompt = prompt
+        self.matcher = matcher
         self.params = params
         self.sink = sink
         self.num_generated = 0
@@ -224,8 +229,12 @@ class Engine:
                              "lower max_tokens")
 
     def submit(self, prompt: Sequence[int], params: SamplingParams,
-               sink: Callable[[TokenEvent], None]) -> RequestHandle:
+               sink: Callable[[TokenEvent], None],
+               constraint: "grammar.Constraint | None" = None) -> RequestHandle:
         """Queue a request; `sink(event)` is then called on the engine thread for every new token.
+
+        `constraint` (from `grammar.compile_constraint`) limits the answer to a JSON schema, a
+        choice, a regex or a lark grammar; it needs the model's eos among the stop token ids.
 
         Raises InputError (bad parameters / does not fit / bad ids), QueueFullError,
         EngineStoppedError.
@@ -238,7 +247,14 @@ class Engine:
             raise InputError(f"prompt token ids must be in [0, {vocab})")
         if len(params.stop_token_ids) > decode.stop_id_width(0):
             raise InputError(f"at most {decode.stop_id_width(0)} stop token ids per request")
-        handle = RequestHandle(prompt, params, sink, self)
+        matcher = None
+        if constraint is not None:
+            eos = self.model.config.eos_token_id
+            if eos not in params.stop_token_ids:
+                raise InputError("a constrained answer ends with the eos token; keep the model's eos "
+                                 f"({eos}) among the stop token ids")
+            matcher = constraint.new_matcher()  # built here, off the engine thread
+        handle = RequestHandle(prompt, params, sink, self, matcher)
         with self._cv:
             if self.error is not None or self._stopping or self._thread is None:
                 raise EngineStoppedError("the generation engine is not running"
@@ -383,32 +399,36 @@ class Engine:
         if self.error is not None and self.on_fatal is not None:
             self.on_fatal(self.error)
 
-    def _run_prefill(self, rows: list[tuple[int, list[int], int, SamplingParams]], bucket: int):
-        """One device call prefilling `rows` = [(slot, new tokens, start, params)] padded to
-        `bucket` tokens; the row count is padded to a decode batch size (padding rows write
-        nothing). Returns the picked tuple ([N] tokens, log-probs, top ids, top log-probs)."""
+    def _run_prefill(self, rows: list[tuple[int, list[int], int, SamplingParams, Any]], bucket: int):
+        """One device call prefilling `rows` = [(slot, new tokens, start, params, grammar matcher
+        or None)] padded to `bucket` tokens; the row count is padded to a decode batch size
+        (padding rows write nothing). A constrained row's pick is masked by its grammar. Returns
+        the picked tuple ([N] tokens, log-probs, top ids, top log-probs)."""
         n = next(r for r in self.row_buckets() if r >= len(rows))
         tokens = np.zeros((n, bucket), np.int32)
         starts, lengths = np.zeros(n, np.int32), np.zeros(n, np.int32)
         slots = np.full(n, self.num_slots, np.int32)
         seeds, top_k = np.zeros(n, np.uint32), np.zeros(n, np.int32)
         temperature, top_p = np.zeros(n, np.float32), np.ones(n, np.float32)
-        for i, (slot, piece, start, p) in enumerate(rows):
+        matchers = [row[4] for row in rows] + [None] * (n - len(rows))
+        masks = (grammar.fill_masks(matchers, self.model.config.vocab_size)
+                 if any(m is not None for m in matchers) else None)
+        for i, (slot, piece, start, p, _) in enumerate(rows):
             tokens[i, :len(piece)] = piece
             starts[i], lengths[i], slots[i] = start, len(piece), slot
             seeds[i], temperature[i], top_k[i], top_p[i] = p.seed % 2**32, p.temperature, p.top_k, p.top_p
         span = min(self.max_len, decode.prompt_bucket(int(starts.max()) + bucket))
         self._cache, self._last_tokens, picked = self._prefill_fn(
             span, self.variables, self._cache, self._last_tokens, tokens, starts, lengths, slots,
-            seeds, temperature, top_k, top_p)
+            seeds, temperature, top_k, top_p, masks)
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens_computed += int(lengths.sum())
         return picked
 
     def _run_decode(self, rows: int, active: np.ndarray, steps: np.ndarray, budgets: np.ndarray,
-                    many: int, span: int):
+                    many: int, span: int, masks: np.ndarray | None = None):
         """Up to `many` decode steps over the first `rows` slots (and `span` cache positions) in one
-        device call.
+        device call; `masks` [R,M] limit the first step's tokens (None: no row is constrained).
 
         Returns (count of steps run, outputs: [C,R] tokens, log-probs, [C,R,W] top ids, top lps).
         """
@@ -417,7 +437,7 @@ class Engine:
         _faults.engine_decode(self.stats.decode_steps + 1)
         self._cache, self._last_tokens, _, count, outs = self._decode_fn(
             rows, chunk, True, span, self.variables, self._cache, self._last_tokens, active,
-            self._seeds[:rows], steps, budgets, self._stop_ids[:rows], *sampling, np.int32(many))
+            self._seeds[:rows], steps, budgets, self._stop_ids[:rows], *sampling, np.int32(many), masks)
         self.stats.decode_steps += 1
         return count, outs
 
@@ -452,7 +472,7 @@ class Engine:
                 continue
             piece = state.handle.prompt[state.done:state.done + self.prefill_chunk]
             groups.setdefault(self.bucket(len(piece)), []).append(
-                (slot, piece, state.done, state.handle.params))
+                (slot, piece, state.done, state.handle.params, state.handle.matcher))
         for bucket, rows in sorted(groups.items()):
             try:
                 picked = jax.device_get(self._run_prefill(rows, bucket))
@@ -462,7 +482,7 @@ class Engine:
                     self._finish(self._prefilling.pop(slot).handle, None, "error",
                                  error=f"{type(e).__name__}: {e}")
                 continue
-            for i, (slot, piece, _, p) in enumerate(rows):
+            for i, (slot, piece, _, p, _) in enumerate(rows):
                 state = self._prefilling[slot]
                 state.done += len(piece)
                 if state.done < len(state.handle.prompt):
@@ -499,11 +519,15 @@ class Engine:
         steps = np.array([0 if h is None else h.num_generated for h in handles], np.int32)
         budgets = np.array([1 if h is None else h.params.max_tokens - h.num_generated for h in handles],
                            np.int32)
-        # someone waits, or a prompt is half prefilled: back to them after one step
-        many = 1 if self._pending or self._prefilling else self.decode_chunk
+        matchers = [None if h is None else h.matcher for h in handles]
+        masks = None
+        if any(m is not None for m in matchers):  # the host advances grammars between tokens
+            masks = grammar.fill_masks(matchers, self.model.config.vocab_size)
+        # someone waits, a prompt is half prefilled, or a grammar needs the host: one step
+        many = 1 if self._pending or self._prefilling or masks is not None else self.decode_chunk
         used = max(len(h.prompt) + h.num_generated for h in handles if h is not None)
         span = decode.span_bucket(used + many, self.max_len)
-        count, outs = jax.device_get(self._run_decode(rows, active, steps, budgets, many, span))
+        count, outs = jax.device_get(self._run_decode(rows, active, steps, budgets, many, span, masks))
         tokens, logprobs, top_ids, top_lps = outs
         for i in range(int(count)):
             for slot in np.flatnonzero(active):
@@ -520,8 +544,11 @@ class Engine:
             reason = "stop"
         elif handle.num_generated >= handle.params.max_tokens:
             reason = "length"
+        error = None
+        if reason is None and handle.matcher is not None and not handle.matcher.consume(token):
+            reason, error = "error", f"the grammar rejected token {token}: {handle.matcher.error[:200]}"
         event = TokenEvent(token, logprob, tuple(int(i) for i in top_ids),
-                           tuple(float(x) for x in top_lps), reason)
+                           tuple(float(x) for x in top_lps), reason, error)
         if reason is not None:
             self._slots[slot] = None
             handle.finished = True

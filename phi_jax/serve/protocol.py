@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
-MAX_TOP_LOGPROBS = 5
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions get the same here
 MAX_NESTING = 32  # the deepest request OpenAI's schemas need is ~5 levels
 _TOO_DEEP = object()
 
@@ -58,6 +58,10 @@ class _SamplingRequest(_Strict):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (choice / regex /
+    # json / grammar); checked and compiled by `inference.grammar` (a bad one answers 400).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -143,6 +147,17 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's extensions: end the prompt inside the last (assistant) message, so the answer
+    # continues it (a judge's "Score: " line), instead of opening a new assistant turn.
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _continue_an_assistant_message(self):
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message: the last message must be the assistant's "
+                             "(the start of the answer to continue)")
+        return self
 
     @model_validator(mode="after")
     def _merge_max_tokens(self):

@@ -5,8 +5,11 @@ r"""`phi-jax data annotate`: a teacher scores every record against a rubric (0-5
     phi-jax data annotate --input='docs/*.jsonl' --output=out/ann --rubric=my_rubric.txt --teacher=URL ...
     phi-jax data annotate --input=default --output=out/ann-h --rubric=code --teacher=heuristic
 
-Each record gets meta.annotation (status scored / unparsed / refused, the score the teacher wrote,
-its full answer). Answers are cached in OUTPUT/teacher_cache.sqlite (or --teacher-cache) before
+Each record gets meta.annotation (status scored / uncertain / unparsed / refused, the score, the
+teacher's answer). --scoring=logprobs (the default) asks for one token after the rubric's score line
+and records the expected score over the score tokens' top-20 log-probs, their distribution and the
+probability mass they carried (below --min-score-mass: `uncertain`); --scoring=answer parses the
+score line the teacher writes. An endpoint that returns no log-probs falls back to answer, warned. Answers are cached in OUTPUT/teacher_cache.sqlite (or --teacher-cache) before
 they are used: a killed run, rerun with the same command, never asks for an answer twice.
 --teacher=heuristic is an offline stand-in computed from the text itself, named as such in every
 output. The API key, if the endpoint needs one, is read from $PHI_JAX_TEACHER_API_KEY or $OPENAI_API_KEY.
@@ -32,6 +35,12 @@ def register(sub) -> None:
                         "reference), e.g. --rubric=code --prose-rubric=edu")
     p.add_argument("--max-chars", type=int, default=4000,
                    help="characters of each document shown to the teacher")
+    p.add_argument("--scoring", default="logprobs",
+                   help="logprobs (expected score from the score token's top-20 log-probs; falls back "
+                        "to answer when the endpoint returns none) or answer (parse the written score)")
+    p.add_argument("--min-score-mass", type=float, default=0.5,
+                   help="with --scoring=logprobs: the least probability the score tokens 0-5 must carry, "
+                        "else the record is `uncertain` (never silently scored)")
     p.set_defaults(func=_run)
 
 
@@ -46,5 +55,6 @@ def _run(args) -> int:
     else:
         teacher = teacher_config(args)
         cache = args.teacher_cache or default_cache_path(args.output)
-        stage = annotate_stage(rubric, teacher, cache=cache, max_chars=args.max_chars, prose_rubric=prose)
+        stage = annotate_stage(rubric, teacher, cache=cache, max_chars=args.max_chars, prose_rubric=prose,
+                               scoring=args.scoring, min_mass=args.min_score_mass)
     return run(args, stage)

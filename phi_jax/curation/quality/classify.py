@@ -58,7 +58,8 @@ def fit_head(head: str, x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> dict[
     elif head == "logistic":
         from sklearn.linear_model import LogisticRegression
 
-        model = LogisticRegression(C=1.0, max_iter=2000).fit(z, y.astype(int))
+        # classes are whole scores: an expected score from logprobs (a float) goes to the nearest
+        model = LogisticRegression(C=1.0, max_iter=2000).fit(z, np.rint(y).astype(int))
         params.update(coef=model.coef_, intercept=model.intercept_, classes=model.classes_.astype(np.float64))
     else:
         from sklearn.ensemble import RandomForestRegressor
@@ -136,13 +137,14 @@ def binary_metrics(y: np.ndarray, pred: np.ndarray, threshold: float) -> dict[st
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     scores = np.arange(MIN_SCORE, MAX_SCORE + 1)
     rounded = np.clip(np.rint(pred), MIN_SCORE, MAX_SCORE).astype(int)
-    by_score = [[int(np.sum((y == s) & (rounded == r))) for r in scores] for s in scores]
+    whole = np.rint(y)  # expected scores (logprobs scoring) are floats: their nearest whole score
+    by_score = [[int(np.sum((whole == s) & (rounded == r))) for r in scores] for s in scores]
     return {"threshold": threshold, "n": int(len(y)), "positives": int(truth.sum()),
             "precision": precision, "recall": recall, "f1": f1,
             "accuracy": (tp + tn) / len(y) if len(y) else 0.0,
             "confusion": {"rows": "teacher: below, at/above threshold", "cols": "predicted: below, above",
                           "matrix": [[tn, fp], [fn, tp]]},
-            "score_confusion": {"rows": "teacher score 0..5", "cols": "rounded prediction 0..5",
+            "score_confusion": {"rows": "teacher score 0..5 (rounded)", "cols": "rounded prediction 0..5",
                                 "matrix": by_score},
             "mae": float(np.mean(np.abs(pred - y))) if len(y) else 0.0}
 
@@ -203,7 +205,7 @@ def train_classifier(annotations: Sequence[str], embedder, *, head: str, output:
         "unscored": skipped, "held_out": binary_metrics(y[test], pred, threshold),
         "train_fit": binary_metrics(y[train], predict(params, x[train]), threshold),
         "baseline_majority": binary_metrics(y[test], np.full(len(test), majority), threshold),
-        "score_histogram": {str(s): int(np.sum(y == s)) for s in range(MIN_SCORE, MAX_SCORE + 1)},
+        "score_histogram": {str(s): int(np.sum(np.rint(y) == s)) for s in range(MIN_SCORE, MAX_SCORE + 1)},
         "embedding": {"documents": len(kept), "tokens": embedder.tokens, "seconds": round(embed_seconds, 3),
                       "tokens_per_s": embedder.tokens / embed_seconds if embed_seconds > 0 else None},
         "teacher": manifests[0]["parameters"].get("teacher"),

@@ -31,6 +31,11 @@ from phi_jax import sandbox
 
 # Why an answer is not an exercise; execution adds failed / timeout.
 PARSE_REASONS = ("no_code_block", "unparsable", "no_check", "no_documented_function")
+# The shape `parse_exercise` needs, as a regex a teacher endpoint can constrain its answer with
+# (vLLM's `structured_outputs`; `phi-jax serve` takes it too): one fenced python block holding a
+# function with a docstring and a `def check(candidate):`. Only the shape: the code may still fail.
+ANSWER_REGEX = (r'(?s)```python\n.*def [A-Za-z_][A-Za-z0-9_]*\(.*\).*:\n[ \t]+(""".*"""|' + r"'''.*''')"
+                + r'.*\ndef check\(candidate\):\n.*\n```')
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S | re.I)
 
 

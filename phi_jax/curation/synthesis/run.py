@@ -101,10 +101,20 @@ class _SynthesizeStep:
         self._client = TeacherClient(spec.teacher, spec.cache)
         self._pool = concurrent.futures.ThreadPoolExecutor(spec.exec_workers, thread_name_prefix="exercise")
 
+    def _prompt(self, seed: dict) -> Prompt:
+        """An exercise is asked for with its shape as a structured-output regex (nothing lost to
+        parsing), and plainly from an endpoint that refuses the field (the client warns once)."""
+        spec = self._spec
+        plain = Prompt([{"role": "user", "content": seed["text"]}], spec.template_sha256,
+                       request_seed(spec.teacher.seed, seed["meta"]["plan_index"]))
+        if spec.kind != "exercises":
+            return plain
+        return dataclasses.replace(plain, request={"structured_outputs": {"regex": exercises.ANSWER_REGEX}},
+                                   fallback=plain)
+
     def __call__(self, seeds: list[dict], counts: Counts) -> list[dict]:
         spec = self._spec
-        prompts = [Prompt([{"role": "user", "content": s["text"]}], spec.template_sha256,
-                          request_seed(spec.teacher.seed, s["meta"]["plan_index"])) for s in seeds]
+        prompts = [self._prompt(s) for s in seeds]
         answers = self._client.ask(prompts, counts)
         out, todo = [], []
         for seed, prompt, answer in zip(seeds, prompts, answers):

@@ -29,6 +29,7 @@ import email.utils
 import os
 import random
 import threading
+import logging
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +38,7 @@ from phi_jax.curation.teacher.cache import TeacherCache, cache_key
 from phi_jax.errors import InputError, RunError
 
 API_KEY_ENV = ("PHI_JAX_TEACHER_API_KEY", "OPENAI_API_KEY")
+_log = logging.getLogger(__name__)
 _MAX_RETRY_AFTER_S = 600.0
 
 
@@ -99,16 +101,28 @@ class Prompt:
     `seed`, when set, is this request's sampling seed instead of the config's: synthesis gives each
     prompt its own (derived from the run's seed), so sampled answers are reproducible without every
     request drawing the same random numbers.
+
+    `request` holds more OpenAI / vLLM request fields (max_tokens, logprobs, top_logprobs,
+    response_format, continue_final_message, ...) that override the config's; they change the
+    answer, so they are part of its cache key: answers asked for differently are never mixed.
+    `fallback` (optional) is the same request without fields an endpoint may refuse (e.g.
+    `response_format`): on a 400 the client asks it instead, once warned, and remembers it.
     """
 
     messages: list[dict[str, str]]
     template_sha256: str
     seed: int | None = None
+    request: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fallback: "Prompt | None" = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    """The teacher's reply. `error` is set (and `text` None) when it refused the prompt."""
+    """The teacher's reply. `error` is set (and `text` None) when it refused the prompt.
+
+    `top_logprobs`: when the request asked for log-probs, the first answer token's alternatives
+    as [[token text, log-prob], ...] (None when the endpoint returned none).
+    """
 
     text: str | None
     finish_reason: str | None = None
@@ -116,6 +130,7 @@ class Answer:
     completion_tokens: int = 0
     cached: bool = False
     error: str | None = None
+    top_logprobs: list | None = None
 
 
 class _Retry(Exception):
@@ -140,6 +155,7 @@ class TeacherClient:
         self.usage: collections.Counter = collections.Counter()
         self._usage_lock = threading.Lock()
         self._pause_until = 0.0
+        self._refuses_extras = False  # the endpoint answered 400 to a Prompt's extra fields
         self._random = random.Random()
         headers = {"User-Agent": "phi-jax-teacher"}
         key = next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
@@ -193,8 +209,25 @@ class TeacherClient:
             self.usage.update(counts)
 
     def _answer(self, prompt: Prompt, stop: threading.Event) -> Answer:
+        if prompt.fallback is not None and self._refuses_extras:
+            prompt = prompt.fallback
+        answer = self._answer_one(prompt, stop)
+        extras = set(prompt.request) - set(prompt.fallback.request) if prompt.fallback else set()
+        if (answer.error is not None and "HTTP 400" in answer.error
+                and any(k in answer.error for k in extras)):  # e.g. no response_format there: ask plainly
+            with self._usage_lock:
+                warn = not self._refuses_extras
+                self._refuses_extras = True
+            if warn:
+                _log.warning("the teacher at %s refused a request with %s (%s); asking without them "
+                             "from now on", self.config.endpoint, ", ".join(sorted(extras)), answer.error)
+            return self._answer_one(prompt.fallback, stop)
+        return answer
+
+    def _answer_one(self, prompt: Prompt, stop: threading.Event) -> Answer:
         c = self.config
         sampling = c.sampling() if prompt.seed is None else {**c.sampling(), "seed": prompt.seed}
+        sampling = {**sampling, **prompt.request}
         key = cache_key(template_sha256=prompt.template_sha256, model=c.model, sampling=sampling,
                         messages=prompt.messages)
         if self.cache is not None:
@@ -290,12 +323,22 @@ class TeacherClient:
                          f"body starts {snippet!r}); is --teacher an OpenAI-compatible /v1 endpoint?"
                          ) from None
         usage = data.get("usage") or {}
+        top = _first_top_logprobs(choice)
         prompt_tokens = _int(usage.get("prompt_tokens"))
         completion_tokens = _int(usage.get("completion_tokens"))
         self._count(answers=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     answers_without_usage=int(not usage))
         return Answer(text=text, finish_reason=choice.get("finish_reason"), prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens)
+                      completion_tokens=completion_tokens, top_logprobs=top)
+
+
+def _first_top_logprobs(choice: dict) -> list | None:
+    """The first answer token's [[text, log-prob], ...] from a chat choice's `logprobs`, or None."""
+    try:
+        entries = choice["logprobs"]["content"][0]["top_logprobs"]
+        return [[str(e["token"]), float(e["logprob"])] for e in entries]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 def _int(value: Any) -> int:
