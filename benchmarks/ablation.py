@@ -5,7 +5,7 @@
 
 The corpus is the embedded stdlib one. The curated arm is what the main job trains on: the
 curation chain of configs/tiny.py (heuristic annotation, score >= 3, near-duplicate removal,
-HumanEval decontamination; `phi_jax.curation.chain.curate`, the same code as `phi-jax train`). The
+HumanEval decontamination; `phi_jax.jobs.curate.curate`, the same code as `phi-jax train`). The
 unfiltered arm is every document. Two evaluation sets are held out of *both* arms before anything
 is trained:
   (a) high quality: a random sample of the documents the annotator gave the top score (5);
@@ -57,7 +57,7 @@ def model_config(config, quick: bool) -> None:
 def build_sets(work: pathlib.Path, tokenizer, *, uniform_size: int, hq_size: int, seed: int = 1234
                ) -> dict[str, Any]:
     """Curate the corpus (the main job's chain), then the two training sets and the held-out sets."""
-    from phi_jax.curation.chain import TokenCounter, curate
+    from phi_jax.jobs.curate import TokenCounter, curate
     from phi_jax.data import records
     from phi_jax.training.config_file import load_config
 

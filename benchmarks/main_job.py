@@ -70,7 +70,7 @@ def run(allocator: str = "auto", overrides: tuple[str, ...] = (), name: str = ""
     summary = json.loads(train.stdout.strip().splitlines()[-1])
     losses = [m["loss"] for m in metrics if "loss" in m]
     lines = train.stdout.strip().splitlines()
-    from phi_jax.cli.stages import STAGES_HEADER
+    from phi_jax.jobs.main import STAGES_HEADER
 
     table = lines[lines.index(STAGES_HEADER) + 1:-1] if STAGES_HEADER in lines else []
     stages = [line.strip() for line in table if line.strip()]
