@@ -1,6 +1,4 @@
-"""`phi-jax`: the command line. Each subcommand parses its flags, calls one library function and
-prints the result: the jobs (`train`, `finetune`, `recipe`) are `phi_jax.jobs` functions a notebook
-calls with the same arguments; nothing here holds library logic, and nothing imports this package.
+"""`phi-jax`: the command line, the only place that wires every part of the library together.
 
     phi-jax train    --config=configs/tiny.py --workdir=DIR [--config.train.steps=N ...]
     phi-jax finetune --config=FILE --model=BASE --data=DIR --workdir=DIR [--merge=OUT]
