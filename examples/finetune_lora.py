@@ -25,8 +25,9 @@ conversations = [
 
 with tempfile.TemporaryDirectory() as workdir:
     result = finetune(CONFIG, model="smollm2", data=conversations, workdir=workdir,
-                      # one short row per device (the batch is split over the devices' data axis)
+                      # one short row per device; weights split over the devices (FSDP), not copied
                       overrides={"train.steps": 2, "train.batch_size": jax.device_count(), "train.seq_len": 64,
+                                 "mesh.shape.data": 1, "mesh.shape.fsdp": -1,
                                  "train.checkpoint_every": 2, "train.eval_batches": 0,
                                  "data.heldout_fraction": 0.0, "train.progress_bar": False})
     print(f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}; adapter -> {result.adapter}")
