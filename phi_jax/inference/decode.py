@@ -32,7 +32,8 @@ import numpy as np
 
 from phi_jax.errors import InputError
 from phi_jax.inference.sampling import sample_logits
-from phi_jax.model import Phi, cache_rows, init_cache, put_cache_rows, scatter_cache_rows
+from phi_jax.model import (Phi, cache_arrays, cache_rows, init_cache, put_cache_rows,
+                           scatter_cache_rows)
 
 MIN_BUCKET = 16
 TOP_LOGPROBS = 5  # W: the most alternatives a caller may ask for (OpenAI's limit for completions)
@@ -64,7 +65,8 @@ def seed_key(seed: jax.Array) -> jax.Array:
 
 
 def new_cache(config, rows: int, slots: int) -> dict:
-    """An empty KV cache of `rows` sequences x `slots` positions (see `phi_jax.model.init_cache`)."""
+    """An empty KV cache of `rows` sequences x `slots` positions (see `phi_jax.model.init_cache`;
+    int8 with per-token, per-kv-head scales when `config.kv_cache_dtype` says so)."""
     return init_cache(config, rows, slots)
 
 
@@ -106,7 +108,7 @@ def _prefill(model: Phi, with_logprobs: bool, variables, cache, last_tokens, tok
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [N,V]
     picked = _pick(last, seeds, jnp.zeros_like(lengths), temperature, top_k, top_p, with_logprobs)
     new_cache = {name: scatter_cache_rows(cache[name], slots, rows[name])
-                 for name in ("k", "v")}  # [layers,B,K,S,H] <- [layers,N,K,P,H] at rows `slots`
+                 for name in cache_arrays(cache)}  # [layers,B,K,S,H] <- [layers,N,K,P,H] at rows `slots`
     new_cache["lengths"] = cache["lengths"].at[slots].set(lengths)
     return new_cache, last_tokens.at[slots].set(picked[0]), picked
 
@@ -131,7 +133,7 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: 
     top ids and [C,R,W] top log-probs; columns from `count` on are unused.
     """
     width = min(TOP_LOGPROBS, model.config.vocab_size)
-    sub = {name: cache_rows(cache[name], rows, span) for name in ("k", "v")}
+    sub = {name: cache_rows(cache[name], rows, span) for name in cache_arrays(cache)}
     sub["lengths"] = cache["lengths"][:rows]
     outs = [jnp.full((chunk, rows), -1, jnp.int32)]
     if with_logprobs:
@@ -157,7 +159,7 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: 
 
     count, sub, tokens, active, outs = jax.lax.while_loop(
         cond, body, (jnp.int32(0), sub, last_tokens[:rows], active, outs))
-    new_cache = {name: put_cache_rows(cache[name], sub[name]) for name in ("k", "v")}
+    new_cache = {name: put_cache_rows(cache[name], sub[name]) for name in cache_arrays(cache)}
     new_cache["lengths"] = cache["lengths"].at[:rows].set(sub["lengths"])
     return new_cache, last_tokens.at[:rows].set(tokens), active, count, tuple(outs)
 
