@@ -111,11 +111,12 @@ class _Dense(nn.Module):
 
 
 def quant_layout(config: ModelConfig, name: str) -> tuple[str, int | None]:
-    """(int dtype, group size) of a quantized linear layer. The LM head stays int8 (per channel, or
-    the int8 groups) whatever `quantize` says: it decides every sampled token, and llama.cpp's q4
-    files keep their output tensor at higher precision too."""
+    """(int dtype, group size) of a quantized linear layer. The LM head is int8 (in the model's
+    groups) whatever `quantize` says: it decides every sampled token, and llama.cpp's q4_0 files
+    keep their output / embedding tensor at q8_0 or better too (which int8 in groups of 32 holds
+    exactly)."""
     if name == "lm_head":
-        return "int8", config.quant_group_size if config.quantize == "int8" else None
+        return "int8", config.quant_group_size
     return config.quantize, config.quant_group_size
 
 
