@@ -26,8 +26,8 @@ import numpy as np
 from benchmarks import common
 
 NAME = "quant"
-PROMPT_LEN, NEW_TOKENS = 64, 64
-MODELS = ("tiny", "phi-100m", "smollm2-135m")
+PROMPT_LEN, NEW_TOKENS = 64, 32
+MODELS = ("smollm2-135m", "phi-100m", "tiny")
 BATCHES = (1, 8, 16)
 # variant -> (quantize, kv_cache_dtype, smallest batch it runs at)
 VARIANTS = {"float32": (None, None, 1), "int8": ("int8", None, 1), "int4": ("int4", None, 1),
@@ -126,15 +126,22 @@ def run(quick: bool = False, *, repeats: int | None = None, models=None,
     machine["note"] = ("shared 2-core machine, loaded by ~8 engineers' jobs while measuring: absolute "
                        "rates are noisy; every ratio compares variants measured interleaved in one process")
     results: dict[str, Any] = {"benchmark": NAME, "quick": quick, "machine": machine,
-                               "prompt_len": PROMPT_LEN, "new_tokens": new_tokens,
-                               "models": [speed(m, BATCHES, repeats, new_tokens, PROMPT_LEN) for m in models]}
-    results["quality"] = quality(2 if quick else 8) if not quick else {"skipped": "--quick"}
-    results["summary"] = [
-        common.summary_row(NAME, case["case"], f"tokens/s {n}", case["tokens_per_s"][n]["median"],
-                           case["tokens_per_s"]["float32"]["median"], "float32 phi_jax")
-        for m in results["models"] for case in m["cases"] for n in case["tokens_per_s"] if n != "float32"]
-    path = common.write_results(NAME, results, _plot, quick=quick, results_dir=results_dir)
-    results["json"] = str(path)
+                               "prompt_len": PROMPT_LEN, "new_tokens": new_tokens, "models": [],
+                               "quality": {"skipped": "--quick" if quick else "not run yet"}}
+
+    def write():  # after every model, so a long run that is cut short still leaves its numbers
+        results["summary"] = [
+            common.summary_row(NAME, case["case"], f"tokens/s {n}", case["tokens_per_s"][n]["median"],
+                               case["tokens_per_s"]["float32"]["median"], "float32 phi_jax")
+            for m in results["models"] for case in m["cases"] for n in case["tokens_per_s"] if n != "float32"]
+        return common.write_results(NAME, results, _plot, quick=quick, results_dir=results_dir)
+
+    for m in models:
+        results["models"].append(speed(m, BATCHES, repeats, new_tokens, PROMPT_LEN))
+        write()
+    if not quick:
+        results["quality"] = quality(8)
+    results["json"] = str(write())
     return results
 
 
