@@ -209,3 +209,27 @@ def test_cli_flags_sample_quantized_and_refuse_bad_values(hf_dir):  # noqa: F811
     assert ppl.returncode == 0, ppl.stderr[-2000:]
     result = json.loads((hf_dir.parent / "ppl" / "perplexity_results.json").read_text())
     assert result["settings"]["quantize"] == "int4" and np.isfinite(result["metrics"]["perplexity"])
+
+
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_int8_cache_attention_equals_attention_over_the_dequantized_cache(new_tokens):
+    """Both XLA decode paths scale scores and probabilities by the cache's scales; that equals
+    attending over the dequantized float cache (the definition)."""
+    from phi_jax.kernels.attention import (reference_cached_attention,
+                                           reference_cached_attention_before_write)
+    rng = np.random.default_rng(3)
+    b, t, n, kv, s, h = 2, new_tokens, 4, 2, 24, 16
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, kv, s, h)), jnp.float32) for _ in range(2))
+    (kq, ks), (vq, vs) = quantized.quantize_kv(k), quantized.quantize_kv(v)
+    k_deq, v_deq = quantized.dequantize_kv(kq, ks), quantized.dequantize_kv(vq, vs)
+    assert float(jnp.max(jnp.abs(k_deq - k))) <= float(ks.max()) / 2 + 1e-7
+    q_start = jnp.asarray([5, 20 - t], jnp.int32)
+    new_k, new_v = (jnp.asarray(rng.standard_normal((b, t, kv, h)), jnp.float32) for _ in range(2))
+    got = reference_cached_attention_before_write(q, kq, vq, new_k, new_v, q_start=q_start,
+                                                  k_scale=ks, v_scale=vs)
+    want = reference_cached_attention_before_write(q, k_deq, v_deq, new_k, new_v, q_start=q_start)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = reference_cached_attention(q, kq, vq, q_start=q_start, k_scale=ks, v_scale=vs)
+    np.testing.assert_allclose(got, reference_cached_attention(q, k_deq, v_deq, q_start=q_start),
+                               rtol=1e-5, atol=1e-5)
