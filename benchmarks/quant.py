@@ -109,7 +109,7 @@ def quality(max_batches: int, new_tokens: int = 32) -> dict[str, Any]:
         tokens = decode.generate(model, variables, prompts, new_tokens, stop_tokens=[])
         reference = reference or (result, tokens)
         same = np.mean([a == b for t, r in zip(tokens, reference[1]) for a, b in zip(t, r)])
-        out[name] = {"perplexity": result.perplexity, "tokens": result.tokens,
+        out[name] = {"perplexity": result.perplexity, "tokens": result.num_tokens,
                      "perplexity_vs_float32": result.perplexity / reference[0].perplexity - 1,
                      "greedy_agreement": float(same), "greedy_tokens": tokens}
         print(f"smollm2 quality {name}: perplexity {result.perplexity:.3f} "
