@@ -89,7 +89,7 @@ class _Dense(nn.Module):
         q = self.param("kernel_q", nn.with_logical_partitioning(nn.initializers.zeros, (None, None) + self.out_names),
                        (groups, size) + self.features, quantized.INT_DTYPES[mode])
         scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, (None,) + self.out_names),
-                           (groups,) + self.features, jnp.float32)
+                           (groups,) + self.features, jnp.float16)
         return quantized.quantized_einsum(self.spec, x, q, scale, self.in_features, c.jnp_dtype)
 
     def _lora(self, x):

@@ -103,9 +103,10 @@ def quantize_kernel(w, mode: str, group: int | None, n_lead: int, n_in: int):
         index = jnp.argmax(jnp.abs(wg), axis=axis, keepdims=True)
         scale = jnp.squeeze(jnp.take_along_axis(wg, index, axis=axis), axis) / -8.0
         low, high = -8, 7
-    safe = jnp.where(scale == 0, 1.0, scale)
+    scale = scale.astype(jnp.float16)  # as GGUF stores it: half the scales' bytes, blocks kept exact
+    safe = jnp.where(scale == 0, 1.0, scale.astype(jnp.float32))
     q = jnp.clip(jnp.round(wg / jnp.expand_dims(safe, axis)), low, high)
-    return q.astype(quantized.INT_DTYPES[mode]), scale.astype(jnp.float32)
+    return q.astype(quantized.INT_DTYPES[mode]), scale
 
 
 _quantize_kernel = jax.jit(quantize_kernel, static_argnums=(1, 2, 3, 4))

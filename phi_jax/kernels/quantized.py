@@ -5,7 +5,7 @@ size I), O... a kernel's output dims, B batch, T new tokens, K kv heads, S cache
 
 Layout (one for int8 and int4): a float kernel [in..., out...] of a linear layer is stored as
   q:     [G, g, out...]  int8 (values in [-127, 127]) or int4 (values in [-8, 7])
-  scale: [G, out...]     float32, one per group of g input rows and output channel,
+  scale: [G, out...]     float16 (as GGUF's blocks store it), one per group of g input rows and output channel,
 with w[i, o] = q[i // g, i % g, o] * scale[i // g, o] over the input rows flattened to I. G = 1 is
 per-output-channel quantization (int8's default); G = I / 32 is llama.cpp's q8_0 / q4_0 blocking,
 so those files' blocks map onto it exactly.
