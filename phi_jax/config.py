@@ -36,6 +36,8 @@ BLOCKS = ("parallel", "sequential")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # phi_jax.kernels.rope implements these
+QUANTIZE_MODES = ("int8", "int4")  # phi_jax.quant
+KV_CACHE_DTYPES = ("int8",)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -110,6 +112,13 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    # Inference-only quantization (phi_jax.quant): the linear layers' kernels stored as int8 or
+    # int4 with float scales per group of `quant_group_size` input rows (None: per output channel,
+    # int8 only), dequantized inside the jitted step; the KV cache stored as int8 with a scale per
+    # (token, kv head). None keeps everything in the model dtype.
+    quantize: str | None = None
+    quant_group_size: int | None = None
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -212,6 +221,33 @@ class ModelConfig:
             fail("sliding_window_start", f"must be in [0, n_layers={self.n_layers}], got "
                  f"{self.sliding_window_start}", "0 applies the window to every layer")
         self._validate_lora(fail)
+        self._validate_quantization(fail)
+
+    def _validate_quantization(self, fail) -> None:
+        if self.quantize not in (None,) + QUANTIZE_MODES:
+            fail("quantize", f"unknown {self.quantize!r}", f"use one of {list(QUANTIZE_MODES)} or None")
+        if self.kv_cache_dtype not in (None,) + KV_CACHE_DTYPES:
+            fail("kv_cache_dtype", f"unknown {self.kv_cache_dtype!r}",
+                 f"use one of {list(KV_CACHE_DTYPES)} or None (the model dtype)")
+        if self.kv_cache_dtype is not None and self.attention_impl != "xla":
+            fail("kv_cache_dtype", f"an {self.kv_cache_dtype} cache is read by the XLA attention only, "
+                 f"not attention_impl={self.attention_impl!r}", "set attention_impl='xla' to decode with it")
+        group = self.quant_group_size
+        if group is None:
+            if self.quantize == "int4":
+                fail("quant_group_size", "int4 needs a group size", "use 32 (q4_0's) or 128")
+            return
+        if group <= 0:
+            fail("quant_group_size", f"must be positive, got {group}", "use 32 or 128")
+        for name, size in self.matmul_input_sizes().items():
+            if size % group:
+                fail("quant_group_size", f"{group} does not divide the {name} input size {size}",
+                     f"use a group size that divides {size} (32 divides every preset's)")
+
+    def matmul_input_sizes(self) -> dict[str, int]:
+        """The input sizes of the linear layers (what a quantization group must divide)."""
+        return {"d_model": self.d_model, "attention output": self.n_heads * self.dim_per_head,
+                "mlp": self.mlp_dim}
 
     def _validate_rope(self, fail) -> None:
         kind = self.rope_type

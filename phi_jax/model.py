@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from phi_jax import axes
 from phi_jax.config import ModelConfig
 from phi_jax.errors import ConfigError, InputError
+from phi_jax.kernels import quantized
 from phi_jax.kernels.attention import (attention, cached_attention, masked_attention,
                                        reference_cached_attention_before_write, self_attention_mask)
 from phi_jax.kernels.rope import RopeScaling, longrope_attention_factor
@@ -64,9 +65,12 @@ class _Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.in_names + self.out_names),
-                            self.in_features + self.features, c.jnp_param_dtype)
-        y = jnp.einsum(self.spec, x.astype(c.jnp_dtype), kernel.astype(c.jnp_dtype))
+        if c.quantize:
+            y = self._quantized(x)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.in_names + self.out_names),
+                                self.in_features + self.features, c.jnp_param_dtype)
+            y = jnp.einsum(self.spec, x.astype(c.jnp_dtype), kernel.astype(c.jnp_dtype))
         if self.name in c.lora_modules:
             y = y + self._lora(x)
         if not self.use_bias:
@@ -74,6 +78,19 @@ class _Dense(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_names),
                           self.features, c.jnp_param_dtype)
         return y + bias.astype(c.jnp_dtype)
+
+    def _quantized(self, x):
+        """The same einsum over an int8/int4 kernel, dequantized inside the step (`phi_jax.quant`):
+        "kernel_q" [G, g, *out] and "kernel_scale" [G, *out] replace "kernel"."""
+        c = self.config
+        mode, group = quant_layout(c, self.name)
+        groups = quantized.group_count(quantized.in_size(self.in_features), group)
+        size = quantized.in_size(self.in_features) // groups
+        q = self.param("kernel_q", nn.with_logical_partitioning(nn.initializers.zeros, (None, None) + self.out_names),
+                       (groups, size) + self.features, quantized.INT_DTYPES[mode])
+        scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, (None,) + self.out_names),
+                           (groups,) + self.features, jnp.float16)
+        return quantized.quantized_einsum(self.spec, x, q, scale, self.in_features, c.jnp_dtype)
 
     def _lora(self, x):
         """(alpha / r) * (x A) B, PEFT's LoRA: A [*in, R] and B [R, *out] beside the kernel, B zero
@@ -91,6 +108,16 @@ class _Dense(nn.Module):
         h = jnp.einsum(f"{ins},{k_in}R->{lead}R", x.astype(c.jnp_dtype), a.astype(c.jnp_dtype))
         scale = c.lora_alpha / c.lora_rank
         return jnp.einsum(f"{lead}R,R{k_out}->{out}", h, b.astype(c.jnp_dtype)) * scale
+
+
+def quant_layout(config: ModelConfig, name: str) -> tuple[str, int | None]:
+    """(int dtype, group size) of a quantized linear layer. The LM head is int8 (in the model's
+    groups) whatever `quantize` says: it decides every sampled token, and llama.cpp's q4_0 files
+    keep their output / embedding tensor at q8_0 or better too (which int8 in groups of 32 holds
+    exactly)."""
+    if name == "lm_head":
+        return "int8", config.quant_group_size
+    return config.quantize, config.quant_group_size
 
 
 def _lora_a_init(key, shape, dtype):
@@ -191,15 +218,18 @@ def _self_attention(q, key, value, segment_ids, window, config: ModelConfig):
     return masked_attention(q, key, value, self_attention_mask(segment_ids, b, t, True) & near[None])
 
 
-def _cached_attention(q, k_cache, v_cache, q_start, window, config: ModelConfig):
-    """q [B,T,N,H] at slots q_start[b] + t against k/v_cache [B,K,S,H]."""
+def _cached_attention(q, k_cache, v_cache, q_start, window, config: ModelConfig, k_scale=None,
+                      v_scale=None):
+    """q [B,T,N,H] at slots q_start[b] + t against k/v_cache [B,K,S,H] (int8: scales [B,K,S])."""
     t, s = q.shape[1], k_cache.shape[2]
     if window is None or not _window_bites(config, s, "cache slots"):
-        return cached_attention(q, k_cache, v_cache, q_start=q_start, impl=config.attention_impl)
+        return cached_attention(q, k_cache, v_cache, q_start=q_start, impl=config.attention_impl,
+                                k_scale=k_scale, v_scale=v_scale)
     q_slot = q_start[:, None] + jnp.arange(t)[None, :]  # [B,T]
     slot = jnp.arange(s)[None, None, :]  # [1,1,S]
     mask = (slot <= q_slot[:, :, None]) & (slot > q_slot[:, :, None] - window)  # [B,T,S]
-    return masked_attention(q, k_cache, v_cache, mask, kv_layout="BKSH")
+    return masked_attention(q, k_cache, v_cache, mask, kv_layout="BKSH", k_scale=k_scale,
+                            v_scale=v_scale)
 
 
 class PhiAttention(nn.Module):
@@ -243,22 +273,45 @@ class PhiAttention(nn.Module):
         else:
             read_first = _reads_before_write(kv_cache, q, c)
             write_at = q_start
+            # An int8 cache stores (values, per-(token, kv head) scales); the new tokens attend to
+            # themselves as stored, so reading before or after the write gives the same answer.
+            new_kv = {"k": key, "v": value}
+            if c.kv_cache_dtype == "int8":
+                for name in ("k", "v"):
+                    new_kv[name], new_kv[f"{name}_scale"] = quantized.quantize_kv(new_kv[name])
             if read_first:
+                k_old, k_scale = _cache_layer(kv_cache, "k", layer, q.dtype)
+                v_old, v_scale = _cache_layer(kv_cache, "v", layer, q.dtype)
                 out = reference_cached_attention_before_write(
-                    q, kv_cache["k"][layer].astype(q.dtype), kv_cache["v"][layer].astype(q.dtype),
-                    key, value, q_start=q_start, window=window)
+                    q, k_old, v_old, *_new_layer(new_kv, q.dtype), q_start=q_start, window=window,
+                    k_scale=k_scale, v_scale=v_scale)
                 # The write must follow the read, or XLA keeps both apart with copies: slots that
                 # depend on the attention's output (and always equal q_start) order them. (An
                 # optimization barrier does not: on CPU it copies the cache itself.)
                 write_at = jnp.minimum(q_start, q_start + jnp.isnan(out[:, 0, 0, 0]).astype(jnp.int32))
-            new_cache = {"k": _write_cache(kv_cache["k"], key, layer, write_at),
-                         "v": _write_cache(kv_cache["v"], value, layer, write_at)}
+            new_cache = {name: _write_cache(kv_cache[name], new_kv[name], layer, write_at)
+                         for name in new_kv}
             if not read_first:
-                out = _cached_attention(q, new_cache["k"][layer].astype(q.dtype),
-                                        new_cache["v"][layer].astype(q.dtype), q_start, window, c)
+                k_layer, k_scale = _cache_layer(new_cache, "k", layer, q.dtype)
+                v_layer, v_scale = _cache_layer(new_cache, "v", layer, q.dtype)
+                out = _cached_attention(q, k_layer, v_layer, q_start, window, c, k_scale, v_scale)
         out = _dense(d, (n, h), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), "BTNH,NHD->BTD", c,
                      "dense", c.out_bias)(out)
         return out, new_cache
+
+
+def _cache_layer(cache, name: str, layer, dtype):
+    """(this layer's k or v [B,K,S,H], its scales [B,K,S] or None). A float cache is cast to the
+    compute dtype; an int8 one stays int8 for the attention to scale (`kernels.quantized`)."""
+    values = cache[name][layer]
+    if f"{name}_scale" not in cache:
+        return values.astype(dtype), None
+    return values, cache[f"{name}_scale"][layer]
+
+
+def _new_layer(new_kv, dtype):
+    """The new tokens' (k, v) [B,T,K,H] as the cache holds them (dequantized when int8)."""
+    return tuple(quantized.dequantize_kv(new_kv[n], new_kv.get(f"{n}_scale"), dtype) for n in ("k", "v"))
 
 
 def _reads_before_write(kv_cache, q: jax.Array, config: ModelConfig) -> bool:
@@ -278,6 +331,7 @@ def _write_cache(buf, new: jax.Array, layer, q_start: jax.Array):
     `buf` is the stacked [layers,B,K,S,H] array (scanned layers: `layer` is traced) or a tuple of
     per-layer [B,K,S,H] arrays (unstacked layers: `layer` is a Python int; see `init_cache`).
     Slots past the end are dropped, never clamped onto earlier slots (which a dynamic slice would do).
+    An int8 cache's scales [B,T,K] go into their [layers,B,K,S] buffers the same way.
     """
     b, t = new.shape[:2]
     slots = q_start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B,T]
@@ -414,7 +468,7 @@ class Phi(nn.Module):
         x = nn.Dropout(rate=c.embd_pdrop, deterministic=deterministic)(x)
         x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
 
-        kv_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        kv_cache = None if cache is None else {name: cache[name] for name in cache_arrays(cache)}
         if c.scan_layers:
             scanned = nn.scan(
                 _maybe_remat(_ScannedBlock, c),
@@ -437,8 +491,11 @@ class Phi(nn.Module):
             new_cache["lengths"] = cache["lengths"] + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
         if return_hidden:
             return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_cache
-        if c.tie_embeddings:
+        if c.tie_embeddings and not c.quantize:
             logits = embed.attend(x)  # 'BTD,VD->BTV' in the compute dtype
+        elif c.tie_embeddings:  # an int8 copy of the embedding, transposed (phi_jax.quant)
+            logits = _dense(c.vocab_size, c.d_model, (axes.EMBED,), (axes.VOCAB,), "BTD,DV->BTV", c,
+                            "lm_head", False)(x)
         else:
             logits = _dense(c.vocab_size, c.d_model, (axes.EMBED,), (axes.VOCAB,), "BTD,DV->BTV", c,
                             "lm_head", c.lm_head_bias)(x)
@@ -462,8 +519,20 @@ def _check_cache(cache: Cache, config: ModelConfig, batch: int) -> None:
                              f"head_dim={config.dim_per_head}]; build it with init_cache(config, {batch}, ...)")
 
 
+CACHE_ARRAYS = ("k", "v", "k_scale", "v_scale")
+
+
+def cache_arrays(cache: Cache) -> tuple[str, ...]:
+    """The per-slot arrays of a cache: k and v, and an int8 cache's k_scale and v_scale."""
+    return tuple(name for name in CACHE_ARRAYS if name in cache)
+
+
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty KV cache with `max_len` slots per sequence (dtype defaults to the compute dtype).
+
+    With `config.kv_cache_dtype="int8"` (and no `dtype`) k and v are int8 with float32 scales per
+    (sequence, kv head, slot), "k_scale"/"v_scale" [layers,B,K,S]: half the bytes a decode step's
+    attention reads in bf16, a quarter in float32 (see `phi_jax.kernels.quantized`).
 
     Layout [layers,B,K,S,H]: a kv head's slots are contiguous, which is what a decode step's attention
     dots (and the Pallas decode kernel's blocks) read without a transpose. With scanned layers it is
@@ -472,13 +541,19 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
     slice out of a stacked cache before the attention dots read it — 2 x [B,K,S,H] per layer per
     step, 27 % of a batch-16 decode step of the tiny model (measured in an xprof trace).
     """
-    dtype = config.jnp_dtype if dtype is None else dtype
+    int8 = dtype is None and config.kv_cache_dtype == "int8" or dtype is not None and jnp.dtype(dtype) == jnp.int8
+    dtype = (jnp.int8 if int8 else config.jnp_dtype) if dtype is None else dtype
     layer_shape = (batch, config.num_kv_heads, max_len, config.dim_per_head)
-    if config.scan_layers:
-        make = lambda: jnp.zeros((config.n_layers, *layer_shape), dtype)
-    else:
-        make = lambda: tuple(jnp.zeros(layer_shape, dtype) for _ in range(config.n_layers))
-    return {"k": make(), "v": make(), "lengths": jnp.zeros((batch,), jnp.int32)}
+
+    def make(shape=layer_shape, dtype=dtype):
+        if config.scan_layers:
+            return jnp.zeros((config.n_layers, *shape), dtype)
+        return tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+
+    cache = {"k": make(), "v": make(), "lengths": jnp.zeros((batch,), jnp.int32)}
+    if int8:
+        cache["k_scale"], cache["v_scale"] = make(layer_shape[:3], jnp.float32), make(layer_shape[:3], jnp.float32)
+    return cache
 
 
 def cache_rows(kv, rows: int, slots: int | None = None):
@@ -492,8 +567,8 @@ def cache_rows(kv, rows: int, slots: int | None = None):
 def put_cache_rows(kv, sub):
     """`kv` with its first rows replaced by `sub` (from `cache_rows`), in place when donated."""
     if isinstance(kv, tuple):
-        return tuple(jax.lax.dynamic_update_slice(x, y, (0,) * 4) for x, y in zip(kv, sub))
-    return jax.lax.dynamic_update_slice(kv, sub, (0,) * 5)
+        return tuple(jax.lax.dynamic_update_slice(x, y, (0,) * x.ndim) for x, y in zip(kv, sub))
+    return jax.lax.dynamic_update_slice(kv, sub, (0,) * kv.ndim)
 
 
 def gather_cache_rows(kv, slots: jax.Array, span: int):

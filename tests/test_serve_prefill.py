@@ -205,3 +205,23 @@ def test_engine_rejects_bad_prefill_settings(tiny):
         Engine(model, variables, prefix_cache_tokens=8, prefix_block=16)
     with pytest.raises(ValueError, match="--prefill-chunk"):
         Engine(model, variables, prefill_chunk=4)
+
+
+def test_int8_kv_cache_through_batched_and_chunked_prefill(tiny):
+    """An int8 KV cache (its per-token scales copied with k and v) through the engine's batched,
+    chunked prefill gives `generate`'s tokens on the same int8-cache model; the prefix cache,
+    which holds k and v blocks only, is switched off rather than dropping the scales."""
+    model, variables = tiny
+    quantized = Phi(model.config.replace(kv_cache_dtype="int8"))
+    rng = np.random.default_rng(3)
+    requests = {f"r{i}": ([int(t) for t in rng.integers(1, VOCAB, n)], SamplingParams(max_tokens=6))
+                for i, n in enumerate((40, 9, 23))}
+    engine = Engine(quantized, variables, num_slots=4, max_len=128, prefill_chunk=16,
+                    prefix_cache_tokens=64).start()
+    try:
+        assert engine.prefix_cache is None
+        together = _together(engine, requests)
+    finally:
+        engine.stop()
+    for name, (prompt, params) in requests.items():
+        assert together.tokens(name) == _alone(quantized, variables, prompt, params)

@@ -20,7 +20,7 @@ import pathlib
 import time
 from typing import Any
 
-from phi_jax.cli.common import add_model_arguments, load_model
+from phi_jax.cli.common import add_model_arguments, add_quantization_arguments, load_model
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def register(subparsers) -> None:
 
     def common(q: argparse.ArgumentParser) -> None:
         add_model_arguments(q)
+        add_quantization_arguments(q)
         q.add_argument("--output", required=True, help="directory for results JSON (and PNG)")
         q.add_argument("--batch-size", type=int, default=8)
         q.set_defaults(func=run)

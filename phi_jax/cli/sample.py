@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from phi_jax.cli.common import add_model_arguments, load_model
+from phi_jax.cli.common import add_model_arguments, add_quantization_arguments, load_model
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="sample text from a model, streamed to the terminal",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
+    add_quantization_arguments(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -15,7 +15,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from phi_jax.cli.common import add_model_arguments, load_model
+from phi_jax.cli.common import add_model_arguments, add_quantization_arguments, load_model
 
 _log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
+    add_quantization_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="the `model` id clients send (default: the file or "

@@ -43,7 +43,8 @@ import numpy as np
 from phi_jax.errors import InputError, RunError
 from phi_jax.inference.grammar import Constraint, fill_masks
 from phi_jax.inference.sampling import sample_logits
-from phi_jax.model import (Phi, cache_rows, gather_cache_rows, init_cache, put_cache_rows,
+from phi_jax.model import (Phi, cache_arrays, cache_rows, gather_cache_rows, init_cache,
+                           put_cache_rows,
                            scatter_cache_rows)
 
 MIN_BUCKET = 16
@@ -76,7 +77,8 @@ def seed_key(seed: jax.Array) -> jax.Array:
 
 
 def new_cache(config, rows: int, slots: int) -> dict:
-    """An empty KV cache of `rows` sequences x `slots` positions (see `phi_jax.model.init_cache`)."""
+    """An empty KV cache of `rows` sequences x `slots` positions (see `phi_jax.model.init_cache`;
+    int8 with per-token, per-kv-head scales when `config.kv_cache_dtype` says so)."""
     return init_cache(config, rows, slots)
 
 
@@ -130,7 +132,7 @@ def _prefill(model: Phi, with_logprobs: bool, span: int, variables, cache, last_
     a row's pick is its next token only on the chunk that ends its prompt.
     """
     n, bucket = tokens.shape
-    rows = {name: gather_cache_rows(cache[name], slots, span) for name in ("k", "v")}
+    rows = {name: gather_cache_rows(cache[name], slots, span) for name in cache_arrays(cache)}
     rows["lengths"] = starts  # [layers,N,K,span,H] holding starts[n] valid positions
     segment_ids = (jnp.arange(bucket)[None, :] < lengths[:, None]).astype(jnp.int32)  # [N,P]
     logits, rows = model.apply(variables, tokens, segment_ids=segment_ids, cache=rows)
@@ -138,7 +140,7 @@ def _prefill(model: Phi, with_logprobs: bool, span: int, variables, cache, last_
     last = jnp.take_along_axis(logits, at, axis=1)[:, 0]  # [N,V]
     picked = _pick(last, seeds, jnp.zeros_like(lengths), temperature, top_k, top_p, with_logprobs, masks)
     new_cache = {name: scatter_cache_rows(cache[name], slots, rows[name])
-                 for name in ("k", "v")}  # [layers,B,K,S,H] <- [layers,N,K,span,H] at rows `slots`
+                 for name in cache_arrays(cache)}  # [layers,B,K,S,H] <- [layers,N,K,span,H] at `slots`
     new_cache["lengths"] = cache["lengths"].at[slots].set(starts + lengths, mode="drop")
     return new_cache, last_tokens.at[slots].set(picked[0], mode="drop"), picked
 
@@ -165,7 +167,7 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: 
     top ids and [C,R,W] top log-probs; columns from `count` on are unused.
     """
     width = min(TOP_LOGPROBS, model.config.vocab_size)
-    sub = {name: cache_rows(cache[name], rows, span) for name in ("k", "v")}
+    sub = {name: cache_rows(cache[name], rows, span) for name in cache_arrays(cache)}
     sub["lengths"] = cache["lengths"][:rows]
     outs = [jnp.full((chunk, rows), -1, jnp.int32)]
     if with_logprobs:
@@ -193,7 +195,7 @@ def _decode_chunk(model: Phi, rows: int, chunk: int, with_logprobs: bool, span: 
 
     count, sub, tokens, active, outs = jax.lax.while_loop(
         cond, body, (jnp.int32(0), sub, last_tokens[:rows], active, outs))
-    new_cache = {name: put_cache_rows(cache[name], sub[name]) for name in ("k", "v")}
+    new_cache = {name: put_cache_rows(cache[name], sub[name]) for name in cache_arrays(cache)}
     new_cache["lengths"] = cache["lengths"].at[:rows].set(sub["lengths"])
     return new_cache, last_tokens.at[:rows].set(tokens), active, count, tuple(outs)
 

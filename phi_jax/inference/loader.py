@@ -177,7 +177,8 @@ def _tokenizer_beside(directory: Path):
 
 def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = None,
          tokenizer: str | os.PathLike | None = None, layout: str = "inference",
-         adapter: str | os.PathLike | None = None) -> Loaded:
+         adapter: str | os.PathLike | None = None, quantize: str | None = None,
+         kv_cache_dtype: str | None = None) -> Loaded:
     """Load a model from any source (see the module docstring).
 
     Args:
@@ -189,6 +190,12 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
         (scanned layers, as the trainer builds them).
       adapter: a LoRA adapter directory to apply on top of the model (the model runs with it;
         `phi_jax.lora.merge` folds it into the weights).
+      quantize: None, "int8" (per output channel) or "int4" (groups of 32; "int4:128" and
+        "int8:32" name a group): weight-only quantization of the linear layers, dequantized inside
+        the jitted step (`phi_jax.quant`). A GGUF file stored in q8_0 (int8), or q4_0 with q8_0
+        (int4), keeps its blocks exactly (groups of 32). Inference layout only.
+      kv_cache_dtype: None (the model dtype) or "int8": the decoder's KV cache in int8 with a
+        scale per token and kv head.
     """
     from phi_jax.config import dtype_name
     from phi_jax.model import Phi, decode_prefers_unstacked, inference_layout, stack_layers
@@ -243,6 +250,8 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
         lora_config, variables = lora.load_adapter(local, model.config, variables)
         model = Phi(lora_config)
         meta["adapter"] = str(adapter)
+    if quantize or kv_cache_dtype:
+        model, variables = _quantized(model, variables, quantize, kv_cache_dtype, layout, meta)
     if step is not None and kind != "workdir":
         raise InputError(f"--step={step} applies to phi_jax workdirs only; {path} is an {kind} source")
     tok = load_tokenizer(tokenizer) if tokenizer else found
@@ -251,6 +260,33 @@ def load(path: str | os.PathLike, *, dtype: Any = "float32", step: int | None = 
                          f"{model.config.vocab_size}; pass the tokenizer this model was trained with")
     template = getattr(tok, "chat_template", None) if tok is not None else None
     return Loaded(model, variables, tok, template, meta)
+
+
+# The file types our layout holds exactly in groups of 32 (the int4 model's head is int8: q8_0).
+_GGUF_BLOCKS = {"int8": {"Q8_0"}, "int4": {"Q4_0", "Q8_0"}}
+
+
+def _quantized(model, variables, quantize, kv_cache_dtype, layout: str, meta: dict):
+    """(model, variables) with the quantization switches set and the kernels quantized."""
+    from phi_jax import quant
+    from phi_jax.model import Phi
+
+    mode, group = quant.parse_quantize(quantize)
+    if mode and layout == "training":
+        raise InputError(f"quantize={quantize!r} is for inference: the trainer updates float weights; "
+                         "load with layout='inference' or without quantize")
+    types = meta.get("quantization") or {}
+    if mode and meta["source"] == "gguf" and ":" not in str(quantize):
+        # Keep a q8_0 / q4_0 file's blocks: its 32-row groups re-quantize to the same integers
+        # and scales (quant's rounding rules are their own fixed points), no second rounding.
+        matmul_types = {t for t in types if t not in ("F32", "F16", "BF16")}
+        if matmul_types and matmul_types <= _GGUF_BLOCKS[mode]:
+            quantize = f"{mode}:32"
+    config = quant.quantized_config(model.config, quantize, kv_cache_dtype)
+    variables = quant.quantize_params(config, variables)
+    if mode:
+        meta["quantized"] = quant.summary(variables, config)
+    return Phi(config), variables
 
 
 def require_tokenizer(loaded: Loaded, path: str | os.PathLike):

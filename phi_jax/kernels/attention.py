@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from phi_jax.kernels import backend
 from phi_jax.kernels.cudnn_attention import cudnn_attention, cudnn_cached_attention
+from phi_jax.kernels.quantized import kv_scores, kv_weighted_values
 
 
 
@@ -61,12 +62,14 @@ def _heads_back(out: jax.Array, t: int) -> jax.Array:
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                     kv_layout: str = "BSKH") -> jax.Array:
+                     kv_layout: str = "BSKH", k_scale: jax.Array | None = None,
+                     v_scale: jax.Array | None = None) -> jax.Array:
     """Softmax attention under an explicit boolean mask, in float32.
 
     Args:
       q: [B,T,N,H]; k, v: [B,S,K,H] (kv_layout "BSKH") or [B,K,S,H] ("BKSH", the cache's);
       mask: [B,T,S], True where query t may see key s.
+      k_scale, v_scale: [B,K,S] per-(slot, kv head) scales of an int8 cache ("BKSH" only), or None.
     Returns:
       [B,T,N,H] in q's dtype; 0 in rows whose mask is all False.
     """
@@ -74,12 +77,18 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     kv_heads = k.shape[kv_layout.index("K")]
     groups = n // kv_heads
     qm = _queries_by_kv_head(q, kv_heads)
-    scores = jnp.einsum(f"BKMH,{kv_layout}->BKMS", qm.astype(jnp.float32), k.astype(jnp.float32))
+    if kv_layout == "BKSH":
+        scores = kv_scores(qm, k, k_scale)
+    else:
+        scores = jnp.einsum(f"BKMH,{kv_layout}->BKMS", qm.astype(jnp.float32), k.astype(jnp.float32))
     scores = scores * (h ** -0.5)
     mask_m = jnp.tile(mask, (1, groups, 1))[:, None]  # [B,1,M,S], row m is query m % T
     scores = jnp.where(mask_m, scores, backend.MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(f"BKMS,{kv_layout}->BKMH", probs, v.astype(jnp.float32))
+    if kv_layout == "BKSH":
+        out = kv_weighted_values(probs, v, v_scale)
+    else:
+        out = jnp.einsum(f"BKMS,{kv_layout}->BKMH", probs, v.astype(jnp.float32))
     out = jnp.where(jnp.any(mask_m, axis=-1, keepdims=True), out, 0.0)
     return _heads_back(out, t).astype(q.dtype)
 
@@ -117,11 +126,12 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 def reference_cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
-                               q_start: jax.Array) -> jax.Array:
+                               q_start: jax.Array, k_scale: jax.Array | None = None,
+                               v_scale: jax.Array | None = None) -> jax.Array:
     """Pure-jnp attention of T new queries against a KV cache that already holds their keys.
 
     Args:
-      q: [B,T,N,H]; k_cache, v_cache: [B,K,S,H].
+      q: [B,T,N,H]; k_cache, v_cache: [B,K,S,H] (float, or int8 with k_scale / v_scale [B,K,S]).
       q_start: [B] int32 cache slot of each sequence's first new query.
     Returns:
       [B,T,N,H].
@@ -129,12 +139,14 @@ def reference_cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
     t, s = q.shape[1], k_cache.shape[2]
     q_slot = q_start[:, None] + jnp.arange(t)[None, :]  # [B,T]
     mask = jnp.arange(s)[None, None, :] <= q_slot[:, :, None]  # [B,T,S]
-    return masked_attention(q, k_cache, v_cache, mask, kv_layout="BKSH")
+    return masked_attention(q, k_cache, v_cache, mask, kv_layout="BKSH", k_scale=k_scale,
+                            v_scale=v_scale)
 
 
 def reference_cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                             k_new: jax.Array, v_new: jax.Array, *, q_start: jax.Array,
-                                            window: int | None = None) -> jax.Array:
+                                            window: int | None = None, k_scale: jax.Array | None = None,
+                                            v_scale: jax.Array | None = None) -> jax.Array:
     """`reference_cached_attention` computed from the cache as it was *before* the new keys were
     written: the filled slots (< q_start) plus the new tokens' own keys and values.
 
@@ -148,6 +160,7 @@ def reference_cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_
       q: [B,T,N,H]; k_cache, v_cache: [B,K,S,H] without the new tokens; k_new, v_new: [B,T,K,H].
       q_start: [B] int32 slot of each sequence's first new token (slots >= it are ignored).
       window: sliding window (query slot minus key slot < window), or None.
+      k_scale, v_scale: [B,K,S] scales of an int8 cache (see `phi_jax.kernels.quantized`), or None.
     Returns:
       [B,T,N,H] in q's dtype.
     """
@@ -155,7 +168,7 @@ def reference_cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_
     kv_heads, s = k_cache.shape[1], k_cache.shape[2]
     groups = n // kv_heads
     qm = _queries_by_kv_head(q, kv_heads).astype(jnp.float32) * (h ** -0.5)
-    old = jnp.einsum("BKMH,BKSH->BKMS", qm, k_cache.astype(jnp.float32))
+    old = kv_scores(qm, k_cache, k_scale)
     new = jnp.einsum("BKMH,BTKH->BKMT", qm, k_new.astype(jnp.float32))
     slot, index = jnp.arange(s), jnp.arange(t)
     see_old = slot[None, None, :] < q_start[:, None, None]  # [B,1,S]
@@ -169,7 +182,7 @@ def reference_cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_
     scores = jnp.concatenate([jnp.where(see_old, old, backend.MASK_VALUE),
                               jnp.where(see_new, new, backend.MASK_VALUE)], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = (jnp.einsum("BKMS,BKSH->BKMH", probs[..., :s], v_cache.astype(jnp.float32))
+    out = (kv_weighted_values(probs[..., :s], v_cache, v_scale)
            + jnp.einsum("BKMT,BTKH->BKMH", probs[..., s:], v_new.astype(jnp.float32)))
     return _heads_back(out, t).astype(q.dtype)
 
@@ -216,18 +229,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_start: jax.Array,
-                     impl: str = "xla", interpret: bool | None = None) -> jax.Array:
+                     impl: str = "xla", interpret: bool | None = None, k_scale: jax.Array | None = None,
+                     v_scale: jax.Array | None = None) -> jax.Array:
     """Attention against a KV cache through `impl` (see `reference_cached_attention`).
 
     Args:
       q: [B,T,N,H]; k_cache, v_cache: [B,K,S,H]; q_start: [B] int32.
       impl, interpret: as for `attention`. The Pallas kernel is inference-only (no VJP).
+      k_scale, v_scale: [B,K,S] scales of an int8 cache; only the XLA reference reads one.
     Returns:
       [B,T,N,H] in q's dtype.
     """
     where = backend.platform()
     if impl == "xla":
-        return reference_cached_attention(q, k_cache, v_cache, q_start=q_start)
+        return reference_cached_attention(q, k_cache, v_cache, q_start=q_start, k_scale=k_scale,
+                                          v_scale=v_scale)
+    if k_scale is not None:
+        raise ValueError(f"an int8 KV cache is read by impl='xla' only, not {impl!r}")
     if impl == "pallas":
         mode = backend.interpret_mode(interpret)
         if mode is not False or where == "tpu":

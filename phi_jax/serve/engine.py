@@ -173,6 +173,11 @@ class Engine:
         self._decode_fn = decode.compiled_decode_chunk(model, True)
         self.prefill_chunk = prefill_chunk
         self._cache = decode.new_cache(config, num_slots, max_len)
+        if prefix_cache_tokens and getattr(config, "kv_cache_dtype", None):
+            # the pool holds k and v blocks only, not an int8 cache's scales: off, and say so
+            _log.warning("the prefix cache does not hold a %s KV cache yet; serving without it",
+                         config.kv_cache_dtype)
+            prefix_cache_tokens = 0
         self.prefix_cache = None if not prefix_cache_tokens else PrefixCache(
             config, prefix_cache_tokens, block_size=prefix_block,
             dtype=jax.tree.leaves(self._cache["k"])[0].dtype)
