@@ -30,12 +30,14 @@ ALLOCATORS = (
 )
 _SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
            "/usr/local/lib")
+PATH_ENV = "PHI_JAX_ALLOCATOR_PATH"  # extra directories searched first (an unprivileged install)
 
 
 def find(name: str) -> str | None:
     """The path of an allocator's shared library, or None when it is not installed."""
     library = dict((n, lib) for n, lib, _ in ALLOCATORS)[name]
-    for directory in _SEARCH:
+    extra = [d for d in os.environ.get(PATH_ENV, "").split(os.pathsep) if d]
+    for directory in (*extra, *_SEARCH):
         hits = sorted(glob.glob(os.path.join(directory, library)))
         if hits:
             return hits[0]
@@ -49,6 +51,11 @@ def current() -> str:
         if library.split(".so")[0] in preload:
             return name
     return "glibc"
+
+
+def settings(name: str) -> dict[str, str]:
+    """The environment that makes allocator `name` retain (and bound) what it frees."""
+    return dict(dict((n, env) for n, _, env in ALLOCATORS)[name])
 
 
 def choose() -> tuple[str, str, dict[str, str]] | None:
@@ -79,7 +86,7 @@ def reexec_with_retaining_allocator(argv: list[str], module: str = "phi_jax.cli"
     if chosen is None:
         return
     _, path, env = chosen
-    new_env = dict(os.environ, **env)
+    new_env = dict(env, **os.environ)  # a user's own TCMALLOC_* / MALLOC_CONF wins
     new_env[_DONE] = "1"
     new_env["LD_PRELOAD"] = ":".join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)
     sys.stdout.flush()
