@@ -221,8 +221,10 @@ def allocator_env(setting: str) -> dict[str, str] | None:
     return env
 
 
-def run_case(case: dict, setting: str, src: str | None = None, timeout: int = 1800) -> dict:
-    """One case in a fresh process under allocator `setting` (and the library in `src`)."""
+def run_case(case: dict, setting: str, src: str | None = None, timeout: int = 3600,
+             rows_file: str | None = None) -> dict:
+    """One case in a fresh process under allocator `setting` (and the library in `src`); the row
+    is also appended to `rows_file` (JSON lines), so a long run interrupted keeps what it measured."""
     env = allocator_env(setting)
     row = {**case, "allocator_setting": setting, "library": src or "this tree"}
     if env is None:
@@ -237,32 +239,38 @@ def run_case(case: dict, setting: str, src: str | None = None, timeout: int = 18
         row["error"] = f"rc {proc.returncode}: {row['error'][0]}"
     else:
         row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if rows_file:
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
     print(f"  {case['label']:<34} {setting:<16} peak {row.get('peak_rss_gb', float('nan')):6.2f} GB "
           f"step {min(row.get('step_s') or [float('nan')]):6.2f} s {row.get('error', '')}", flush=True)
     return row
 
 
-def finetune_cases(quick: bool, baseline_src: str | None) -> list[tuple[dict, tuple[str, ...], str | None]]:
-    """(case, allocator settings, library source) of the fine-tuning part. The headline cases run
-    under glibc and tcmalloc; the one-knob variants under glibc only (the knobs are XLA's, the
-    allocator adds the same on top); `before` runs the old library under the old settings."""
+def finetune_cases(quick: bool, baseline_src: str | None) -> list[tuple[dict, str, str | None]]:
+    """(case, allocator setting, library source) of the fine-tuning part, most telling first (a
+    run cut short keeps those). The headline cases run under glibc and tcmalloc (phi_jax's
+    settings); the one-knob variants under glibc only; `before` is the library before this
+    benchmark's changes under its settings then (tcmalloc retaining everything)."""
     batch, seq_len, steps = (2, 256, 2) if quick else (4, 512, 3)
     shape = {"batch": batch, "seq_len": seq_len, "steps": steps}
-    both = ("glibc", "tcmalloc")
-    lora_ = {"side": "phi", "mode": "lora", "loss_chunk": 256, "remat": "full", **shape}
-    full_ = {"side": "phi", "mode": "full", "loss_chunk": 256, "remat": "full", **shape}
-    cases = [({"label": "peft lora", "side": "torch", "mode": "lora", **shape}, both, None),
-             ({"label": "phi_jax lora", **lora_}, both, None)]
-    if baseline_src:
-        cases.append(({"label": "phi_jax lora, before", **lora_, "remat": "none"},
-                      ("glibc", "tcmalloc-retain"), baseline_src))
+    peft_ = {"label": "peft lora", "side": "torch", "mode": "lora", **shape}
+    hf_ = {"label": "transformers full", "side": "torch", "mode": "full", **shape}
+    lora_ = {"label": "phi_jax lora", "side": "phi", "mode": "lora", "loss_chunk": 256, "remat": "full",
+             **shape}
+    full_ = {"label": "phi_jax full", "side": "phi", "mode": "full", "loss_chunk": 256, "remat": "full",
+             **shape}
+    before = {**lora_, "label": "phi_jax lora, before", "remat": "none"}
+    cases = [(peft_, "glibc", None), (lora_, "glibc", None)]
+    cases += [(before, "glibc", baseline_src)] if baseline_src else []
+    cases += [(hf_, "glibc", None), (full_, "glibc", None),
+              (peft_, "tcmalloc", None), (lora_, "tcmalloc", None),
+              (hf_, "tcmalloc", None), (full_, "tcmalloc", None)]
+    cases += [(before, "tcmalloc-retain", baseline_src)] if baseline_src else []
     if not quick:
-        cases += [({"label": "phi_jax lora, no remat", **lora_, "remat": "none"}, ("glibc",), None),
-                  ({"label": "phi_jax lora, whole head", **lora_, "loss_chunk": 0}, ("glibc",), None)]
-    cases += [({"label": "transformers full", "side": "torch", "mode": "full", **shape}, both, None),
-              ({"label": "phi_jax full", **full_}, both, None)]
-    if not quick:
-        cases.append(({"label": "phi_jax full, no remat", **full_, "remat": "none"}, ("glibc",), None))
+        cases += [({**lora_, "label": "phi_jax lora, no remat", "remat": "none"}, "glibc", None),
+                  ({**lora_, "label": "phi_jax lora, whole head", "loss_chunk": 0}, "glibc", None),
+                  ({**full_, "label": "phi_jax full, no remat", "remat": "none"}, "glibc", None)]
     return cases
 
 
@@ -311,20 +319,29 @@ def summarize(finetune: list[dict], alloc: list[dict]) -> dict[str, Any]:
 
 def run(quick: bool = False, *, part: str = "both", baseline_src: str | None = None,
         allocator_settings: tuple[str, ...] = ("glibc", "tcmalloc-retain", "tcmalloc"),
-        results_dir=None) -> dict[str, Any]:
+        results_dir=None, rows_file: str | None = None, previous_rows: str | None = None,
+        only: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every case, one process each, one after another; returns (and writes) the results."""
     machine = common.machine_info()
     machine["note"] = ("shared 2-core / 24 GB machine, other engineers' processes running: memory "
                        "peaks are per process and unaffected; step times are noisy")
     finetune, alloc = [], []
+    if previous_rows:  # rows measured by an earlier, interrupted run (its --rows file)
+        for line in pathlib.Path(previous_rows).read_text().splitlines():
+            row = json.loads(line)
+            (alloc if row.get("random_init") else finetune).append(row)
+    done = {(r["label"], r["allocator_setting"], r["library"]) for r in finetune + alloc}
     if part in ("finetune", "both"):
-        for case, case_settings, src in finetune_cases(quick, baseline_src):
-            for setting in case_settings:
-                finetune.append(run_case(case, setting, src))
+        for case, setting, src in finetune_cases(quick, baseline_src):
+            if (case["label"], setting, src or "this tree") in done or (only and case["label"] not in only):
+                continue
+            finetune.append(run_case(case, setting, src, rows_file=rows_file))
     if part in ("allocator", "both"):
         for case in allocator_cases(quick):
             for setting in allocator_settings:
-                alloc.append(run_case(case, setting))
+                if (case["label"], setting, "this tree") in done:
+                    continue
+                alloc.append(run_case(case, setting, rows_file=rows_file))
     summary = summarize(finetune, alloc)
     from phi_jax import allocator
 
@@ -391,6 +408,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="a directory holding an older phi_jax package (e.g. `git archive COMMIT "
                              "phi_jax | tar -x -C DIR`): its LoRA/full cases are added as `before`")
     parser.add_argument("--results-dir", default=None)
+    parser.add_argument("--rows", default=None, help="append each measured row to this JSON-lines file")
+    parser.add_argument("--previous-rows", default=None,
+                        help="a --rows file of an interrupted run: its rows are kept, not remeasured")
+    parser.add_argument("--only", default="", help="comma-separated fine-tuning case labels to run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -398,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     run(args.quick, part=args.part, baseline_src=args.baseline_src,
         allocator_settings=tuple(s for s in args.allocator_settings.split(",") if s),
-        results_dir=args.results_dir)
+        results_dir=args.results_dir, rows_file=args.rows, previous_rows=args.previous_rows,
+        only=tuple(s for s in args.only.split(",") if s))
 
 
 if __name__ == "__main__":

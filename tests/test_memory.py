@@ -83,6 +83,7 @@ def test_lora_step_differentiates_only_the_adapter():
     assert all(jax.tree.leaves(moved)) and bool(metrics["finite"])
 
 
+@pytest.mark.slow
 def test_lora_step_equals_the_masked_full_gradient():
     """Differentiating the adapter alone gives the adapter's part of the whole gradient."""
     config, params = _lora_setup()
@@ -96,6 +97,7 @@ def test_lora_step_equals_the_masked_full_gradient():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze", [False, True], ids=["full", "lora"])
 def test_remat_changes_no_loss_or_gradient(freeze):
     """Layer remat recomputes activations in the backward pass: the same numbers (float32,
