@@ -22,7 +22,7 @@ from phi_jax.model import Phi, abstract_params
 from phi_jax.training.optimizer import make_optimizer
 from phi_jax.training.step import init_state, make_train_step
 
-GB = 1024 ** 3
+MB = 1024 ** 2
 
 
 def lora_step_memory(model_preset: str, batch: int, seq_len: int, remat: str, loss_chunk: int) -> dict:
@@ -39,10 +39,10 @@ def lora_step_memory(model_preset: str, batch: int, seq_len: int, remat: str, lo
     step = make_train_step(Phi(config), optimizer, loss_chunk=loss_chunk, freeze_base=True)
     analysis = jax.jit(step, donate_argnums=0).lower(state, data).compile().memory_analysis()
     adapter, frozen = lora.split_adapter(state["params"])
-    size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / GB
+    size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / MB
     return {"frozen base": size(frozen), "adapter": size(adapter),
             "optimizer state": size(state["opt_state"]),
-            "XLA temporaries": analysis.temp_size_in_bytes / GB}
+            "XLA temporaries": analysis.temp_size_in_bytes / MB}
 
 
 def main() -> None:
@@ -52,11 +52,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args()
     chunk = max(1, args.seq_len // 2)
-    print(f"LoRA step of {args.preset} at {args.batch}x{args.seq_len} (GB)")
+    print(f"LoRA step of {args.preset} at {args.batch}x{args.seq_len} (MB)")
     for remat, loss_chunk in (("none", 0), ("none", chunk), ("full", 0), ("full", chunk)):
         m = lora_step_memory(args.preset, args.batch, args.seq_len, remat, loss_chunk)
         print(f"remat={remat:<5} loss_chunk={loss_chunk:<4} " +
-              "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+              "  ".join(f"{k} {v:.1f}" for k, v in m.items()))
 
 
 if __name__ == "__main__":
