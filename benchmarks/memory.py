@@ -391,7 +391,9 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.bar_label(bars, labels=[f"{r['peak_rss_gb']:.2f} GB\n{r['step_s']:.2f} s/step" for r in alloc],
                      fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
-    ax.set_title("SmolLM2 train step: allocator", fontsize=9)
+        ax.set_ylim(0, 1.25 * max(r["peak_rss_gb"] for r in alloc))
+        ax.set_ylabel("peak RSS (GB)")
+    ax.set_title("SmolLM2 8x256 train step: allocator", fontsize=9)
     fig.suptitle(common.subtitle(results["machine"]), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
