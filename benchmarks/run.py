@@ -6,6 +6,11 @@
 Both sides run under one allocator: by default the retaining one the `phi-jax` CLI uses
 (tcmalloc when installed; see phi_jax/allocator.py), recorded in each result's `machine`.
 
+Each benchmark runs in its own process (`python -m benchmarks.run --child NAME`), one after
+another, so one benchmark's XLA arenas and models are gone before the next starts and a full run
+fits the memory of the 24 GB machine it is measured on (`--in-process` runs them all in this
+process, as before; a module that exists only in memory, not as a file, always does).
+
 Each benchmark module in `BENCHMARKS` has `run(quick) -> dict` and writes its own
 `benchmarks/results/<name>.json` + `.png` (`<name>_quick.*` for most in --quick mode). A module
 that is not there yet is skipped with a note; one that fails is reported and the others still run
@@ -30,7 +35,7 @@ from benchmarks import common
 
 # Order matters: the roofline first (it is what the others are read against), the train step
 # before the data pipeline (whose throughput is compared with the step's consumption).
-BENCHMARKS = ("roofline", "train_step", "decode", "data", "kernels", "serve", "plan", "dedup")
+BENCHMARKS = ("roofline", "train_step", "decode", "data", "kernels", "serve", "plan", "dedup", "memory")
 TARGETS = {"train_step": 2.0, "decode": 3.0}  # phi_jax / reference, from the issue
 
 
@@ -54,6 +59,42 @@ def _call(module, quick: bool, results_dir: str | os.PathLike | None) -> dict[st
     return module.run(quick, **kwargs)
 
 
+def _call_isolated(name: str, quick: bool, results_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """`_call` in a child process (same interpreter, environment and allocator); its result dict
+    comes back as JSON. Why: the benchmarks' peaks add up in one process (three train-step models
+    and their arenas were OOM-killed at 18 GB), and a process's freed memory is not always returned."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, "--child-out", str(out)]
+        cmd += ["--quick"] if quick else []
+        cmd += ["--results-dir", str(results_dir)] if results_dir is not None else []
+        proc = subprocess.run(cmd, cwd=pathlib.Path(__file__).resolve().parents[1],
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or [""]
+            raise RuntimeError(f"benchmarks.{name} exited with {proc.returncode}: {tail[0]}")
+        return json.loads(out.read_text())
+
+
+def _child(name: str, quick: bool, results_dir: str | None, out: str) -> int:
+    import json
+
+    result = _call(_load(name), quick, results_dir)
+    pathlib.Path(out).write_text(json.dumps(result, default=lambda x: _jsonable(x)))
+    return 0
+
+
+def _jsonable(x):
+    try:
+        return common._json_default(x)
+    except TypeError:
+        return str(x)
+
+
 def data_vs_train(data: dict[str, Any], train: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows: Grain tokenize+pack tokens/s over phi_jax's train-step consumption (>1 = keeps up)."""
     pipeline = data.get("pipeline") or []
@@ -71,7 +112,7 @@ def data_vs_train(data: dict[str, Any], train: dict[str, Any]) -> list[dict[str,
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, skip: list[str] | None = None,
-            results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+            results_dir: str | os.PathLike | None = None, in_process: bool = False) -> dict[str, Any]:
     names = [n for n in (only or BENCHMARKS) if n not in (skip or [])]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
@@ -88,7 +129,10 @@ def run_all(quick: bool = False, only: list[str] | None = None, skip: list[str] 
         print(f"== {name} ({'quick' if quick else 'full'}) — load {os.getloadavg()[0]:.1f}", flush=True)
         start = time.perf_counter()
         try:
-            outputs[name] = _call(module, quick, results_dir)
+            if in_process or not getattr(module, "__file__", None):
+                outputs[name] = _call(module, quick, results_dir)
+            else:
+                outputs[name] = _call_isolated(name, quick, results_dir)
             entries[name] = {"status": "ok"}
         except Exception as e:  # noqa: BLE001 - one broken benchmark must not hide the others
             entries[name] = {"status": "error", "error": f"{type(e).__name__}: {e}",
@@ -150,13 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allocator", choices=("auto", "tcmalloc", "jemalloc", "system"),
                         default="auto", help="run both sides under this allocator (re-executes the "
                         "runner with LD_PRELOAD, as the phi-jax CLI does; `system` = glibc's)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every benchmark in this process (default: one process each)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        return _child(args.child, args.quick, args.results_dir, args.child_out)
     if argv is None:  # as a program: pick the allocator before jax and torch start
         from phi_jax import allocator
         if args.allocator != "auto":
             os.environ[allocator.ENV] = args.allocator
         allocator.reexec_with_retaining_allocator(sys.argv[1:], module="benchmarks.run")
-    results = run_all(args.quick, args.only, args.skip, args.results_dir)
+    results = run_all(args.quick, args.only, args.skip, args.results_dir, in_process=args.in_process)
     return 1 if any(e["status"] == "error" for e in results["benchmarks"].values()) else 0
 
 

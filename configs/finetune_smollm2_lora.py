@@ -18,6 +18,9 @@ def get_config(arg: str | None = None):
     c.train.batch_size = 2
     c.train.seq_len = 512  # several conversations (task + answer) per packed row
     c.train.loss_chunk = 256  # the 49k-vocabulary head one chunk at a time
+    # Recompute each layer's activations in the backward pass: the LoRA step's XLA temporaries
+    # fall from 5.6 to 0.64 GB at 4x512 (docs/memory.md, benchmarks/memory.py)
+    c.model.remat_policy = "full"
     c.train.checkpoint_every = 6
     c.train.log_every = 2
     c.train.eval_batches = 1

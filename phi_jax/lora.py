@@ -20,7 +20,7 @@ import math
 import os
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,36 @@ def trainable_mask(params) -> Any:
 
 def has_lora(params) -> bool:
     return any(jax.tree.leaves(trainable_mask(params)))
+
+
+def split_adapter(params: Mapping) -> tuple[dict, dict]:
+    """(adapter, frozen): the branches of a parameter dict tree that lead to LoRA leaves, and
+    everything else. A LoRA step differentiates the first only, so the frozen base never gets a
+    gradient, an accumulator or an update (each would be another copy of the base's size)."""
+    adapter, frozen = {}, {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            a, f = split_adapter(value)
+            if a:
+                adapter[key] = a
+            if f or not a:
+                frozen[key] = f
+        elif key in LORA_LEAVES:
+            adapter[key] = value
+        else:
+            frozen[key] = value
+    return adapter, frozen
+
+
+def join_adapter(frozen: Mapping, adapter: Mapping) -> dict:
+    """The inverse of `split_adapter`: one parameter tree (keys in the frozen tree's order, then
+    the adapter's)."""
+    out = {k: (join_adapter(v, adapter.get(k, {})) if isinstance(v, Mapping) else v)
+           for k, v in frozen.items()}
+    for key, value in adapter.items():
+        if key not in out:
+            out[key] = dict(value) if isinstance(value, Mapping) else value
+    return out
 
 
 # ------------------------------------------------------------------------------ module names

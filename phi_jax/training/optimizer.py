@@ -66,17 +66,9 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int, *,
 
 def _adapter_subtree(tree: Mapping) -> dict:
     """The branches of a parameter-shaped dict tree that lead to LoRA leaves, nothing else."""
-    from phi_jax.lora import LORA_LEAVES
+    from phi_jax.lora import split_adapter
 
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            sub = _adapter_subtree(value)
-            if sub:
-                out[key] = sub
-        elif key in LORA_LEAVES:
-            out[key] = value
-    return out
+    return split_adapter(tree)[0]
 
 
 def _graft(full: Mapping, sub: Mapping) -> dict:

@@ -48,37 +48,40 @@ def make_train_step(model: Phi, optimizer: optax.GradientTransformation, *, accu
                     loss_chunk: int = 0, freeze_base: bool = False):
     """The un-jitted step function (state, batch) -> (state, metrics); the caller jits it.
 
-    `freeze_base` (LoRA): gradients flow only into the adapter's leaves; the frozen weights enter
-    the loss behind `stop_gradient`, so their weight-gradient matmuls are never computed.
+    `freeze_base` (LoRA): the step differentiates the adapter's leaves alone (`lora.split_adapter`);
+    the frozen base enters the loss as a plain argument, so it has no gradient, no accumulator and
+    no update, and XLA never computes its weight-gradient matmuls. `optimizer` must then hold
+    state for the adapter only (`make_optimizer(freeze_base=True)`).
 
     `loss_chunk` > 0 computes the LM head and loss over chunks of that many positions (see
     train/loss.py). `nan_steps` is fault injection for tests of the non-finite guard
     (`phi_jax._faults`): the loss and gradients of those steps are multiplied by NaN.
     """
     deterministic = model.config.resid_pdrop == 0.0 and model.config.embd_pdrop == 0.0
-    def loss_fn(params, *args):
-        if freeze_base:
-            from phi_jax.lora import trainable_mask
+    if freeze_base:
+        from phi_jax.lora import join_adapter, split_adapter
 
-            params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
-                                  trainable_mask(params))
+    def loss_fn(trainable, frozen, *args):
+        params = trainable if frozen is None else join_adapter(frozen, trainable)
         return loss_sums(params, *args, chunk=loss_chunk)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # d/d(trainable) only
 
     def step_fn(state: State, batch: Batch):
-        params = state["params"]
+        # LoRA: the base is an argument the gradient is not taken in, so no gradient, accumulator,
+        # update or finiteness check of its size exists; it passes through the step unchanged.
+        trainable, frozen = split_adapter(state["params"]) if freeze_base else (state["params"], None)
         rng, step_rng = jax.random.split(state["rng"])
         micro = _split_micro(batch, accum_steps)
 
         def accumulate(carry, inputs):
             index, mb = inputs
-            (loss_sum, count), grads = grad_fn(params, mb, model, jax.random.fold_in(step_rng, index),
-                                               deterministic)
+            (loss_sum, count), grads = grad_fn(trainable, frozen, mb, model,
+                                               jax.random.fold_in(step_rng, index), deterministic)
             g_acc, l_acc, c_acc = carry
             return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, c_acc + count), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
         (grads, loss_sum, count), _ = jax.lax.scan(
             accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (jnp.arange(accum_steps), micro))
         denom = jnp.maximum(count, 1.0)
@@ -89,13 +92,14 @@ def make_train_step(model: Phi, optimizer: optax.GradientTransformation, *, accu
             grads = jax.tree.map(lambda g: g * poison, grads)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+        new_params = optax.apply_updates(trainable, updates)
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
                   & all_finite(opt_state))
         new_state = {
             "step": state["step"] + 1,
-            "params": _where_tree(finite, new_params, params),
+            "params": (_where_tree(finite, new_params, trainable) if frozen is None
+                       else join_adapter(frozen, _where_tree(finite, new_params, trainable))),
             "opt_state": _where_tree(finite, opt_state, state["opt_state"]),
             "rng": rng,
             "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
