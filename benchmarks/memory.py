@@ -56,6 +56,16 @@ TCMALLOC_CANDIDATES = {
 
 
 # ------------------------------------------------------------------------------ child process
+def _memory_row(r: dict) -> dict:
+    """A summary row: phi_jax's peak beside the reference's; memory is lower-better, so the ratio
+    is reference / phi_jax (above 1: phi_jax holds less)."""
+    row = common.summary_row(NAME, f"{r['case']} ({r['allocator']})", "peak RSS GB", r["peak_rss_gb"],
+                             r["reference_peak_gb"], "transformers (+ peft)",
+                             note="ratio = reference / phi_jax (lower memory is better)")
+    row["ratio"] = r["reference_peak_gb"] / r["peak_rss_gb"] if r["peak_rss_gb"] else None
+    return row
+
+
 def _status_kb(field: str) -> int:
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -348,10 +358,7 @@ def run(quick: bool = False, *, part: str = "both", baseline_src: str | None = N
     results = {"benchmark": NAME, "machine": machine, "quick": quick,
                "allocator_settings": {"tcmalloc": allocator.settings("tcmalloc"), **TCMALLOC_CANDIDATES},
                "finetune": finetune, "allocator": alloc, "memory_summary": summary,
-               "summary": [common.summary_row(NAME, f"{r['case']} ({r['allocator']})", "peak RSS GB",
-                                              r["reference_peak_gb"], r["peak_rss_gb"],
-                                              "transformers (+ peft)", note="ratio = reference / phi_jax")
-                           for r in summary["finetune"] if r["reference_peak_gb"]
+               "summary": [_memory_row(r) for r in summary["finetune"] if r["reference_peak_gb"]
                            and not r["case"].startswith(("peft", "transformers"))]}
     path = common.write_results(NAME, results, _plot, quick=quick, results_dir=results_dir)
     print(common.format_table(summary["finetune"], [("case", "case", "s"), ("allocator", "allocator", "s"),
