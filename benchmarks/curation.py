@@ -84,8 +84,10 @@ def _annotate(url: str, name: str, src: pathlib.Path, out: pathlib.Path, concurr
 
     teacher = TeacherConfig(url=url, model=name, concurrency=concurrency, max_tokens=max_tokens,
                             timeout_s=900, max_retries=2)
+    # written answers (what this sweep and its "unparsed" examples are about); logprob scoring is
+    # measured beside it by benchmarks/teacher_engine.py
     stage = annotate_stage(load_rubric(rubric), teacher, cache=out / "teacher_cache.sqlite",
-                           max_chars=max_chars)
+                           max_chars=max_chars, scoring="answer")
     start = time.perf_counter()
     manifest = run_stage(stage, str(src), out, shard_size=100_000, progress=False)
     seconds = time.perf_counter() - start

@@ -38,6 +38,7 @@ def test_beam_writes_what_local_writes(tmp_path, capsys):
             rc = cli.main(["data", "annotate", f"--input={src}", f"--output={tmp_path / runner}",
                            f"--teacher={teacher.url}", "--teacher-model=fake", "--rubric=code",
                            "--shard-size=8", "--concurrency=2", "--backoff=0.01", f"--runner={runner}",
+                               "--scoring=answer",  # the parsed-answer path, with its unparsed count
                            "--no-progress"])
             assert rc == 0, capsys.readouterr().err
     local, beam = records.read_manifest(tmp_path / "local"), records.read_manifest(tmp_path / "beam")

@@ -225,3 +225,20 @@ def test_int8_kv_cache_through_batched_and_chunked_prefill(tiny):
         engine.stop()
     for name, (prompt, params) in requests.items():
         assert together.tokens(name) == _alone(quantized, variables, prompt, params)
+
+
+def test_warmup_then_serve_gives_the_same_tokens(tiny):
+    """`phi-jax serve` warms the engine up (without --no-warmup) before it answers: the warm-up's
+    prefill and decode write only free slot 0 and change no request's tokens."""
+    model, variables = tiny
+    prompt, params = [5, 6, 7, 8, 9], SamplingParams(max_tokens=5)
+    engine = Engine(model, variables, num_slots=2, max_len=128, prefix_cache_tokens=64)
+    engine.warmup()
+    engine.start()
+    try:
+        log = _Log()
+        engine.submit(prompt, params, log.sink("r"))
+        log.wait()
+    finally:
+        engine.stop()
+    assert log.tokens("r") == _alone(model, variables, prompt, params)

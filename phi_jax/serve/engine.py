@@ -305,7 +305,7 @@ class Engine:
         if buckets is None:
             buckets = self.prefill_buckets() if everything else self.prefill_buckets()[:1]
         for bucket in buckets:
-            self._run_prefill([(0, [0], 0, SamplingParams(max_tokens=1))], bucket)
+            self._run_prefill([(0, [0], 0, SamplingParams(max_tokens=1), None)], bucket)
         for rows in self.row_buckets() if everything else self.row_buckets()[:1]:
             for span in self.span_buckets() if everything else self.span_buckets()[:1]:
                 self._run_decode(rows, np.zeros(rows, bool), np.zeros(rows, np.int32),
