@@ -414,8 +414,11 @@ _REMAT_POLICIES = {
 }
 
 
-def _maybe_remat(module_cls, config: ModelConfig):
-    if config.remat_policy == "none":
+def _maybe_remat(module_cls, config: ModelConfig, decoding: bool = False):
+    """The block, rematerialised per `config.remat_policy`. Remat only trades activation memory for
+    recompute in a backward pass; a forward with a KV cache (`decoding`) is inference and has none,
+    and an unrolled block's Python layer index must stay static there."""
+    if config.remat_policy == "none" or decoding:
         return module_cls
     return nn.remat(module_cls, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers,
                     static_argnums=())
@@ -471,7 +474,7 @@ class Phi(nn.Module):
         kv_cache = None if cache is None else {name: cache[name] for name in cache_arrays(cache)}
         if c.scan_layers:
             scanned = nn.scan(
-                _maybe_remat(_ScannedBlock, c),
+                _maybe_remat(_ScannedBlock, c, decoding=cache is not None),
                 variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: axes.LAYERS})
@@ -479,7 +482,7 @@ class Phi(nn.Module):
                 (x, kv_cache), jnp.arange(c.n_layers, dtype=jnp.int32), positions, segment_ids,
                 q_start)
         else:
-            block_cls = _maybe_remat(PhiBlock, c)
+            block_cls = _maybe_remat(PhiBlock, c, decoding=cache is not None)
             for i in range(c.n_layers):
                 x, kv_cache = block_cls(c, deterministic, name=f"layers_{i}")(
                     x, positions, segment_ids, kv_cache, i, q_start)

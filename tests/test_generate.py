@@ -242,3 +242,15 @@ def test_per_row_sampling_parameters():
     for seed in range(5):
         got = np.asarray(sample_logits(logits, jax.random.key(seed), temperature, top_k, top_p))
         assert got[0] == want[0] and got[1] == want[1] and got[3] == want[3]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_remat_trained_model_decodes_like_one_without(scan_layers):
+    """A fine-tuned checkpoint keeps its config's remat policy (finetune configs remat layers);
+    decoding it with a KV cache must work and give the tokens of the same weights without remat."""
+    config = preset("test", scan_layers=scan_layers)
+    variables = init_params(config, jax.random.key(3))
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    plain = phi_jax.generate(Phi(config), variables, prompts, 8)
+    remat = phi_jax.generate(Phi(config.replace(remat_policy="full")), variables, prompts, 8)
+    assert remat == plain
