@@ -22,4 +22,13 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# The suite's own processes compile without the persistent cache: an in-process `cli.main(...)`
+# call would turn it on for every later test of that xdist worker, and one such worker aborted
+# inside JAX's cache writer (compilation_cache.put_executable_and_time) during an unrelated training
+# test. CLI subprocesses still use the session's cache above; tests/test_compile_cache.py tests it.
+import phi_jax.compile_cache  # noqa: E402
+
+COMPILE_CACHE_ENABLE = phi_jax.compile_cache.enable  # the real one, for test_compile_cache
+phi_jax.compile_cache.enable = lambda *args, **kwargs: None
+
 from gcs_fixture import gcs  # noqa: E402,F401  (the session's fake GCS: `def test_x(gcs)`)
