@@ -31,10 +31,35 @@ def open_gguf(path: str | os.PathLike):
     import gguf  # a dependency of phi_jax, imported here to keep `import phi_jax` cheap
 
     try:
-        return gguf.GGUFReader(str(path))
+        return _reader_class(gguf)(str(path))
     except Exception as e:  # the reader fails in numpy on a short or foreign file
         raise InputError(f"{path} is not a complete GGUF file ({type(e).__name__}: {e}); it is "
                          "truncated or not GGUF at all: download or copy it again") from None
+
+
+def _reader_class(gguf):
+    """`gguf.GGUFReader`, reading its header through a plain ndarray view of the memory map.
+
+    Why: the reader parses every metadata value (SmolLM2's 49k-token vocabulary and 49k merges are
+    ~250k reads) by slicing its `np.memmap`, and each memmap slice pays the subclass's
+    `__getitem__`/`__array_finalize__`: 4 s of a 12 s model load. Slicing a plain view of the same
+    bytes gives identical arrays 4x faster (tests/test_gguf.py compares every field with the stock
+    reader's). Should a future `gguf` rename its `_get`, the stock method is used unchanged.
+    """
+    base = gguf.GGUFReader
+    if getattr(base, "_get", None) is None:
+        return base
+
+    class Reader(base):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self.__dict__["_plain"] = np.asarray(self.data)
+            count = int(count)
+            arr = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return Reader
 
 
 def metadata(reader, prefix: str = "") -> dict[str, Any]:

@@ -79,6 +79,24 @@ def test_every_tensor_type_matches_transformers_reading_the_same_file(tmp_path):
     assert tokenizer.chat_template and tokenizer.bos_id == 1 and tokenizer.eos_id == 2
 
 
+def test_the_fast_header_reader_reads_what_the_stock_reader_reads(tmp_path):
+    import gguf as gguf_package
+
+    from phi_jax import gguf_file
+
+    path = _llama_file(tmp_path / "tiny.gguf", vocab_size=256)
+    stock, ours = gguf_package.GGUFReader(str(path)), gguf_file.open_gguf(path)
+    assert type(ours) is not gguf_package.GGUFReader  # the plain-view reader is the one in use
+    assert list(ours.fields) == list(stock.fields)
+    for key, field in stock.fields.items():
+        assert ours.fields[key].contents() == field.contents(), key
+        assert ours.fields[key].types == field.types and ours.fields[key].offset == field.offset
+    assert [t.name for t in ours.tensors] == [t.name for t in stock.tensors]
+    for a, b in zip(ours.tensors, stock.tensors):
+        assert a.tensor_type == b.tensor_type and a.data_offset == b.data_offset
+        np.testing.assert_array_equal(gguf_file.dequantize(a), gguf_file.dequantize(b))
+
+
 def test_qwen2_biases_and_conversion_to_an_hf_directory(tmp_path):
     path = _llama_file(tmp_path / "qwen.gguf", arch="qwen2", types=[["F32"] * 7, ["F16"] * 7],
                        tied=True)
