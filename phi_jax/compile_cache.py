@@ -73,6 +73,53 @@ def enable(directory: str | os.PathLike | None = None, *, env: Mapping[str, str]
     return path
 
 
+def mapped_regions() -> int | None:
+    """Memory maps this process holds (Linux), or None where /proc does not say."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def map_limit() -> int:
+    """The kernel's limit on one process's memory maps (vm.max_map_count; 65,530 by default)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+def release_programs_near_map_limit(fraction: float = 0.75) -> bool:
+    """Drop JAX's in-memory compiled programs when this process holds more than `fraction` of the
+    memory maps the kernel allows it; True when it did.
+
+    Why: every compiled XLA:CPU kernel keeps its machine code, constants and data in pages of their
+    own (three maps a kernel; ~1,400 maps for one prefill plus one decode program of an unrolled
+    SmolLM2), and nothing frees them while the program is cached. A long-lived process that meets
+    many shapes (a server: prefill buckets x batch rows x attention spans x masked or not) reaches
+    vm.max_map_count after some tens of programs, and the next compile then segfaults inside XLA
+    (seen in the test suite's workers). Dropping the programs frees their maps; the ones still
+    needed are compiled again, or read back from the persistent cache (`enable`) in seconds.
+    Call it where no JAX computation of this process is being traced or compiled concurrently.
+    """
+    held = mapped_regions()
+    if held is None or held <= fraction * map_limit():
+        return False
+    import gc
+
+    import jax
+
+    _log.warning("this process holds %d memory maps, near the kernel's limit of %d "
+                 "(vm.max_map_count), mostly compiled programs' code; dropping JAX's compiled "
+                 "programs (the ones still needed compile again%s)", held, map_limit(),
+                 ", from the compile cache" if _state["dir"] else "")
+    jax.clear_caches()
+    gc.collect()
+    return True
+
+
 def current() -> Path | None:
     """The directory `enable` turned on in this process, or None."""
     return _state["dir"]

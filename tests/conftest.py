@@ -4,7 +4,6 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why it lives her
 """
 
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,37 +33,17 @@ phi_jax.compile_cache.enable = lambda *args, **kwargs: None
 
 from gcs_fixture import gcs  # noqa: E402,F401  (the session's fake GCS: `def test_x(gcs)`)
 
-import gc  # noqa: E402
-
 import pytest  # noqa: E402
-
-
-def _mapped_regions() -> int:
-    with open("/proc/self/maps", "rb") as f:
-        return sum(1 for _ in f)
-
-
-def _map_limit() -> int:
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 65530  # Linux's default
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """After a test module, drop JAX's compiled programs once the worker maps a quarter of what
-    the kernel allows (vm.max_map_count, 65,530 by default).
+    """After a test module, drop JAX's compiled programs once the worker holds a quarter of the
+    memory maps the kernel allows (`phi_jax.compile_cache.release_programs_near_map_limit`).
 
-    Why: every compiled XLA:CPU program keeps its machine code in memory maps of its own (an
-    unrolled SmolLM2 decode program ~1,400 of them), and an xdist worker compiles for hundreds of
-    test modules. Measured in a full run, a worker passed 20,000 maps by 60 % of the suite; near
-    the end, a worker segfaulted inside XLA's compiler (twice in CI, once here) once mmap could no
-    longer give it memory. `jax.clear_caches()` frees them (2,039 -> 582 after a SmolLM2 generate);
-    the next module that needs a program compiles it again.
+    Why: every compiled XLA:CPU program keeps its code in maps of its own, and an xdist worker
+    compiles for hundreds of modules. In a full run a worker reached 64,912 of the 65,530 maps
+    (vm.max_map_count) and segfaulted inside XLA's compiler at its next compile (twice in CI).
     """
     yield
-    if sys.platform.startswith("linux") and _mapped_regions() > _map_limit() // 4:
-        jax.clear_caches()
-        gc.collect()
+    phi_jax.compile_cache.release_programs_near_map_limit(fraction=0.25)

@@ -48,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
                           "lora", "quant"},
     "training": _BASE | {"model", "data", "sharding", "checkpoint", "config", "axes", "tokenizer", "hf",
                       "distributed", "lora"},
-    "serve": _BASE | {"inference", "chat", "tokenizer"},
+    "serve": _BASE | {"inference", "chat", "tokenizer", "compile_cache"},
     "evals": _BASE | {"inference", "data", "sandbox", "tokenizer", "chat"},
     "curation": _BASE | {"data", "tokenizer", "inference", "sandbox", "chat", "config"},
     # the jobs a user runs (main job, finetune, recipe): wire the units below, never the CLI

@@ -212,3 +212,31 @@ def test_decode_attends_over_the_slots_in_use_and_crosses_span_buckets():
         want = generate(model, variables, [prompt], max_new_tokens=params.max_tokens, seed=params.seed,
                         temperature=0.7, stop_tokens=[])[0]
         assert got.tokens == want
+
+
+def test_near_the_memory_map_limit_the_engine_drops_compiled_programs_and_keeps_answering(
+        engine, monkeypatch, caplog):
+    """A process near vm.max_map_count segfaults at its next compile; the engine checks between
+    steps, drops JAX's compiled programs (their code pages are the maps), and answers the same."""
+    from phi_jax import compile_cache
+
+    prompt = [5, 6, 7, 8]
+    before = _run(engine, [(prompt, SamplingParams(max_tokens=6))])[0].tokens
+    held = compile_cache.mapped_regions()
+    assert held is not None and held > 100  # (Linux) every compiled program adds maps
+    cleared = []
+    monkeypatch.setattr(compile_cache, "map_limit", lambda: held)  # as if at the limit now
+    monkeypatch.setattr(jax, "clear_caches", lambda real=jax.clear_caches: (cleared.append(1), real())[1])
+    monkeypatch.setattr(engine, "_last_map_check", -1e9)  # the next loop turn checks
+    with caplog.at_level("WARNING", logger="phi_jax.compile_cache"):
+        after = _run(engine, [(prompt, SamplingParams(max_tokens=6))])[0].tokens
+        for _ in range(600):  # the check ends the loop turn that delivered the last token
+            if engine._last_map_check > 0:
+                break
+            threading.Event().wait(0.01)
+    assert cleared and after == before
+    again = _run(engine, [(prompt, SamplingParams(max_tokens=6))])[0].tokens  # compiled anew
+    assert again == before
+    assert any("vm.max_map_count" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    assert not compile_cache.release_programs_near_map_limit()  # far below the real limit

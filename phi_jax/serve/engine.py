@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from phi_jax import _faults
+from phi_jax import _faults, compile_cache
 from phi_jax.errors import InputError, RunError
 from phi_jax.inference import decode, grammar
 from phi_jax.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
@@ -191,7 +191,7 @@ class Engine:
         self._stop_ids = decode.padded_stop_ids([()] * b)
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._prefilling: dict[int, _Prefilling] = {}  # slot -> request whose prompt is going in
-        self._last_log = time.monotonic()
+        self._last_log = self._last_map_check = time.monotonic()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -386,6 +386,7 @@ class Engine:
                         self._release(slot, "cancelled")
                 if self.num_active:
                     self._step()
+                self._check_maps()
         except BaseException as e:  # noqa: BLE001 - every waiting client must hear about it
             _log.exception("generation engine failed; it stops, and so does the server")
             self.error = e
@@ -502,6 +503,16 @@ class Engine:
                 self._stop_ids[slot] = decode.padded_stop_ids([p.stop_token_ids])[0, :self._stop_ids.shape[1]]
                 token, logprob, top_ids, top_lps = (x[i] for x in picked)
                 self._emit(slot, int(token), float(logprob), top_ids, top_lps)
+
+    def _check_maps(self, every_s: float = 30.0) -> None:
+        """At most every `every_s` seconds, drop the compiled programs if this process nears the
+        kernel's memory-map limit (`compile_cache.release_programs_near_map_limit`): a server
+        that meets many shapes compiles a program per (bucket, rows, span, masked), each holding
+        hundreds of maps, and would otherwise segfault in XLA's compiler after some hours."""
+        now = time.monotonic()
+        if now - self._last_map_check >= every_s:
+            self._last_map_check = now
+            compile_cache.release_programs_near_map_limit()
 
     def _maybe_log(self, every_s: float = 30.0) -> None:
         """A line in the server log at most every `every_s` seconds while prompts are prefilled:
