@@ -1,5 +1,7 @@
 """`phi-jax data instruct` through the CLI: prompt erasure, the leak check, strategy selection on a
-dev split, a kill -9 mid-run and a restart, and a changed strategy file re-asking only its tasks.
+dev split, a kill -9 mid-run and a restart, a changed strategy file re-asking only its tasks, and
+the structured final answer asked for on reference tasks (the request bodies, an endpoint that
+refuses the field, constrained and plain answers cached apart).
 
 References: the strategy files as written (read here, not through the library), the fake
 teacher's log of the system prompts it was sent and what it answered under each, and the answer
