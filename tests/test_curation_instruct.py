@@ -273,7 +273,7 @@ def test_a_changed_strategy_file_re_asks_only_the_tasks_it_answers(tmp_path, cap
 
 # --------------------------------------------------------------- structured final answers
 # The constraints a reference task is asked with, written out here (not built by the library).
-FREE_REGEX = r"(?:[^\n]*\n)*Answer: [^\s\x1c-\x1f][^\n]*"
+FREE_REGEX = r"(?:[^\n]*\n)*Answer: [^\s" + "\x1c-\x1f" + r"][^\n]*"
 MC_REGEX = {3: r"(?:[^\n]*\n)*Answer: [ABC]", 4: r"(?:[^\n]*\n)*Answer: [ABCD]"}
 
 

@@ -72,7 +72,7 @@ def test_the_final_answer_constraint_is_what_the_scorer_reads():
     from phi_jax.data.answers import _after_marker, final_answer_regex
 
     free, mc3 = final_answer_regex(_task("3")), final_answer_regex(_task("B", OPTIONS[:3]))
-    assert free == r"(?:[^\n]*\n)*Answer: [^\s\x1c-\x1f][^\n]*"
+    assert free == r"(?:[^\n]*\n)*Answer: [^\s" + "\x1c-\x1f" + r"][^\n]*"
     assert mc3 == r"(?:[^\n]*\n)*Answer: [ABC]"
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     assert final_answer_regex(_task("Z", [str(i) for i in range(26)])).endswith(f"Answer: [{letters}]")

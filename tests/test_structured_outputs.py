@@ -241,7 +241,7 @@ def test_orca_answers_through_phi_jax_serve_end_with_the_line_the_scorer_reads(t
     chain = {a: {b: 10.0} for a, b in zip(ids, ids[1:])}
     chain[ids[colon]] = {s.eos: 10.0, ids[colon + 1]: 8.0}  # free, it stops after "Answer:"
     chain[ids[-1]] = {s.eos: 10.0}
-    free_regex, mc = r"(?:[^\n]*\n)*Answer: [^\s\x1c-\x1f][^\n]*", r"(?:[^\n]*\n)*Answer: [{}]"
+    free_regex, mc = r"(?:[^\n]*\n)*Answer: [^\s" + "\x1c-\x1f" + r"][^\n]*", r"(?:[^\n]*\n)*Answer: [{}]"
     tasks = [{"id": "exact", "type": "t", "prompt": "Which letter?", "answer": "C", "split": "train"},
              {"id": "mc3", "type": "t", "prompt": "Pick one.", "choices": ["x", "y", "z"], "answer": "C",
               "split": "train"},

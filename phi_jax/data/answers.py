@@ -69,8 +69,9 @@ def _after_marker(answer: str) -> str | None:
 
 FINAL_ANSWER = "Answer: "
 # The first character of a final answer: not whitespace, as `str.strip` counts it (Python's
-# whitespace adds \x1c-\x1f to Unicode's), so what follows the marker is never empty.
-_ANSWER_START = r"[^\s\x1c-\x1f]"
+# whitespace adds \x1c-\x1f to Unicode's), so what follows the marker is never empty. Those four
+# are written as the characters themselves, not \x escapes, which not every regex engine takes.
+_ANSWER_START = "[^\\s\x1c-\x1f]"
 
 
 def final_answer_regex(task: Task) -> str | None:
