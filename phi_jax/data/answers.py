@@ -11,9 +11,10 @@ Answers are free text (a teacher thinking step by step, a chat model being chatt
 reference is compared with what the answer *concludes*: the text after its last "Answer:" /
 "the answer is" marker that has text after it, else its last non-empty line, else the whole answer
 (any one matching is a hit). A teacher asked for an answer to score can be held to end that way:
-`final_answer_regex` is the structured-output constraint whose every match this reads. Normalisation (`normalize`): Unicode NFKC, lower case, markdown emphasis and code fences
-removed, one pair of surrounding quotes or backticks and a final full stop dropped, whitespace
-collapsed and removed next to brackets and separators, so `[1, 2]` == `[1,2]` and `'abc'` ==
+`final_answer_regex` is the structured-output constraint whose every match this reads.
+Normalisation (`normalize`): Unicode NFKC, lower case, markdown emphasis and code fences removed,
+one pair of surrounding quotes or backticks and a final full stop dropped, whitespace collapsed
+and removed next to brackets and separators, so `[1, 2]` == `[1,2]` and `'abc'` ==
 `abc`, but `-1` != `1` and `(1, 2)` != `[1, 2]` (the values of code differ there).
 """
 
@@ -83,8 +84,9 @@ def final_answer_regex(task: Task) -> str | None:
     always can be scored. The reasoning before it is free: any lines, each ended by a newline, so a
     strategy's steps are never cut short; the line `Answer: ...` may appear among them too (the
     last one counts, as in the scorer), and an answer still running at max_tokens ends as the
-    truncated answer it is. The regex uses only classes, a group and a star (no inline flags or
-    lookarounds), so llguidance (`phi-jax serve`), vLLM's backends and others all take it.
+    truncated answer it is. The regex uses only literals, classes, a group and a star (no inline
+    flags, lookarounds or \x escapes): the common core of regex dialects, which llguidance
+    (`phi-jax serve`) takes; an endpoint that refuses it is asked plainly (the teacher client).
     Tasks without a reference return None: nothing reads their answer, so it stays free.
     """
     if task.answer is None:
