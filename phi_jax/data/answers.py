@@ -85,7 +85,7 @@ def final_answer_regex(task: Task) -> str | None:
     strategy's steps are never cut short; the line `Answer: ...` may appear among them too (the
     last one counts, as in the scorer), and an answer still running at max_tokens ends as the
     truncated answer it is. The regex uses only literals, classes, a group and a star (no inline
-    flags, lookarounds or \x escapes): the common core of regex dialects, which llguidance
+    flags, lookarounds or hex escapes): the common core of regex dialects, which llguidance
     (`phi-jax serve`) takes; an endpoint that refuses it is asked plainly (the teacher client).
     Tasks without a reference return None: nothing reads their answer, so it stays free.
     """
