@@ -6,6 +6,9 @@ by the strategy it recognises there (`FakeTeacher`'s faults and hang included).
     teacher.systems          every system prompt received, in arrival order
     teacher.asked[(strategy, task_prompt)]   valid answers served per strategy and task
 
+`refuse_fields` plays an endpoint without structured outputs (a 400 naming the field), as in
+`FakeTeacher`; every request body is in `teacher.bodies`.
+
 `reply` may quote its instructions (a test of the leak check) by looking the prompt up in
 `teacher.prompts[strategy]`; a system prompt it does not know is the strategy None.
 """
@@ -37,8 +40,8 @@ class StrategyTeacher(FakeTeacher):
                 system = next((m["content"] for m in request["messages"] if m["role"] == "system"), None)
                 with teacher.lock:
                     teacher.systems.append(system)
-                if fault is not None:
-                    return super()._respond(request, doc, fault)
+                if fault is not None or any(f in request for f in teacher.refuse_fields):
+                    return super()._respond(request, doc, fault)  # the fault, or a 400 naming the field
                 strategy = teacher._names.get(system)
                 text = teacher.reply(strategy, doc)
                 body = {"id": "x", "object": "chat.completion", "model": request["model"],

@@ -70,3 +70,17 @@ def test_convert_refuses_unknown_source(tmp_path):
 def test_sample_needs_a_model(tmp_path):
     result = _cli("sample", "--prompt=x")
     assert result.returncode == 2 and "--model" in result.stderr
+
+
+def test_recipe_help_shows_the_librarys_one_table_of_stages():
+    """The table of stages is written once (phi1_recipe's docstring); `phi-jax recipe --help` shows it,
+    and it names every stage the recipe runs."""
+    from phi_jax.jobs import phi1_recipe
+
+    table = phi1_recipe.stage_table()
+    assert table.startswith("Stages, in order") and "humaneval      pass@1" in table
+    assert all(stage in table for stage in phi1_recipe.STAGES)
+    result = _cli("recipe", "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert table in result.stdout and "{stages}" not in result.stdout
+    assert result.stdout.count("Stages, in order") == 1

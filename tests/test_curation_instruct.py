@@ -1,5 +1,7 @@
 """`phi-jax data instruct` through the CLI: prompt erasure, the leak check, strategy selection on a
-dev split, a kill -9 mid-run and a restart, and a changed strategy file re-asking only its tasks.
+dev split, a kill -9 mid-run and a restart, a changed strategy file re-asking only its tasks, and
+the structured final answer asked for on reference tasks (the request bodies, an endpoint that
+refuses the field, constrained and plain answers cached apart).
 
 References: the strategy files as written (read here, not through the library), the fake
 teacher's log of the system prompts it was sent and what it answered under each, and the answer
@@ -267,6 +269,100 @@ def test_a_changed_strategy_file_re_asks_only_the_tasks_it_answers(tmp_path, cap
     train = [t for t in tasks if t.get("split", "train") == "train"]
     assert manifest["counts"]["stage"]["teacher_cache_hits"] == len(train) - len(lookup_train)
 
+
+
+# --------------------------------------------------------------- structured final answers
+# The constraints a reference task is asked with, written out here (not built by the library).
+FREE_REGEX = r"(?:[^\n]*\n)*Answer: [^\s" + "\x1c-\x1f" + r"][^\n]*"
+MC_REGEX = {3: r"(?:[^\n]*\n)*Answer: [ABC]", 4: r"(?:[^\n]*\n)*Answer: [ABCD]"}
+
+
+def _structured_tasks() -> list[dict]:
+    """arith (free answers) and mc3 / mc4 (choice tasks): 2 dev + 3 train each; chat: 3 free tasks."""
+    tasks = []
+    for i in range(5):
+        split = "dev" if i < 2 else "train"
+        tasks.append({"id": f"a{i}", "type": "arith", "prompt": f"[a{i}] What is {i} + {i + 3}?",
+                      "answer": str(2 * i + 3), "split": split})
+        for n in (3, 4):
+            tasks.append({"id": f"m{n}{i}", "type": f"mc{n}", "prompt": f"[m{n}{i}] Pick one.",
+                          "choices": [f"option {k}" for k in range(n)], "answer": "ABCD"[i % n],
+                          "split": split})
+    return tasks + [{"id": f"c{i}", "type": "chat", "prompt": f"[c{i}] Say hello."} for i in range(3)]
+
+
+def _structured_reply(strategy, prompt):
+    """Right under step_by_step, wrong (but well formed) under the others."""
+    tid = _task_id(prompt)
+    if tid[0] == "c":
+        return "Hello!"
+    right = strategy == "step_by_step"
+    if tid[0] == "a":
+        return f"1. add them\nAnswer: {_right(tid) if right else -1}"
+    n, i = int(tid[1]), int(tid[2:])
+    return f"Option {'ABCD'[i % n]} fits.\nAnswer: {'ABCD'[(i + (not right)) % n]}"
+
+
+def test_reference_tasks_are_asked_for_a_final_answer_line_free_tasks_are_not(tmp_path):
+    """The request bodies the teacher receives, in dev selection and in the stage: the regex of the
+    task's kind for every task with a reference, none for a task without one."""
+    tasks = _structured_tasks()
+    path, out = _write(tmp_path / "tasks.jsonl", tasks), tmp_path / "out"
+    with StrategyTeacher(PROMPTS, _structured_reply) as teacher:
+        assert cli.main(_args(path, out, teacher.url, "--select-strategy=dev")) == 0
+    by_task: dict[str, list[dict]] = {}
+    for body in teacher.bodies:
+        user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+        by_task.setdefault(_task_id(user), []).append(body)
+    assert set(by_task) == {t["id"] for t in tasks}
+    for t in tasks:
+        bodies = by_task[t["id"]]
+        assert len(bodies) == (len(NAMES) if t.get("split") == "dev" else 1)  # selection, then the stage
+        if "answer" not in t:
+            assert not any("structured_outputs" in b for b in bodies)
+            continue
+        regex = MC_REGEX[len(t["choices"])] if "choices" in t else FREE_REGEX
+        assert all(b["structured_outputs"] == {"regex": regex} for b in bodies)
+        for strategy in NAMES:  # what the teacher answered fits what it was asked for
+            assert re.fullmatch(regex, _structured_reply(strategy, t["prompt"]))
+    manifest = records.read_manifest(out)
+    selection = manifest["parameters"]["strategy_selection"]
+    assert {selection[k]["strategy"] for k in ("arith", "mc3", "mc4")} == {"step_by_step"}
+    assert selection["mc4"]["scores"]["step_by_step"] == 1.0 and selection["mc4"]["scores"]["direct_answer"] == 0.0
+    got = _by_id(out)
+    assert len(got) == 9 + 3 and all(r["meta"]["reference_score"] == 1.0 for r in got.values()
+                                     if "reference" in r["meta"])
+
+
+def test_an_endpoint_without_structured_outputs_is_asked_plainly_and_answers_are_not_mixed(tmp_path, caplog):
+    """A teacher that answers 400 to `structured_outputs`: every task is answered plainly, one
+    warning, nothing lost. The plain answers are cached under their own key: a later run against
+    an endpoint that takes the field asks every reference task again (constrained), and only the
+    free tasks come from the cache."""
+    tasks = [t for t in _structured_tasks() if t.get("split") != "dev"]
+    path, out = _write(tmp_path / "tasks.jsonl", tasks), tmp_path / "out"
+    args = [f"--strategy-map={_write(tmp_path / 'map.json', [{'default': 'step_by_step'}])}",
+            f"--teacher-cache={tmp_path / 'cache.sqlite'}"]
+    with StrategyTeacher(PROMPTS, _structured_reply, refuse_fields=("structured_outputs",)) as teacher, \
+            caplog.at_level("WARNING"):
+        assert cli.main(_args(path, out, teacher.url, *args)) == 0
+    warnings = [r.getMessage() for r in caplog.records if "structured_outputs" in r.getMessage()]
+    assert len(warnings) == 1 and "asking without" in warnings[0]
+    assert all(n == 1 for n in teacher.asked.values()) and len(teacher.asked) == len(tasks)
+    # only the first requests (one per client thread) carried the field; none after the 400
+    assert 1 <= sum("structured_outputs" in b for b in teacher.bodies) <= 4
+    got = _by_id(out)
+    assert set(got) == {t["id"] for t in tasks}
+    assert all(r["meta"]["reference_score"] == 1.0 for r in got.values() if "reference" in r["meta"])
+    assert not records.read_manifest(out)["counts"].get("dropped")
+
+    with StrategyTeacher(PROMPTS, _structured_reply) as takes_it:
+        assert cli.main(_args(path, tmp_path / "again", takes_it.url, *args)) == 0
+    reference = [t for t in tasks if "answer" in t]
+    assert len(takes_it.bodies) == len(reference)  # constrained: not the cached plain answers
+    assert all("structured_outputs" in b for b in takes_it.bodies)
+    counts = records.read_manifest(tmp_path / "again")["counts"]["stage"]
+    assert counts["teacher_cache_hits"] == len(tasks) - len(reference)  # the free tasks' answers
 
 # ------------------------------------------------------------------------- strategies, leak check
 def test_the_built_in_strategies_and_map():

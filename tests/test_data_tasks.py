@@ -61,6 +61,47 @@ def test_choice_extraction_from_free_text(answer, letter):
     assert choice_accuracy(answer, _task(letter or "A", OPTIONS)) == float(letter is not None)
 
 
+
+def test_the_final_answer_constraint_is_what_the_scorer_reads():
+    """Every answer `final_answer_regex` accepts concludes where the scorer looks (`_after_marker`):
+    checked with Python's `re` over answers built from tricky reasoning and final lines (markers
+    inside them, a marker ending the answer, whitespace Python strips but Unicode does not count)."""
+    import random
+    import re
+
+    from phi_jax.data.answers import _after_marker, final_answer_regex
+
+    free, mc3 = final_answer_regex(_task("3")), final_answer_regex(_task("B", OPTIONS[:3]))
+    assert free == r"(?:[^\n]*\n)*Answer: [^\s" + "\x1c-\x1f" + r"][^\n]*"
+    assert mc3 == r"(?:[^\n]*\n)*Answer: [ABC]"
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    assert final_answer_regex(_task("Z", [str(i) for i in range(26)])).endswith(f"Answer: [{letters}]")
+    assert final_answer_regex(_task(None)) is None  # nothing to score: the answer stays free
+    reasoning = ["", "  ", "Step 1: add.", "Answer: 4", "the answer is", "final answer =", "x\x1cy",
+                 "A. dedent", "B. indent", "my answer is:"]
+    finals = ["3", "3.", "[1, 2]", "the answer is 3", "my answer is:", "x = answer:", "3 \x1c", "Answer: 3",
+              "answer is", "(3)"]
+    rng = random.Random(0)
+    for _ in range(400):
+        lines = rng.sample(reasoning, rng.randint(0, 4))
+        head = "".join(line + "\n" for line in lines) + "Answer: "
+        final = rng.choice(finals)
+        answer = head + final
+        assert re.fullmatch(free, answer)
+        after = _after_marker(answer)
+        assert after and final.strip().endswith(after)  # the final line, or what its own marker heads
+        if "answer" not in final.lower():
+            assert after == final.strip() and exact_match(answer, _task(final)) == 1.0
+        letter = rng.choice("ABC")
+        assert re.fullmatch(mc3, head + letter)
+        assert _after_marker(head + letter) == letter == extract_choice(head + letter, OPTIONS[:3])
+        assert choice_accuracy(head + letter, _task("B", OPTIONS[:3])) == float(letter == "B")
+    for rejected in ("Answer: ", "Answer: \x1c", "Answer:  3", "Answer: 3\n", "The answer is 3", "3"):
+        assert not re.fullmatch(free, rejected)
+    for rejected in ("Answer: D", "Answer: b", "Answer: (B)", "Answer: B\n", "B"):
+        assert not re.fullmatch(mc3, rejected)
+
+
 def test_normalize_keeps_what_changes_a_value():
     assert normalize("  [1,   2] ") == normalize("[1, 2]") == "[1,2]"
     assert normalize("-1") != normalize("1") and normalize("'1'") == "1"

@@ -62,7 +62,7 @@ def tiny():
     with ServerThread(create_app(engine, tokenizer, ServerConfig(model_name=MODEL))) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         yield SimpleNamespace(client=client, model=model, variables=variables, tokenizer=tokenizer,
-                              config=config, eos=tokenizer.eos_id)
+                              config=config, eos=tokenizer.eos_id, engine=engine, url=server.url)
 
 
 def _constraint(s, **request):
@@ -199,3 +199,76 @@ def test_continue_final_message_answers_from_inside_the_assistant_turn(tiny):
                                                      "add_generation_prompt": False})
     assert r.choices[0].message.content == s.tokenizer.decode(want)
     assert r.usage.prompt_tokens == len(s.tokenizer.encode(prompt))
+
+
+# ------------------------------------------------------------------ Orca-2 answers through the server
+def _bigram_variables(s, chain: dict[int, dict[int, float]], bias: dict[int, float]):
+    """The tiny model's shapes, set so that its next-token logits depend on the last token alone:
+    attention and MLP outputs are zero (the residual is the token's embedding), each token of
+    `chain` embeds as one-hot, and the head maps it to the logits given (others: `bias`)."""
+    variables = jax.tree_util.tree_map(np.array, s.variables)
+    params, d = variables["params"], s.config.d_model
+    for name in ("self_attn", "mlp"):
+        out = params["layers"]["block"][name]["dense" if name == "self_attn" else "fc2"]
+        out["kernel"][:], out["bias"][:] = 0, 0
+    params["embed_tokens"]["embedding"][:] = 0
+    params["final_layernorm"]["scale"][:], params["final_layernorm"]["bias"][:] = 1, 0
+    head = params["lm_head"]
+    head["kernel"][:], head["bias"][:] = 0, 0
+    hot = (1 - 1 / d) / np.sqrt((1 - 1 / d) / d + s.config.layer_norm_eps)  # a one-hot after LayerNorm
+    for row, (token, logits) in enumerate(chain.items()):
+        params["embed_tokens"]["embedding"][token, row] = 1
+        for nxt, logit in logits.items():
+            head["kernel"][row, nxt] = logit / hot
+    for token, logit in bias.items():
+        head["bias"][token] = logit
+    return jax.tree_util.tree_map(jax.numpy.asarray, variables)
+
+
+def test_orca_answers_through_phi_jax_serve_end_with_the_line_the_scorer_reads(tiny, tmp_path):
+    """`phi-jax data instruct` against the served tiny model, set to write "Answer:" and stop there
+    (a greedy bigram chain, ending where the scorer finds nothing) unless held on: every reference
+    task's answer matches its regex and is scored (choice and exact, against the known "C"); a task
+    without a reference is asked freely and stops after "Answer:"; a constraint the model cannot
+    satisfy (choices A, B) runs to max_tokens and is dropped as truncated, never stored unscored."""
+    from phi_jax import cli
+    from phi_jax.data import records
+
+    s = tiny
+    ids = s.tokenizer.encode("Answer: C")
+    colon = next(i for i in range(len(ids)) if s.tokenizer.decode(ids[:i + 1]) == "Answer:")
+    assert len(set(ids)) == len(ids) and s.eos not in ids
+    chain = {a: {b: 10.0} for a, b in zip(ids, ids[1:])}
+    chain[ids[colon]] = {s.eos: 10.0, ids[colon + 1]: 8.0}  # free, it stops after "Answer:"
+    chain[ids[-1]] = {s.eos: 10.0}
+    free_regex, mc = r"(?:[^\n]*\n)*Answer: [^\s" + "\x1c-\x1f" + r"][^\n]*", r"(?:[^\n]*\n)*Answer: [{}]"
+    tasks = [{"id": "exact", "type": "t", "prompt": "Which letter?", "answer": "C", "split": "train"},
+             {"id": "mc3", "type": "t", "prompt": "Pick one.", "choices": ["x", "y", "z"], "answer": "C",
+              "split": "train"},
+             {"id": "mc2", "type": "t", "prompt": "Pick.", "choices": ["x", "y"], "answer": "A",
+              "split": "train"},
+             {"id": "free", "type": "t", "prompt": "Say something."}]
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "short.txt").write_text(
+        "name: short\ndescription: a short one\n---\nThink about the task briefly and then write the "
+        "final answer on its own line, as the task asks for it.\n")
+    (tmp_path / "map.json").write_text(json.dumps({"default": "short"}))
+    out = tmp_path / "out"
+    saved, s.engine.variables = s.engine.variables, _bigram_variables(s, chain, {ids[0]: 5.0})
+    try:
+        rc = cli.main(["data", "instruct", f"--tasks={tmp_path / 'tasks.jsonl'}", f"--output={out}",
+                       f"--teacher={s.url}/v1", f"--teacher-model={MODEL}", "--max-tokens=24",
+                       f"--strategies={tmp_path / 'mine'}", f"--strategy-map={tmp_path / 'map.json'}",
+                       "--concurrency=4", "--no-progress"])
+    finally:
+        s.engine.variables = saved
+    assert rc == 0
+    got = {r["id"]: r for r in records.iter_output(out)}
+    answer = {k: r["meta"]["messages"][-1]["content"] for k, r in got.items()}
+    assert answer == {"exact": "Answer: C", "mc3": "Answer: C", "free": "Answer:"}
+    assert re.fullmatch(free_regex, answer["exact"]) and re.fullmatch(mc.format("ABC"), answer["mc3"])
+    assert got["exact"]["meta"]["reference_score"] == got["mc3"]["meta"]["reference_score"] == 1.0
+    counts = records.read_manifest(out)["counts"]
+    assert counts["dropped"] == {"truncated_answer": 1}  # mc2: "Answer: C" is no final line there
+    assert counts["stage"]["reference_scored"] == counts["stage"]["reference_correct"] == 2

@@ -1,18 +1,10 @@
 """`phi-jax recipe`: phi-1's data recipe end to end, every stage a `phi-jax` command
-(`phi_jax.jobs.recipe` runs it; this module parses, calls and prints).
+(`phi_jax.jobs.phi1_recipe` runs it; this module parses, calls and prints).
 
     phi-jax recipe --config=configs/recipe_phi1_tiny.py --workdir=runs/recipe [--teacher=URL]
         [--config.<key>=<value> ...] [--report-copy=benchmarks/results/recipe_phi1_tiny.json]
 
-Stages, in order (each writes WORKDIR/<stage>/, its command's output in WORKDIR/logs/<stage>.log):
-  annotate       the teacher scores a sample of the corpus        phi-jax data annotate
-  classifier     a quality head on embeddings of those documents  phi-jax data train-classifier
-  score, filter  the classifier scores the corpus; keep >= min    phi-jax data score / filter
-  dedup, decontaminate                                            phi-jax data dedup / decontaminate
-  textbook, exercises  synthetic sections; exercises executed     phi-jax data synthesize
-  pretrain       on the filtered corpus + the textbook sections   phi-jax train
-  finetune       on the exercises that passed                     phi-jax finetune
-  humaneval      pass@1, sandboxed                                phi-jax eval humaneval
+{stages}
 and WORKDIR/report.json + report.png: every stage's status, time, command and numbers, the held-out
 losses and pass@1. Without --teacher (or teacher.url) a local `phi-jax serve --model=smollm2` is
 started for the stages that ask a teacher and stopped at the end.
@@ -32,10 +24,12 @@ import json
 
 def register(subparsers) -> None:
     from phi_jax.cli.train import add_config_arguments
+    from phi_jax.jobs.phi1_recipe import stage_table
 
     p = subparsers.add_parser(
         "recipe", help="the phi-1 data recipe end to end: annotate, classify, filter, synthesize, train, eval",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        # the table of stages is phi1_recipe's docstring's: one copy, so help and library agree
+        description=(__doc__ or "").replace("{stages}", stage_table(), 1), formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="phi-jax recipe --config=FILE[:arg] --workdir=DIR [--teacher=URL] [--config.<key>=<value> ...]")
     add_config_arguments(p)
     p.add_argument("--workdir", help="the recipe's directory (every stage's output; resumed if rerun)")

@@ -9,10 +9,12 @@ held-out split (`phi_jax.evals.tasks`), so a strategy is chosen by the measure i
 
 Answers are free text (a teacher thinking step by step, a chat model being chatty), so the
 reference is compared with what the answer *concludes*: the text after its last "Answer:" /
-"the answer is" marker, else its last non-empty line, else the whole answer (any one matching is a
-hit). Normalisation (`normalize`): Unicode NFKC, lower case, markdown emphasis and code fences
-removed, one pair of surrounding quotes or backticks and a final full stop dropped, whitespace
-collapsed and removed next to brackets and separators, so `[1, 2]` == `[1,2]` and `'abc'` ==
+"the answer is" marker that has text after it, else its last non-empty line, else the whole answer
+(any one matching is a hit). A teacher asked for an answer to score can be held to end that way:
+`final_answer_regex` is the structured-output constraint whose every match this reads.
+Normalisation (`normalize`): Unicode NFKC, lower case, markdown emphasis and code fences removed,
+one pair of surrounding quotes or backticks and a final full stop dropped, whitespace collapsed
+and removed next to brackets and separators, so `[1, 2]` == `[1,2]` and `'abc'` ==
 `abc`, but `-1` != `1` and `(1, 2)` != `[1, 2]` (the values of code differ there).
 """
 
@@ -54,10 +56,46 @@ def normalize(text: str) -> str:
 
 
 def _after_marker(answer: str) -> str | None:
-    """The line after the last "Answer:" / "the answer is" marker, if there is one."""
-    markers = list(_MARKER.finditer(answer))
-    rest = answer[markers[-1].end():].strip() if markers else ""
-    return rest.splitlines()[0].strip() if rest else None
+    """The line after the last "Answer:" / "the answer is" marker with text after it, if any.
+
+    A marker that ends the answer ("Answer: my answer is:") concludes nothing, so the one before it
+    is read: every answer `final_answer_regex` accepts concludes here, never in a fallback.
+    """
+    for marker in reversed(list(_MARKER.finditer(answer))):
+        rest = answer[marker.end():].strip()
+        if rest:
+            return rest.splitlines()[0].strip()
+    return None
+
+
+FINAL_ANSWER = "Answer: "
+# The first character of a final answer: not whitespace, as `str.strip` counts it (Python's
+# whitespace adds \x1c-\x1f to Unicode's), so what follows the marker is never empty. Those four
+# are written as the characters themselves, not \x escapes, which not every regex engine takes.
+_ANSWER_START = "[^\\s\x1c-\x1f]"
+
+
+def final_answer_regex(task: Task) -> str | None:
+    """The structured-output regex a teacher's answer to `task` is held to, or None (no reference).
+
+    Why: an answer to be scored (strategy selection on the dev split, `reference_score` on train
+    tasks) is lost when it concludes in a form `_after_marker` cannot read; a teacher constrained
+    to end with a final line `Answer: <one line>` (for a choice task `Answer: <one of its letters>`)
+    always can be scored. The reasoning before it is free: any lines, each ended by a newline, so a
+    strategy's steps are never cut short; the line `Answer: ...` may appear among them too (the
+    last one counts, as in the scorer), and an answer still running at max_tokens ends as the
+    truncated answer it is. The regex uses only literals, classes, a group and a star (no inline
+    flags, lookarounds or hex escapes): the common core of regex dialects, which llguidance
+    (`phi-jax serve`) takes; an endpoint that refuses it is asked plainly (the teacher client).
+    Tasks without a reference return None: nothing reads their answer, so it stays free.
+    """
+    if task.answer is None:
+        return None
+    if task.choices:
+        last = "[" + LETTERS[:len(task.choices)] + "]"
+    else:
+        last = _ANSWER_START + r"[^\n]*"
+    return r"(?:[^\n]*\n)*" + FINAL_ANSWER + last
 
 
 def concluding_parts(answer: str) -> list[str]:

@@ -47,6 +47,14 @@ STAGES = ("annotate", "classifier", "score", "filter", "dedup", "decontaminate",
 _TEACHER_STAGES = ("annotate", "textbook", "exercises")
 
 
+def stage_table() -> str:
+    """The table of stages in this module's docstring: the one copy, which `phi-jax recipe --help`
+    shows too (so the two never disagree). Under `python -OO` (no docstrings) the stage names."""
+    doc = __doc__ or ""
+    start, end = doc.find("Stages, in order"), doc.find("\nand WORKDIR/report.json")
+    return doc[start:end] if 0 <= start < end else "Stages, in order: " + ", ".join(STAGES)
+
+
 @dataclasses.dataclass
 class RecipeResult:
     """The recipe's report (every stage's status, time, commands and numbers) and where it went."""

@@ -27,6 +27,13 @@ strategy prompt (`leaked_strategy_prompt`: a 13-word run of any strategy's promp
 Every answer goes through the one teacher client, whose cache key holds the strategy prompt's hash
 and the rendered messages (which contain the prompt itself): editing one strategy file re-asks
 exactly the tasks answered under it, and a killed run, rerun, pays for nothing twice.
+
+A task with a reference answer (dev tasks in selection, train tasks scored into `reference_score`)
+is asked with a structured-output regex (vLLM's `structured_outputs`, which `phi-jax serve` takes):
+free reasoning, then a last line `Answer: <one line>`, or `Answer: <letter>` for a choice task
+(`phi_jax.data.answers.final_answer_regex`), so the scorer always finds what the answer concludes.
+The regex is part of the cache key (constrained and free answers are never mixed); an endpoint that
+answers 400 to the field is asked plainly instead, with one warning.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from phi_jax.curation.core.stage import Counts, Stage
 from phi_jax.curation.instruct.strategies import LEAK_WORDS, LeakCheck, Strategy, StrategyMap
 from phi_jax.curation.teacher.client import Answer, Prompt, TeacherClient, TeacherConfig, default_cache_path
 from phi_jax.data import records
-from phi_jax.data.answers import checked_score, load_scorer
+from phi_jax.data.answers import checked_score, final_answer_regex, load_scorer
 from phi_jax.data.tasks import (DEV_FRACTION, GENERIC_SYSTEM_MESSAGE, HELDOUT_FRACTION, Task,
                                 check_fractions, read_tasks, task_from_json, task_split)
 from phi_jax.errors import InputError
@@ -65,7 +72,14 @@ def student_messages(task: Task, answer: str) -> list[dict[str, str]]:
 
 
 def _prompt(strategy: Strategy, task: Task) -> Prompt:
-    return Prompt(teacher_messages(strategy, task), strategy.sha256)
+    """A task with a reference is asked for an answer that ends `Answer: ...` (a structured-output
+    regex, `answers.final_answer_regex`), so none is lost to parsing when it is scored; plainly
+    from an endpoint that refuses the field (the client warns once). Free tasks stay free."""
+    plain = Prompt(teacher_messages(strategy, task), strategy.sha256)
+    regex = final_answer_regex(task)
+    if regex is None:
+        return plain
+    return dataclasses.replace(plain, request={"structured_outputs": {"regex": regex}}, fallback=plain)
 
 
 def _unusable(answer: Answer, leak: LeakCheck) -> str | None:
