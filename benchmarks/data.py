@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+from benchmarks import common
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SEQ_LEN, BATCH = 2048, 8
 
@@ -109,9 +111,7 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_title(f"Tokenize + pack, default corpus (seq {results['seq_len']}, batch "
                  f"{results['batch_size']})\n{m['cpu_count']} CPUs (load {m['load_average_1min']:.1f}), "
         f"{m['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def _print_table(results: dict[str, Any]) -> None:

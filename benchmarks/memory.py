@@ -59,11 +59,10 @@ TCMALLOC_CANDIDATES = {
 def _memory_row(r: dict) -> dict:
     """A summary row: phi_jax's peak beside the reference's; memory is lower-better, so the ratio
     is reference / phi_jax (above 1: phi_jax holds less)."""
-    row = common.summary_row(NAME, f"{r['case']} ({r['allocator']})", "peak RSS GB", r["peak_rss_gb"],
-                             r["reference_peak_gb"], "transformers (+ peft)",
-                             note="ratio = reference / phi_jax (lower memory is better)")
-    row["ratio"] = r["reference_peak_gb"] / r["peak_rss_gb"] if r["peak_rss_gb"] else None
-    return row
+    return common.summary_row(NAME, f"{r['case']} ({r['allocator']})", "peak RSS GB", r["peak_rss_gb"],
+                              r["reference_peak_gb"], "transformers (+ peft)",
+                              note="ratio = reference / phi_jax (lower memory is better)",
+                              lower_is_better=True)
 
 
 def _status_kb(field: str) -> int:
@@ -401,10 +400,7 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.set_ylim(0, 1.25 * max(r["peak_rss_gb"] for r in alloc))
         ax.set_ylabel("peak RSS (GB)")
     ax.set_title("SmolLM2 8x256 train step: allocator", fontsize=9)
-    fig.suptitle(common.subtitle(results["machine"]), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, common.subtitle(results["machine"]), fontsize=8, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+from benchmarks import common
 from phi_jax.training import plan
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -125,11 +126,8 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     ax_mfu.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax_mfu.legend(fontsize=8)
     m = results["machine"]
-    fig.suptitle(f"phi-2 train step planned on a CPU (AOT compile, {m['cpu_count']} CPUs, "
-                 f"{m['date'][:10]}); seq {results['model']['seq_len']}, bf16 compute", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, f"phi-2 train step planned on a CPU (AOT compile, {m['cpu_count']} CPUs, "
+                       f"{m['date'][:10]}); seq {results['model']['seq_len']}, bf16 compute", fontsize=10, dpi=110)
 
 
 def main() -> None:

@@ -180,9 +180,7 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("phi_jax / reference (higher is better; median over repeats)")
     ax.set_title(f"All benchmarks — {common.subtitle(results['machine'])}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,8 @@ import textwrap
 import time
 from typing import Any
 
+from benchmarks import common
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 8, 32)
@@ -249,11 +251,9 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     ax2.set_ylabel("request latency (s)")
     ax2.legend()
     m, s = results["machine"], results["setup"]
-    fig.suptitle(f"phi-jax serve, {s['requests']} greedy requests x {s['max_tokens']} tokens, "
-                 f"{s['decode_slots']} slots — {m['device']} ({m['cpus']} cores), {m['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"phi-jax serve, {s['requests']} greedy requests x {s['max_tokens']} tokens, "
+                   f"{s['decode_slots']} slots — {m['device']} ({m['cpus']} cores), {m['date'][:10]}", dpi=100)
 
 
 def _print_table(results: dict[str, Any]) -> None:

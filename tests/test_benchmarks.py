@@ -46,6 +46,9 @@ def test_stats_and_table():
     assert row["ratio"] == 3.0
     table = common.format_table([row], common.SUMMARY_COLUMNS).splitlines()
     assert table[0].split()[0] == "benchmark" and "3.00" in table[2]
+    # a cost (memory, seconds): reference / ours, so every ratio reads "above 1: phi_jax is better"
+    assert common.summary_row("m", "c", "peak RSS GB", 2.0, 8.0, "ref", lower_is_better=True)["ratio"] == 4.0
+    assert common.summary_row("m", "c", "peak RSS GB", None, 8.0, "ref", lower_is_better=True)["ratio"] is None
 
 
 def test_roofline_smallest(tmp_path):
