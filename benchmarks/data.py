@@ -59,7 +59,7 @@ def _pipeline_throughput(tok, num_workers: int, batches: int) -> dict[str, float
             "first_batch_s": first, "batches": batches, "padding_fraction": 1 - tokens / padded}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns (and writes) the results dict."""
     from phi_jax import tokenizer as tokenizer_lib
     from phi_jax.data import corpus
@@ -87,9 +87,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                       "encode_batch_all_cores_tokens_per_s": n_tokens / batch_s},
         "pipeline": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "data.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, RESULTS / "data.png")
+    out = pathlib.Path(results_dir) if results_dir is not None else RESULTS  # benchmarks.run --results-dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, out / "data.png")
     _print_table(results)
     return results
 

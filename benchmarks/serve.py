@@ -192,7 +192,8 @@ def _load_model(source: str):
     return model, variables, loader.require_tokenizer(loaded, source)
 
 
-def run(quick: bool = False, model_source: str | None = None) -> dict[str, Any]:
+def run(quick: bool = False, model_source: str | None = None,
+        results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns (and writes) the results dict."""
     count, max_tokens, slots, max_len = (32, 32, 8, 256) if quick else (128, 64, 8, 256)
     concurrency = CONCURRENCY
@@ -225,11 +226,12 @@ def run(quick: bool = False, model_source: str | None = None) -> dict[str, Any]:
                "server": {str(c): row for c, row in rows.items()},
                "speedup_vs_reference": {str(c): row["tokens_per_s"] / reference["tokens_per_s"]
                                         for c, row in rows.items()}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(results_dir) if results_dir is not None else RESULTS  # benchmarks.run --results-dir
+    out.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{pathlib.Path(model_source).stem.lower()}" if model_source else (
         "serve_quick" if quick else "serve")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, RESULTS / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, out / f"{stem}.png")
     _print_table(results)
     return results
 
