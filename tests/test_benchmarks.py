@@ -142,6 +142,7 @@ def test_runner_skips_missing_and_survives_failures(tmp_path, monkeypatch):
     assert "does not exist" in entries["not_written_yet"]["note"]
     assert entries["broken"]["status"] == "error" and "boom" in entries["broken"]["error"]
     assert entries["roofline"]["status"] == "ok"  # ... but the others still ran
+    assert 0.05 < entries["roofline"]["peak_rss_gb"] < 20  # its own process's peak (Python + jax)
     assert (tmp_path / "roofline_quick.json").exists()
     assert (tmp_path / "run_quick.png").read_bytes()[:8] == PNG_MAGIC
     assert [r["benchmark"] for r in index["summary"]] == ["roofline", "roofline"]
