@@ -148,6 +148,10 @@ def run_all(quick: bool = False, only: list[str] | None = None, skip: list[str] 
                                  traceback=traceback.format_exc(limit=6))
             print(f"== {name}: FAILED: {type(e).__name__}: {e}", flush=True)
         entries[name]["seconds"] = time.perf_counter() - start
+        peak = entries[name].get("peak_rss_gb")
+        print(f"== {name}: {entries[name]['status']} in {entries[name]['seconds']:.0f} s"
+              + (f", peak RSS {peak:.2f} GB" if peak is not None else "")
+              + f" — load {os.getloadavg()[0]:.1f}", flush=True)  # a run cut short keeps these
 
     summary: list[dict[str, Any]] = []
     for name in names:
