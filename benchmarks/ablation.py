@@ -237,11 +237,9 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
             hi = max(max(m[a]["samples"]) for a in ("curated", "unfiltered"))
             ax.set_ylim(lo - 0.5 * (hi - lo + 0.05), hi + 0.5 * (hi - lo + 0.05))
     s = results["setup"]
-    fig.suptitle(f"curated vs unfiltered at equal training tokens ({s['train_tokens']:,}; {s['seeds']} seeds, "
-                 f"{s['steps']} steps) — {common.subtitle(results['machine'])}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"curated vs unfiltered at equal training tokens ({s['train_tokens']:,}; {s['seeds']} seeds, "
+                   f"{s['steps']} steps) — {common.subtitle(results['machine'])}", fontsize=10, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -258,11 +258,8 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     c.set_ylabel("held-out F1 (score >= 3)")
     c.set_title(f"classifier, labels: {clf['labels'].split(' ')[0]}, n={clf['documents']}")
     s = results["setup"]
-    fig.suptitle(f"curation, teacher {s['name']}, {s['documents']} documents — "
-                 f"{common.subtitle(results['machine'])}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, f"curation, teacher {s['name']}, {s['documents']} documents — "
+                       f"{common.subtitle(results['machine'])}", dpi=100)
 
 
 def _print(results: dict[str, Any]) -> None:

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+from benchmarks import common
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SEQ_LEN, BATCH = 2048, 8
 
@@ -57,7 +59,7 @@ def _pipeline_throughput(tok, num_workers: int, batches: int) -> dict[str, float
             "first_batch_s": first, "batches": batches, "padding_fraction": 1 - tokens / padded}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns (and writes) the results dict."""
     from phi_jax import tokenizer as tokenizer_lib
     from phi_jax.data import corpus
@@ -85,9 +87,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                       "encode_batch_all_cores_tokens_per_s": n_tokens / batch_s},
         "pipeline": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "data.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, RESULTS / "data.png")
+    out = pathlib.Path(results_dir) if results_dir is not None else RESULTS  # benchmarks.run --results-dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, out / "data.png")
     _print_table(results)
     return results
 
@@ -109,9 +112,7 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_title(f"Tokenize + pack, default corpus (seq {results['seq_len']}, batch "
                  f"{results['batch_size']})\n{m['cpu_count']} CPUs (load {m['load_average_1min']:.1f}), "
         f"{m['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def _print_table(results: dict[str, Any]) -> None:

@@ -200,12 +200,10 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
                      f"tokens {'equal' if case['tokens_equal'] else 'differ'}", fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
     axes[0][0].set_ylabel("new tokens / s (median, min-max bars)")
-    fig.suptitle(f"Greedy decode, {cases[0]['prompt_len']}-token prompt + {cases[0]['new_tokens']} "
-                 "new, float32 — "
-                 f"{common.subtitle(results['machine'])}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"Greedy decode, {cases[0]['prompt_len']}-token prompt + {cases[0]['new_tokens']} "
+                   "new, float32 — "
+                   f"{common.subtitle(results['machine'])}", fontsize=9, dpi=120)
 
 
 def _print_table(results: dict[str, Any]) -> None:

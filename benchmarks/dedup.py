@@ -432,10 +432,8 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
                 f"dedup of {mil['docs']:,} docs: {mil['seconds']:.0f} s, peak RSS "
                 f"{mil['peak_rss_bytes'] / 1e6:.0f} MB ({mil['peak_anonymous_bytes'] / 1e6:.0f} MB anonymous)",
                 fontsize=9)
-    fig.suptitle(f"Dedup and decontamination — {common.subtitle(results['machine'])}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"Dedup and decontamination — {common.subtitle(results['machine'])}", fontsize=9, dpi=110)
 
 
 def _print_table(results: dict[str, Any]) -> None:

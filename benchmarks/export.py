@@ -126,10 +126,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     b.set_ylabel(f"greedy tokens equal to source (%), {results['new_tokens']} x {len(results['prompts'])}")
     b.set_ylim(0, 105)
     b.set_title("SmolLM2-135M reloaded (dashed: goal)")
-    fig.suptitle(common.subtitle(results["machine"]), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, common.subtitle(results["machine"]), fontsize=8, dpi=100)
 
 
 def main() -> None:

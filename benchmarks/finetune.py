@@ -138,9 +138,7 @@ def _plot(results: dict, path: Path) -> None:
                  fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> None:

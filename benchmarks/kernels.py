@@ -160,11 +160,9 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.legend(fontsize=7)
     m = results["machine"]
     mode = " (Pallas in interpret mode)" if results["interpret_mode"] else ""
-    fig.suptitle(f"Causal attention, bf16, {results['heads']} heads, {m.get('device', '?')}{mode}"
-                 f"\n{common.subtitle(m)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"Causal attention, bf16, {results['heads']} heads, {m.get('device', '?')}{mode}"
+                   f"\n{common.subtitle(m)}", fontsize=9, dpi=110)
 
 
 def _print_table(results: dict[str, Any]) -> None:

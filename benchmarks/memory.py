@@ -59,11 +59,10 @@ TCMALLOC_CANDIDATES = {
 def _memory_row(r: dict) -> dict:
     """A summary row: phi_jax's peak beside the reference's; memory is lower-better, so the ratio
     is reference / phi_jax (above 1: phi_jax holds less)."""
-    row = common.summary_row(NAME, f"{r['case']} ({r['allocator']})", "peak RSS GB", r["peak_rss_gb"],
-                             r["reference_peak_gb"], "transformers (+ peft)",
-                             note="ratio = reference / phi_jax (lower memory is better)")
-    row["ratio"] = r["reference_peak_gb"] / r["peak_rss_gb"] if r["peak_rss_gb"] else None
-    return row
+    return common.summary_row(NAME, f"{r['case']} ({r['allocator']})", "peak RSS GB", r["peak_rss_gb"],
+                              r["reference_peak_gb"], "transformers (+ peft)",
+                              note="ratio = reference / phi_jax (lower memory is better)",
+                              lower_is_better=True)
 
 
 def _status_kb(field: str) -> int:
@@ -135,8 +134,12 @@ def _phi_child(case: dict) -> dict:
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,
              "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ones.shape).copy(),
              "loss_mask": ones.astype(np.float32)}
+    # `differentiate: "all"` is a benchmark-only switch that rebuilds the old LoRA step: the gradient
+    # of the whole parameter tree (base included), the base kept frozen only by the optimizer's
+    # adapter mask (zero updates), which is what the library did before the adapter-only step.
+    adapter_only_grad = freeze and case.get("differentiate", "trainable") != "all"
     step_fn = make_train_step(Phi(config), optimizer, loss_chunk=case.get("loss_chunk", 0),
-                              freeze_base=freeze)
+                              freeze_base=adapter_only_grad)
     step = jax.jit(step_fn, donate_argnums=(0,))
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -236,7 +239,9 @@ def run_case(case: dict, setting: str, src: str | None = None, timeout: int = 36
     """One case in a fresh process under allocator `setting` (and the library in `src`); the row
     is also appended to `rows_file` (JSON lines), so a long run interrupted keeps what it measured."""
     env = allocator_env(setting)
-    row = {**case, "allocator_setting": setting, "library": src or "this tree"}
+    row = {**case, "allocator_setting": setting, "library": src or "this tree",
+           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "load_average_start": [round(x, 2) for x in os.getloadavg()]}
     if env is None:
         return {**row, "error": "tcmalloc is not installed (PHI_JAX_ALLOCATOR_PATH names a directory)"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, str(ROOT), env.get("PYTHONPATH")) if p)
@@ -244,6 +249,7 @@ def run_case(case: dict, setting: str, src: str | None = None, timeout: int = 36
     proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", json.dumps(case)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     row["wall_s"] = round(time.perf_counter() - start, 1)
+    row["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     if proc.returncode != 0:
         row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"rc {proc.returncode}"]
         row["error"] = f"rc {proc.returncode}: {row['error'][0]}"
@@ -257,13 +263,33 @@ def run_case(case: dict, setting: str, src: str | None = None, timeout: int = 36
     return row
 
 
-def finetune_cases(quick: bool, baseline_src: str | None) -> list[tuple[dict, str, str | None]]:
+# What each fine-tuning row is (written into the results beside the rows).
+CASE_NOTES = {
+    "peft lora": "transformers + peft LoRA r=8 on the 7 linear modules, AdamW, HF's whole-head loss",
+    "transformers full": "transformers full fine-tune, AdamW, HF's whole-head loss",
+    "phi_jax lora": "after: the library's LoRA step (gradient of the adapter alone, base a constant), "
+                    "layer remat, loss chunked over 256 positions",
+    "phi_jax lora, before (full-tree grad, no remat)":
+        "before, reproduced in this tree by a benchmark-only switch (differentiate='all'): gradient of "
+        "the whole parameter tree with the base frozen only by the optimizer's adapter mask, no remat; "
+        "loss chunked as in `after`, so the row isolates gradient + remat",
+    "phi_jax lora, before": "the library at commit 3e9f75c (--baseline-src), no remat",
+    "phi_jax full": "the library's full fine-tune step, layer remat, loss chunked over 256 positions",
+    "phi_jax lora, no remat": "`after` without layer remat (one knob off)",
+    "phi_jax lora, whole head": "`after` with the loss over the whole 49k head at once (one knob off)",
+    "phi_jax full, no remat": "`phi_jax full` without layer remat (one knob off)",
+}
+
+
+def finetune_cases(quick: bool, baseline_src: str | None, steps: int | None = None
+                   ) -> list[tuple[dict, str, str | None]]:
     """(case, allocator setting, library source) of the fine-tuning part, most telling first (a
     run cut short keeps those). The headline cases run under glibc and tcmalloc (phi_jax's
-    settings); the one-knob variants under glibc only; `before` is the library before this
-    benchmark's changes under its settings then (tcmalloc retaining everything)."""
-    batch, seq_len, steps = (2, 256, 2) if quick else (4, 512, 3)
-    shape = {"batch": batch, "seq_len": seq_len, "steps": steps}
+    settings); the one-knob variants under glibc only. `before (full-tree grad, no remat)` is the
+    old LoRA step rebuilt in this tree (see CASE_NOTES), so before and after share one run;
+    `before` with `baseline_src` is the library of an older checkout."""
+    batch, seq_len, default_steps = (2, 256, 2) if quick else (4, 512, 3)
+    shape = {"batch": batch, "seq_len": seq_len, "steps": steps or default_steps}
     peft_ = {"label": "peft lora", "side": "torch", "mode": "lora", **shape}
     hf_ = {"label": "transformers full", "side": "torch", "mode": "full", **shape}
     lora_ = {"label": "phi_jax lora", "side": "phi", "mode": "lora", "loss_chunk": 256, "remat": "full",
@@ -271,7 +297,9 @@ def finetune_cases(quick: bool, baseline_src: str | None) -> list[tuple[dict, st
     full_ = {"label": "phi_jax full", "side": "phi", "mode": "full", "loss_chunk": 256, "remat": "full",
              **shape}
     before = {**lora_, "label": "phi_jax lora, before", "remat": "none"}
-    cases = [(peft_, "glibc", None), (lora_, "glibc", None)]
+    old_step = {**lora_, "label": "phi_jax lora, before (full-tree grad, no remat)", "remat": "none",
+                "differentiate": "all"}
+    cases = [(peft_, "glibc", None), (lora_, "glibc", None), (old_step, "glibc", None)]
     cases += [(before, "glibc", baseline_src)] if baseline_src else []
     cases += [(hf_, "glibc", None), (full_, "glibc", None),
               (peft_, "tcmalloc", None), (lora_, "tcmalloc", None),
@@ -330,7 +358,7 @@ def summarize(finetune: list[dict], alloc: list[dict]) -> dict[str, Any]:
 def run(quick: bool = False, *, part: str = "both", baseline_src: str | None = None,
         allocator_settings: tuple[str, ...] = ("glibc", "tcmalloc-retain", "tcmalloc"),
         results_dir=None, rows_file: str | None = None, previous_rows: str | None = None,
-        only: tuple[str, ...] = ()) -> dict[str, Any]:
+        only: tuple[str, ...] = (), steps: int | None = None) -> dict[str, Any]:
     """Every case, one process each, one after another; returns (and writes) the results."""
     machine = common.machine_info()
     machine["note"] = ("shared 2-core / 24 GB machine, other engineers' processes running: memory "
@@ -342,7 +370,7 @@ def run(quick: bool = False, *, part: str = "both", baseline_src: str | None = N
             (alloc if row.get("random_init") else finetune).append(row)
     done = {(r["label"], r["allocator_setting"], r["library"]) for r in finetune + alloc}
     if part in ("finetune", "both"):
-        for case, setting, src in finetune_cases(quick, baseline_src):
+        for case, setting, src in finetune_cases(quick, baseline_src, steps):
             if (case["label"], setting, src or "this tree") in done or (only and case["label"] not in only):
                 continue
             finetune.append(run_case(case, setting, src, rows_file=rows_file))
@@ -357,7 +385,8 @@ def run(quick: bool = False, *, part: str = "both", baseline_src: str | None = N
 
     results = {"benchmark": NAME, "machine": machine, "quick": quick,
                "allocator_settings": {"tcmalloc": allocator.settings("tcmalloc"), **TCMALLOC_CANDIDATES},
-               "finetune": finetune, "allocator": alloc, "memory_summary": summary,
+               "case_notes": CASE_NOTES, "finetune": finetune, "allocator": alloc,
+               "memory_summary": summary,
                "summary": [_memory_row(r) for r in summary["finetune"] if r["reference_peak_gb"]
                            and not r["case"].startswith(("peft", "transformers"))]}
     path = common.write_results(NAME, results, _plot, quick=quick, results_dir=results_dir)
@@ -401,10 +430,7 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.set_ylim(0, 1.25 * max(r["peak_rss_gb"] for r in alloc))
         ax.set_ylabel("peak RSS (GB)")
     ax.set_title("SmolLM2 8x256 train step: allocator", fontsize=9)
-    fig.suptitle(common.subtitle(results["machine"]), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, common.subtitle(results["machine"]), fontsize=8, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -420,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default=None, help="append each measured row to this JSON-lines file")
     parser.add_argument("--previous-rows", default=None,
                         help="a --rows file of an interrupted run: its rows are kept, not remeasured")
-    parser.add_argument("--only", default="", help="comma-separated fine-tuning case labels to run")
+    parser.add_argument("--only", default="", help="fine-tuning case labels to run, separated by ';'")
+    parser.add_argument("--steps", type=int, default=None, help="steps per fine-tuning case (default 3)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -429,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     run(args.quick, part=args.part, baseline_src=args.baseline_src,
         allocator_settings=tuple(s for s in args.allocator_settings.split(",") if s),
         results_dir=args.results_dir, rows_file=args.rows, previous_rows=args.previous_rows,
-        only=tuple(s for s in args.only.split(",") if s))
+        only=tuple(s for s in args.only.split(";") if s), steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+from benchmarks import common
 from phi_jax.training import plan
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -40,7 +41,7 @@ def _machine() -> dict[str, Any]:
             "load_average_1min": os.getloadavg()[0]}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Runs the plan; returns (and writes) the results dict."""
     from phi_jax.config import ModelConfig
 
@@ -73,10 +74,11 @@ def run(quick: bool = False) -> dict[str, Any]:
                          "attention_impl": model.attention_impl},
                "accelerators": {k: vars(v) for k, v in plan.ACCELERATORS.items()},
                "fit_fraction": plan.FIT_FRACTION, "plan_wall_s": wall, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(results_dir) if results_dir is not None else RESULTS  # benchmarks.run --results-dir
+    out.mkdir(parents=True, exist_ok=True)
     stem = "plan_quick" if quick else "plan"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, RESULTS / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, out / f"{stem}.png")
     print(table(results))
     return results
 
@@ -125,11 +127,8 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     ax_mfu.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax_mfu.legend(fontsize=8)
     m = results["machine"]
-    fig.suptitle(f"phi-2 train step planned on a CPU (AOT compile, {m['cpu_count']} CPUs, "
-                 f"{m['date'][:10]}); seq {results['model']['seq_len']}, bf16 compute", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, f"phi-2 train step planned on a CPU (AOT compile, {m['cpu_count']} CPUs, "
+                       f"{m['date'][:10]}); seq {results['model']['seq_len']}, bf16 compute", fontsize=10, dpi=110)
 
 
 def main() -> None:

@@ -163,11 +163,9 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.axhline(1.0, color="k", lw=0.5)
     axes[0][0].set_ylabel("decode tokens/s vs float32 phi_jax (median)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Weight-only quantized decode — {common.subtitle(results['machine'])} (shared, loaded)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"Weight-only quantized decode — {common.subtitle(results['machine'])} (shared, loaded)",
+                   fontsize=9, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

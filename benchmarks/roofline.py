@@ -123,9 +123,7 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_title(f"Matmul roofline; memory read {bw:.1f} GB/s\n"
                  f"{common.subtitle(results['machine'])}", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def _print_table(results: dict[str, Any]) -> None:

@@ -59,10 +59,13 @@ def _call(module, quick: bool, results_dir: str | os.PathLike | None) -> dict[st
     return module.run(quick, **kwargs)
 
 
-def _call_isolated(name: str, quick: bool, results_dir: str | os.PathLike | None) -> dict[str, Any]:
+def _call_isolated(name: str, quick: bool, results_dir: str | os.PathLike | None,
+                   entry: dict[str, Any] | None = None) -> dict[str, Any]:
     """`_call` in a child process (same interpreter, environment and allocator); its result dict
     comes back as JSON. Why: the benchmarks' peaks add up in one process (three train-step models
-    and their arenas were OOM-killed at 18 GB), and a process's freed memory is not always returned."""
+    and their arenas were OOM-killed at 18 GB), and a process's freed memory is not always returned.
+    `entry` gets the child's peak RSS (`wait4`'s ru_maxrss: the child or its largest descendant,
+    e.g. one of benchmarks.memory's per-case processes), so a full run shows what each one held."""
     import json
     import subprocess
     import tempfile
@@ -72,10 +75,15 @@ def _call_isolated(name: str, quick: bool, results_dir: str | os.PathLike | None
         cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, "--child-out", str(out)]
         cmd += ["--quick"] if quick else []
         cmd += ["--results-dir", str(results_dir)] if results_dir is not None else []
-        proc = subprocess.run(cmd, cwd=pathlib.Path(__file__).resolve().parents[1],
-                              stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=pathlib.Path(__file__).resolve().parents[1],
+                                stderr=subprocess.PIPE, text=True)
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if entry is not None:
+            entry["peak_rss_gb"] = round(usage.ru_maxrss / 1024 ** 2, 3)  # ru_maxrss is in KiB
         if proc.returncode != 0:
-            tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or [""]
+            tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or [""]
             raise RuntimeError(f"benchmarks.{name} exited with {proc.returncode}: {tail[0]}")
         return json.loads(out.read_text())
 
@@ -128,17 +136,22 @@ def run_all(quick: bool = False, only: list[str] | None = None, skip: list[str] 
             continue
         print(f"== {name} ({'quick' if quick else 'full'}) — load {os.getloadavg()[0]:.1f}", flush=True)
         start = time.perf_counter()
+        entries[name] = {}
         try:
             if in_process or not getattr(module, "__file__", None):
                 outputs[name] = _call(module, quick, results_dir)
             else:
-                outputs[name] = _call_isolated(name, quick, results_dir)
-            entries[name] = {"status": "ok"}
+                outputs[name] = _call_isolated(name, quick, results_dir, entries[name])
+            entries[name]["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - one broken benchmark must not hide the others
-            entries[name] = {"status": "error", "error": f"{type(e).__name__}: {e}",
-                             "traceback": traceback.format_exc(limit=6)}
+            entries[name].update(status="error", error=f"{type(e).__name__}: {e}",
+                                 traceback=traceback.format_exc(limit=6))
             print(f"== {name}: FAILED: {type(e).__name__}: {e}", flush=True)
         entries[name]["seconds"] = time.perf_counter() - start
+        peak = entries[name].get("peak_rss_gb")
+        print(f"== {name}: {entries[name]['status']} in {entries[name]['seconds']:.0f} s"
+              + (f", peak RSS {peak:.2f} GB" if peak is not None else "")
+              + f" — load {os.getloadavg()[0]:.1f}", flush=True)  # a run cut short keeps these
 
     summary: list[dict[str, Any]] = []
     for name in names:
@@ -152,7 +165,8 @@ def run_all(quick: bool = False, only: list[str] | None = None, skip: list[str] 
     print(common.format_table(summary, common.SUMMARY_COLUMNS))
     for name, entry in entries.items():
         extra = entry.get("note") or entry.get("error") or ""
-        print(f"{name:<11} {entry['status']:<8} {entry.get('seconds', 0):7.1f} s  {extra}")
+        peak = f"{entry['peak_rss_gb']:6.2f} GB" if "peak_rss_gb" in entry else " " * 9
+        print(f"{name:<11} {entry['status']:<8} {entry.get('seconds', 0):7.1f} s {peak}  {extra}")
     m = results["machine"]
     print(f"{m['cpu']}, {m['cpu_count']} cores, load average {m['load_average_start'][0]:.1f} at start, "
           f"{m['load_average_end'][0]:.1f} at end; results in {path.parent}")
@@ -180,9 +194,7 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("phi_jax / reference (higher is better; median over repeats)")
     ax.set_title(f"All benchmarks — {common.subtitle(results['machine'])}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,8 @@ import textwrap
 import time
 from typing import Any
 
+from benchmarks import common
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 8, 32)
@@ -190,7 +192,8 @@ def _load_model(source: str):
     return model, variables, loader.require_tokenizer(loaded, source)
 
 
-def run(quick: bool = False, model_source: str | None = None) -> dict[str, Any]:
+def run(quick: bool = False, model_source: str | None = None,
+        results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns (and writes) the results dict."""
     count, max_tokens, slots, max_len = (32, 32, 8, 256) if quick else (128, 64, 8, 256)
     concurrency = CONCURRENCY
@@ -223,11 +226,12 @@ def run(quick: bool = False, model_source: str | None = None) -> dict[str, Any]:
                "server": {str(c): row for c, row in rows.items()},
                "speedup_vs_reference": {str(c): row["tokens_per_s"] / reference["tokens_per_s"]
                                         for c, row in rows.items()}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(results_dir) if results_dir is not None else RESULTS  # benchmarks.run --results-dir
+    out.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{pathlib.Path(model_source).stem.lower()}" if model_source else (
         "serve_quick" if quick else "serve")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, RESULTS / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, out / f"{stem}.png")
     _print_table(results)
     return results
 
@@ -249,11 +253,9 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
     ax2.set_ylabel("request latency (s)")
     ax2.legend()
     m, s = results["machine"], results["setup"]
-    fig.suptitle(f"phi-jax serve, {s['requests']} greedy requests x {s['max_tokens']} tokens, "
-                 f"{s['decode_slots']} slots — {m['device']} ({m['cpus']} cores), {m['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"phi-jax serve, {s['requests']} greedy requests x {s['max_tokens']} tokens, "
+                   f"{s['decode_slots']} slots — {m['device']} ({m['cpus']} cores), {m['date'][:10]}", dpi=100)
 
 
 def _print_table(results: dict[str, Any]) -> None:

@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any
 
+from benchmarks import common
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -231,8 +233,6 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     m = results["machine"]
-    fig.suptitle(f"prefill and start, {results['model']} — {m['device']} ({m['cpus']} cores, shared), "
-                 f"{m['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"prefill and start, {results['model']} — {m['device']} ({m['cpus']} cores, shared), "
+                   f"{m['date'][:10]}", fontsize=10, dpi=100)

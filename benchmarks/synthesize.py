@@ -188,10 +188,8 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8)
     s = results["setup"]
-    fig.suptitle(f"synthesize, teacher {s['name']}, {s['count']} prompts per kind — {common.subtitle(results['machine'])}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"synthesize, teacher {s['name']}, {s['count']} prompts per kind — {common.subtitle(results['machine'])}", dpi=100)
 
 
 def _print(results: dict[str, Any]) -> None:

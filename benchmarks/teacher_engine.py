@@ -261,10 +261,8 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
         bottom = [b + v for b, v in zip(bottom, vals)]
     axes[2].set_title(f"annotation of {a['logprobs']['documents']} documents (%)")
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"teacher engine, {results['model']} — {common.subtitle(results['machine'])}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"teacher engine, {results['model']} — {common.subtitle(results['machine'])}", fontsize=9, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -307,11 +307,9 @@ def _plot(results: dict[str, Any], path: pathlib.Path) -> None:
                      + (f"\nphi_jax at {frac:.0%} of jnp.dot peak" if frac else ""), fontsize=9)
         ax.set_ylabel("tokens / s (median, min-max bars)")
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"Train step (fwd+bwd+AdamW), float32 — {common.subtitle(results['machine'])}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(
+        fig, path, f"Train step (fwd+bwd+AdamW), float32 — {common.subtitle(results['machine'])}",
+                   fontsize=9, dpi=120)
 
 
 def _print_table(results: dict[str, Any]) -> None:

@@ -149,11 +149,14 @@ def peft_config(config: ModelConfig, base_model: str = "") -> dict[str, Any]:
 
 
 def save_adapter(path: str | os.PathLike, config: ModelConfig, variables: dict, *,
-                 base_model: str = "", overwrite: bool = True) -> Path:
-    """Write `path`/adapter_config.json + adapter_model.safetensors (published whole, atomically)."""
+                 base_model: str = "", overwrite: bool = True):
+    """Write `path`/adapter_config.json + adapter_model.safetensors (published whole, atomically).
+
+    Returns the path layer's path (`fileio.as_path`: a local `Path`, or an `epath.Path` that keeps
+    `gs://bucket/...` intact; `pathlib.Path` would fold it into `gs:/bucket/...`)."""
     from safetensors.numpy import save_file
 
-    from phi_jax.fileio import staged_directory
+    from phi_jax.fileio import as_path, staged_directory
 
     if not config.lora_rank:
         raise InputError("this model has no LoRA adapter to save (lora_rank is 0); fine-tune with "
@@ -161,7 +164,7 @@ def save_adapter(path: str | os.PathLike, config: ModelConfig, variables: dict, 
     with staged_directory(path, overwrite=overwrite) as out:
         save_file(adapter_tensors(config, variables), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config(config, base_model), indent=2) + "\n")
-    return Path(path)
+    return as_path(path)
 
 
 # -------------------------------------------------------------------------------- PEFT files in
@@ -339,15 +342,16 @@ def base_params(variables: dict) -> dict:
 
 
 def save_merged(path: str | os.PathLike, config: ModelConfig, variables: dict, tokenizer=None, *,
-                overwrite: bool = True, dtype: Any = None) -> Path:
+                overwrite: bool = True, dtype: Any = None):
     """The model with its adapter folded in (`merge`) as an HF directory transformers loads, with
-    the tokenizer files (and chat template) when given; published whole."""
+    the tokenizer files (and chat template) when given; published whole. Returns the path layer's
+    path (`fileio.as_path`, which keeps a gs:// URL whole), as `save_adapter` does."""
     from phi_jax import hf
-    from phi_jax.fileio import staged_directory
+    from phi_jax.fileio import as_path, staged_directory
 
     config, variables = merge(config, variables)
     with staged_directory(path, overwrite=overwrite) as out:
         hf.write_hf_files(out, config, hf.params_to_hf(variables, config, dtype))
         if tokenizer is not None:
             tokenizer.save(out)
-    return Path(path)
+    return as_path(path)

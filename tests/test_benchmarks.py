@@ -46,6 +46,9 @@ def test_stats_and_table():
     assert row["ratio"] == 3.0
     table = common.format_table([row], common.SUMMARY_COLUMNS).splitlines()
     assert table[0].split()[0] == "benchmark" and "3.00" in table[2]
+    # a cost (memory, seconds): reference / ours, so every ratio reads "above 1: phi_jax is better"
+    assert common.summary_row("m", "c", "peak RSS GB", 2.0, 8.0, "ref", lower_is_better=True)["ratio"] == 4.0
+    assert common.summary_row("m", "c", "peak RSS GB", None, 8.0, "ref", lower_is_better=True)["ratio"] is None
 
 
 def test_roofline_smallest(tmp_path):
@@ -139,6 +142,7 @@ def test_runner_skips_missing_and_survives_failures(tmp_path, monkeypatch):
     assert "does not exist" in entries["not_written_yet"]["note"]
     assert entries["broken"]["status"] == "error" and "boom" in entries["broken"]["error"]
     assert entries["roofline"]["status"] == "ok"  # ... but the others still ran
+    assert 0.05 < entries["roofline"]["peak_rss_gb"] < 20  # its own process's peak (Python + jax)
     assert (tmp_path / "roofline_quick.json").exists()
     assert (tmp_path / "run_quick.png").read_bytes()[:8] == PNG_MAGIC
     assert [r["benchmark"] for r in index["summary"]] == ["roofline", "roofline"]
