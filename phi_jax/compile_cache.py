@@ -104,8 +104,8 @@ def release_programs_near_map_limit(fraction: float = 0.75) -> bool:
     needed are compiled again, or read back from the persistent cache (`enable`) in seconds.
     Call it where no JAX computation of this process is being traced or compiled concurrently.
     """
-    held = mapped_regions()
-    if held is None or held <= fraction * map_limit():
+    held, limit = mapped_regions(), map_limit()
+    if held is None or held <= fraction * limit:
         return False
     import gc
 
@@ -113,7 +113,7 @@ def release_programs_near_map_limit(fraction: float = 0.75) -> bool:
 
     _log.warning("this process holds %d memory maps, near the kernel's limit of %d "
                  "(vm.max_map_count), mostly compiled programs' code; dropping JAX's compiled "
-                 "programs (the ones still needed compile again%s)", held, map_limit(),
+                 "programs (the ones still needed compile again%s)", held, limit,
                  ", from the compile cache" if _state["dir"] else "")
     jax.clear_caches()
     gc.collect()
